@@ -1,0 +1,1 @@
+"""On-device bundles: fused, quantized, verified model folders (see docs/export.md)."""

@@ -1,0 +1,205 @@
+"""Batched prefill + decode for Qwen2.5-VL on mlx-vlm's model classes.
+
+mlx-vlm's `generate` handles one prompt at a time and its `batch_generate` fails on several images
+(see docs/benchmarks.md). Scoring a library, evaluating, distilling locally and GRPO rollouts all
+need the same thing: many rows decoded together. This module does it with the model's own layers,
+mlx-vlm's KV cache and mlx-lm's samplers:
+
+* rows with the same input length (same prompt, same image grid) are prefilled as one batch, so
+  no padding and no per-row masks are needed (callers bucket by length, see `bucket_by_length`);
+* `repeat_cache` copies one prefilled prompt into n rows, so a group of G samples for an image
+  costs one vision encode and one prefill (GRPO);
+* rows that finish are dropped from the batch as the tail shrinks, so a few long answers don't
+  keep paying for the whole batch.
+
+Positions follow Qwen2.5-VL's mRoPE: the prefill gets the 3-D positions from `get_rope_index`,
+each decode step uses `offset + rope_delta`, exactly as the model computes them itself.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import mlx.core as mx
+from mlx_lm.sample_utils import make_sampler
+from mlx_vlm.models.cache import KVCache
+from PIL import Image
+
+Inputs = dict[str, mx.array]
+
+
+@dataclass
+class SamplingConfig:
+    max_tokens: int = 512
+    temperature: float = 0.0  # 0 = greedy
+    top_p: float = 1.0
+
+
+@dataclass
+class Completion:
+    token_ids: list[int]  # generated ids, the stop token included when one was emitted
+    logprobs: list[float]  # log p(token) under the (untempered) model, one per id
+    finish_reason: str  # "stop" | "length"
+    text: str = ""
+
+
+@dataclass
+class Prefill:
+    cache: list[KVCache]
+    logits: mx.array  # (B, V) next-token logits after the prompt
+    rope_deltas: mx.array  # (B, 1) mRoPE offset of each row
+    prompt_len: int
+
+
+@dataclass
+class StopTokens:
+    stop: set[int] = field(default_factory=set)
+    banned: list[int] = field(default_factory=list)  # never sampled (image/video pads)
+
+
+def stop_tokens(model, tokenizer) -> StopTokens:
+    """EOS ids from the model config and tokenizer; vision placeholders banned from sampling."""
+    cfg = model.config
+    eos = cfg.eos_token_id if cfg.eos_token_id is not None else tokenizer.eos_token_id
+    stop = set(eos if isinstance(eos, list) else [eos])
+    stop.add(tokenizer.eos_token_id)
+    # Qwen's generation_config stops on both <|im_end|> and <|endoftext|>.
+    for name in ("<|im_end|>", "<|endoftext|>"):
+        tid = tokenizer.convert_tokens_to_ids(name)
+        if isinstance(tid, int) and tid >= 0:
+            stop.add(tid)
+    banned = [cfg.image_token_id, cfg.video_token_id]
+    vision_pad = getattr(cfg, "vision_token_id", None)
+    if vision_pad is not None:
+        banned.append(vision_pad)
+    return StopTokens(stop={int(t) for t in stop if t is not None}, banned=banned)
+
+
+def encode(processor, prompts: Sequence[str], images: Sequence[Image.Image]) -> Inputs:
+    """Tokenize prompts (each with one image placeholder) and preprocess their images."""
+    out = processor(text=list(prompts), images=list(images), padding=False)
+    keep = ("input_ids", "pixel_values", "image_grid_thw")
+    return {k: mx.array(out[k]) for k in keep if k in out}
+
+
+def prefill(model, inputs: Inputs) -> Prefill:
+    """Encode images, run the prompt through the language model, keep the KV cache."""
+    lm = model.language_model
+    feats = model.get_input_embeddings(
+        inputs["input_ids"], inputs.get("pixel_values"),
+        image_grid_thw=inputs.get("image_grid_thw"))
+    cache = [KVCache() for _ in lm.layers]
+    out = lm(inputs["input_ids"], inputs_embeds=feats.inputs_embeds, cache=cache,
+             position_ids=feats.position_ids)
+    logits = out.logits[:, -1, :]
+    mx.eval(logits, [c.state for c in cache])
+    return Prefill(cache, logits, feats.rope_deltas.astype(mx.int32),
+                   inputs["input_ids"].shape[1])
+
+
+def repeat_cache(pre: Prefill, n: int) -> Prefill:
+    """n copies of every row (row-major: r0,r0,..,r1,r1,..): one prefill feeds a whole group."""
+    if n == 1:
+        return pre
+    cache = []
+    for c in pre.cache:
+        k, v = c.state
+        rc = KVCache()
+        rc.state = (mx.repeat(k, n, axis=0), mx.repeat(v, n, axis=0))
+        cache.append(rc)
+    return Prefill(cache, mx.repeat(pre.logits, n, axis=0), mx.repeat(pre.rope_deltas, n, axis=0),
+                   pre.prompt_len)
+
+
+def _select_rows(pre_cache: list[KVCache], rows: mx.array) -> list[KVCache]:
+    out = []
+    for c in pre_cache:
+        k, v = c.state
+        nc = KVCache()
+        nc.state = (k[rows], v[rows])
+        out.append(nc)
+    return out
+
+
+def _step(lm, tokens: mx.array, cache: list[KVCache], rope_deltas: mx.array) -> mx.array:
+    offset = cache[0].offset
+    pos = (rope_deltas + offset).reshape(1, -1, 1)
+    pos = mx.broadcast_to(pos, (3, tokens.shape[0], 1))
+    return lm(tokens[:, None], cache=cache, position_ids=pos).logits[:, -1, :]
+
+
+def decode(model, pre: Prefill, cfg: SamplingConfig, stops: StopTokens,
+           sampler: Callable[[mx.array], mx.array] | None = None) -> list[Completion]:
+    """Sample every row of a prefilled batch until it stops or reaches cfg.max_tokens."""
+    lm = model.language_model
+    sampler = sampler or make_sampler(cfg.temperature, top_p=cfg.top_p if cfg.top_p < 1 else 0.0)
+    n = pre.logits.shape[0]
+    ids: list[list[int]] = [[] for _ in range(n)]
+    lps: list[list[float]] = [[] for _ in range(n)]
+    done = [False] * n
+    active = list(range(n))  # original row index of each live batch row
+    cache, logits, deltas = pre.cache, pre.logits, pre.rope_deltas
+    ban = None
+    if stops.banned:
+        ban = mx.zeros((logits.shape[-1],), dtype=mx.bool_)
+        ban[mx.array(stops.banned)] = True
+    for step in range(cfg.max_tokens):
+        logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+        masked = mx.where(ban, -mx.inf, logprobs) if ban is not None else logprobs
+        tok = sampler(masked)
+        tok_lp = mx.take_along_axis(logprobs, tok[:, None], axis=-1)[:, 0]
+        mx.eval(tok, tok_lp)
+        toks, tlps = tok.tolist(), tok_lp.tolist()
+        for j, row in enumerate(active):
+            if done[row]:
+                continue
+            ids[row].append(toks[j])
+            lps[row].append(tlps[j])
+            if toks[j] in stops.stop:
+                done[row] = True
+        live = [j for j, row in enumerate(active) if not done[row]]
+        if not live or step == cfg.max_tokens - 1:
+            break
+        # Drop finished rows once a quarter of the batch is idle: the copy costs about one
+        # decode step, and every later step then runs on fewer rows.
+        if len(live) <= 0.75 * len(active):
+            sel = mx.array(live)
+            cache = _select_rows(cache, sel)
+            deltas = deltas[sel]
+            tok = tok[sel]
+            active = [active[j] for j in live]
+        logits = _step(lm, tok, cache, deltas)
+    return [Completion(ids[i], lps[i], "stop" if done[i] else "length") for i in range(n)]
+
+
+def detokenize(tokenizer, completions: list[Completion], stops: StopTokens) -> list[Completion]:
+    for c in completions:
+        body = c.token_ids[:-1] if c.finish_reason == "stop" else c.token_ids
+        c.text = tokenizer.decode(body, skip_special_tokens=True)
+    return completions
+
+
+def generate_rows(model, processor, prompts: Sequence[str], images: Sequence[Image.Image],
+                  cfg: SamplingConfig, *, n: int = 1) -> list[list[Completion]]:
+    """n completions for each (prompt, image) row; all rows must encode to the same length.
+
+    Returns one list of n completions per row, in input order.
+    """
+    inputs = encode(processor, prompts, images)
+    pre = repeat_cache(prefill(model, inputs), n)
+    stops = stop_tokens(model, processor.tokenizer)
+    comps = detokenize(processor.tokenizer, decode(model, pre, cfg, stops), stops)
+    return [comps[i * n:(i + 1) * n] for i in range(len(prompts))]
+
+
+def bucket_by_length(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
+    """Indices grouped so each batch holds rows of one length, at most batch_size rows each.
+
+    Order is stable: batches come in order of their first row, rows in input order.
+    """
+    groups: dict[int, list[int]] = {}
+    for i, length in enumerate(lengths):
+        groups.setdefault(length, []).append(i)
+    batches = [g[s:s + batch_size] for g in groups.values() for s in range(0, len(g), batch_size)]
+    return sorted(batches, key=lambda b: b[0])

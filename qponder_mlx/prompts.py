@@ -1,0 +1,94 @@
+"""The expert prompt, the response format and its one parse rule.
+
+Everything that reads a model's answer (eval, score, rewards, distill filtering, bundles) goes
+through `parse_response`, so there is exactly one definition of a well-formed answer.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+PROMPT_VERSION = "qponder-v1"
+SCORE_MIN, SCORE_MAX = 1.0, 5.0
+
+SYSTEM_PROMPT = "You are an expert in image quality assessment."
+
+USER_PROMPT = (
+    "Assess the technical quality of this photo. Reason step by step about: focus and sharpness; "
+    "noise; exposure and dynamic range; colour; compression and other artifacts; composition. "
+    "Then rate the overall quality from 1 (bad) to 5 (excellent) with two decimals. "
+    "Reply exactly as <think>your reasoning</think><answer>X.XX</answer>."
+)
+
+THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
+ANSWER_OPEN, ANSWER_CLOSE = "<answer>", "</answer>"
+
+# The answer prefix that "fast" scoring writes for the model: an empty reasoning block and an
+# open answer tag, so the next token is the score's leading digit.
+FAST_ANSWER_PREFIX = f"{THINK_OPEN}{THINK_CLOSE}{ANSWER_OPEN}"
+
+PARSE_RULE = (
+    "format_ok iff the whole text is one <think>...</think> block followed by one "
+    "<answer>...</answer> block (whitespace allowed around and inside), the answer holds only a "
+    "decimal number and it lies in [1, 5]; score = the number in the last <answer> block if it "
+    "parses and lies in [1, 5], else null (never clamped)."
+)
+
+_NUMBER = r"(?:\d+(?:\.\d*)?|\.\d+)"
+_NUMBER_RE = re.compile(rf"\s*({_NUMBER})\s*")
+_TAG_RE = re.compile(r"</?(?:think|answer)>")
+_WELL_FORMED_RE = re.compile(
+    rf"\s*<think>(.*?)</think>\s*<answer>\s*{_NUMBER}\s*</answer>\s*", re.DOTALL)
+_THINK_RE = re.compile(r"<think>(.*?)</think>", re.DOTALL)
+_ANSWER_RE = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
+
+
+@dataclass(frozen=True)
+class ParsedResponse:
+    reasoning: str | None
+    score: float | None
+    format_ok: bool
+
+
+def _answer_number(inner: str) -> float | None:
+    m = _NUMBER_RE.fullmatch(inner)
+    if m is None:
+        return None
+    value = float(m.group(1))
+    return value if SCORE_MIN <= value <= SCORE_MAX else None
+
+
+def parse_response(text: str) -> ParsedResponse:
+    """Parse `<think>…</think><answer>X.XX</answer>` (see PARSE_RULE)."""
+    think = _THINK_RE.search(text)
+    reasoning = think.group(1).strip() if think else None
+    answers = _ANSWER_RE.findall(text)
+    score = _answer_number(answers[-1]) if answers else None
+    # Exactly one of each tag: the whole-text regex alone would accept a nested "<think>" inside
+    # the reasoning, so count the tags too.
+    tags = _TAG_RE.findall(text)
+    format_ok = (
+        score is not None
+        and tags == [THINK_OPEN, THINK_CLOSE, ANSWER_OPEN, ANSWER_CLOSE]
+        and _WELL_FORMED_RE.fullmatch(text) is not None
+    )
+    return ParsedResponse(reasoning=reasoning, score=score, format_ok=format_ok)
+
+
+def format_response(reasoning: str, score: float) -> str:
+    """The canonical answer text for a reasoning and a score (used for SFT targets)."""
+    return f"{THINK_OPEN}{reasoning.strip()}{THINK_CLOSE}{ANSWER_OPEN}{score:.2f}{ANSWER_CLOSE}"
+
+
+def chat_messages(user_prompt: str = USER_PROMPT, system_prompt: str | None = SYSTEM_PROMPT,
+                  answer: str | None = None) -> list[dict]:
+    """Chat messages in the structured (image part + text part) form mlx-vlm trains on."""
+    messages: list[dict] = []
+    if system_prompt:
+        messages.append({"role": "system", "content": system_prompt})
+    messages.append({"role": "user", "content": [{"type": "image"},
+                                                 {"type": "text", "text": user_prompt}]})
+    if answer is not None:
+        messages.append({"role": "assistant", "content": answer})
+    return messages
