@@ -83,19 +83,40 @@ def encode(processor, prompts: Sequence[str], images: Sequence[Image.Image]) -> 
     return {k: mx.array(out[k]) for k in keep if k in out}
 
 
-def prefill(model, inputs: Inputs) -> Prefill:
-    """Encode images, run the prompt through the language model, keep the KV cache."""
-    lm = model.language_model
+def lm_head(lm, h: mx.array) -> mx.array:
+    """The output projection (tied or not) applied to hidden states."""
+    if lm.args.tie_word_embeddings:
+        return lm.model.embed_tokens.as_linear(h)
+    return lm.lm_head(h)
+
+
+def _prompt_hidden(model, inputs: Inputs, cache: list[KVCache] | None):
     feats = model.get_input_embeddings(
         inputs["input_ids"], inputs.get("pixel_values"),
         image_grid_thw=inputs.get("image_grid_thw"))
+    h = model.language_model.model(inputs["input_ids"], inputs_embeds=feats.inputs_embeds,
+                                   cache=cache, position_ids=feats.position_ids)
+    return h, feats.rope_deltas
+
+
+def prefill(model, inputs: Inputs) -> Prefill:
+    """Encode images, run the prompt through the language model, keep the KV cache."""
+    lm = model.language_model
     cache = [KVCache() for _ in lm.layers]
-    out = lm(inputs["input_ids"], inputs_embeds=feats.inputs_embeds, cache=cache,
-             position_ids=feats.position_ids)
-    logits = out.logits[:, -1, :]
+    h, deltas = _prompt_hidden(model, inputs, cache)
+    # Project only the last position: the full (L, vocab) logits of a 150k vocabulary would
+    # cost more than a layer of the model and are never read.
+    logits = lm_head(lm, h[:, -1, :])
     mx.eval(logits, [c.state for c in cache])
-    return Prefill(cache, logits, feats.rope_deltas.astype(mx.int32),
-                   inputs["input_ids"].shape[1])
+    return Prefill(cache, logits, deltas.astype(mx.int32), inputs["input_ids"].shape[1])
+
+
+def prefill_logits(model, inputs: Inputs) -> mx.array:
+    """Next-token logits after each prompt, without keeping a cache (fast scoring)."""
+    h, _ = _prompt_hidden(model, inputs, None)
+    logits = lm_head(model.language_model, h[:, -1, :])
+    mx.eval(logits)
+    return logits
 
 
 def repeat_cache(pre: Prefill, n: int) -> Prefill:

@@ -52,7 +52,9 @@ def fit_logistic4(pred: Sequence[float], mos: Sequence[float]) -> np.ndarray:
     p0 = [m.max(), m.min(), float(np.mean(p)), float(np.std(p)) or 1.0]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optimize.OptimizeWarning)
-        params, _ = optimize.curve_fit(logistic4, p, m, p0=p0, maxfev=20000)
+        # "trf" steps finite differences by max(1, |b|); the default LM steps by |b| and stalls
+        # when the initial centre b3 is ~0 (a mean-centred predictor).
+        params, _ = optimize.curve_fit(logistic4, p, m, p0=p0, method="trf", max_nfev=20000)
     return params
 
 

@@ -1,0 +1,103 @@
+"""`qponder`: the command-line face of qponder-mlx.
+
+Each command parses flags, calls one library function and prints a short summary; the work lives
+in `qponder_mlx`. Errors users can fix are one line on stderr and exit code 2.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from qponder_mlx.cli.common import fail, load_scorer, parse_range
+from qponder_mlx.model import DEFAULT_MODEL
+
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="Train, run and ship reasoning image-quality models with MLX.")
+dev = typer.Typer(no_args_is_help=True, help="Developer tools: offline tiny models and data.")
+app.add_typer(dev, name="dev")
+
+
+@dev.command("tiny-model")
+def tiny_model(
+    path: Path = typer.Argument(..., help="Folder to write the model into."),
+    seed: int = typer.Option(0, help="RNG seed: same seed, same weights."),
+    hidden_size: int = typer.Option(64, help="Language-model width (multiple of 16)."),
+    num_layers: int = typer.Option(2, help="Language-model layers."),
+) -> None:
+    """Write a tiny random Qwen2.5-VL that every command accepts, so you can try qponder offline."""
+    from qponder_mlx.testing import build_tiny_model
+
+    out = build_tiny_model(path, seed=seed, hidden_size=hidden_size, num_layers=num_layers)
+    size = sum(f.stat().st_size for f in out.iterdir()) / 1e6
+    typer.echo(f"tiny Qwen2.5-VL written to {out} ({size:.1f} MB)")
+
+
+@app.command("eval")
+def eval_cmd(
+    data: Path = typer.Option(..., help="Label file (any format `load_labels` reads)."),
+    model: str = typer.Option(DEFAULT_MODEL, help="Repo id or folder."),
+    adapter: Optional[Path] = typer.Option(None, help="LoRA adapter folder (mlx-vlm format)."),
+    bundle: Optional[Path] = typer.Option(None, help="A verified qponder bundle instead of --model."),
+    images_root: Optional[Path] = typer.Option(None, help="Folder the label paths are relative to."),
+    format: str = typer.Option("auto", help="Label format (auto, koniq, kadid, livec, ...)."),
+    mos_range: Optional[str] = typer.Option(None, help="Native MOS range LO,HI (overrides)."),
+    mode: str = typer.Option("reason", help="reason (full answer) or fast (one forward pass)."),
+    batch_size: int = typer.Option(8, help="Images per batch."),
+    max_tokens: int = typer.Option(512, help="Token budget of a reasoning answer."),
+    limit: Optional[int] = typer.Option(None, help="Only the first N samples."),
+    out: Optional[Path] = typer.Option(None, help="Write the JSON report here."),
+) -> None:
+    """Score a labelled set; print SRCC/PLCC/n/format-rate; write a JSON report."""
+    from qponder_mlx.data import LabelError, read_labels
+    from qponder_mlx.evaluate import evaluate
+    from qponder_mlx.io import atomic_write_json
+
+    try:
+        samples, problems = read_labels(data, format=format, images_root=images_root,
+                                        mos_range=parse_range(mos_range))
+    except LabelError as e:
+        fail(str(e))
+    for p in problems[:20]:
+        typer.echo(f"skipped: {p}", err=True)
+    if len(problems) > 20:
+        typer.echo(f"... and {len(problems) - 20} more skipped rows (all in the report)", err=True)
+    if limit:
+        samples = samples[:limit]
+    if not samples:
+        fail(f"{data}: no usable samples ({len(problems)} rows had problems)")
+    scorer = load_scorer(model, adapter, bundle, mode=mode, batch_size=batch_size,
+                         max_tokens=max_tokens)
+    report = evaluate(scorer, samples, problems)
+    typer.echo(report.headline())
+    if out:
+        atomic_write_json(out, report.to_dict())
+        typer.echo(f"report: {out}")
+
+
+def _register_commands() -> None:
+    """Each `cli/cmd_<name>.py` adds its commands through `register(app)`: one file per command
+    group keeps this file small and lets commands grow without touching each other."""
+    import importlib
+    import pkgutil
+
+    import qponder_mlx.cli as pkg
+
+    for info in sorted(pkgutil.iter_modules(pkg.__path__), key=lambda i: i.name):
+        if info.name.startswith("cmd_"):
+            importlib.import_module(f"{pkg.__name__}.{info.name}").register(app)
+
+
+_register_commands()
+
+
+def main() -> None:  # pragma: no cover - console entry point wrapper
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,66 @@
+"""`qponder eval`: score a labelled set and report SRCC/PLCC, format rate and every answer."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+
+from qponder_mlx import metrics
+from qponder_mlx.data import LabelProblem, Sample
+from qponder_mlx.progress import progress_bar
+from qponder_mlx.scoring import Scorer
+
+
+@dataclass
+class EvalReport:
+    model: str
+    adapter: str | None
+    mode: str
+    prompt_version: str
+    n_labels: int  # rows in the label file that loaded
+    n_bad_labels: int  # rows skipped by the label reader (problems below)
+    n_images_failed: int  # images that could not be scored (unreadable...)
+    n_scored: int  # answers with a score in [1, 5]; the metrics use these
+    format_rate: float | None  # share of generated answers that follow the format (reason mode)
+    metrics: dict[str, float]
+    seconds: float
+    label_problems: list[str] = field(default_factory=list)
+    samples: list[dict] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def headline(self) -> str:
+        m = self.metrics
+        fr = "n/a" if self.format_rate is None else f"{self.format_rate:.3f}"
+        return (f"SRCC {m['srcc']:.4f}  PLCC {m['plcc']:.4f}  n {self.n_scored}/{self.n_labels}  "
+                f"format-rate {fr}  ({self.n_bad_labels} bad label rows, "
+                f"{self.n_images_failed} unreadable images)")
+
+
+def evaluate(scorer: Scorer, samples: Sequence[Sample],
+             problems: Sequence[LabelProblem] = (), *, progress: bool = True) -> EvalReport:
+    """Score every sample; bad images are counted, not fatal; metrics over scored samples."""
+    t0 = time.perf_counter()
+    rows: list[dict] = []
+    with progress_bar(len(samples), f"eval ({scorer.config.mode})", enabled=progress) as advance:
+        for s, r in zip(samples, scorer.score_iter(s.image for s in samples)):
+            rows.append({"id": s.id, "image": str(s.image), "mos": s.mos, "score": r.score,
+                         "format_ok": r.format_ok, "reasoning": r.reasoning, "text": r.text,
+                         "error": r.error, "seconds": round(r.seconds, 4)})
+            advance()
+    answered = [r for r in rows if r["error"] is None]
+    scored = [r for r in answered if r["score"] is not None]
+    fmt = None
+    if scorer.config.mode == "reason" and answered:
+        fmt = sum(r["format_ok"] for r in answered) / len(answered)
+    m = metrics.summary([r["score"] for r in scored], [r["mos"] for r in scored])
+    loaded = scorer.loaded
+    return EvalReport(
+        model=loaded.source, adapter=str(loaded.adapter) if loaded.adapter else None,
+        mode=scorer.config.mode, prompt_version=scorer.config.prompt_version,
+        n_labels=len(samples), n_bad_labels=len(problems),
+        n_images_failed=len(rows) - len(answered), n_scored=len(scored), format_rate=fmt,
+        metrics=m, seconds=round(time.perf_counter() - t0, 3),
+        label_problems=[str(p) for p in problems], samples=rows)

@@ -1,0 +1,78 @@
+"""Files that are never half-written: atomic replaces and flushed append-only JSONL."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    """Write to a temp file in the same folder, fsync, then rename over `path`."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_json(path: str | Path, obj: Any) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2, ensure_ascii=False, default=str) + "\n")
+
+
+def append_jsonl(path: str | Path, row: dict) -> None:
+    """Append one JSON line and flush it to disk, so a kill -9 loses at most the line in flight."""
+    line = json.dumps(row, ensure_ascii=False, default=str) + "\n"
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(line)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def read_jsonl(path: str | Path) -> Iterator[dict]:
+    """Rows of a JSONL file; a torn last line (from a crash mid-write) is skipped."""
+    p = Path(path)
+    if not p.exists():
+        return
+    with p.open(encoding="utf-8") as f:
+        lines = f.readlines()
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            yield json.loads(line)
+        except json.JSONDecodeError:
+            if i == len(lines) - 1 and not line.endswith("\n"):
+                continue  # the write in flight when the process died
+            raise ValueError(f"{p} line {i + 1}: not valid JSON — fix or delete the line") from None
+
+
+def truncate_torn_tail(path: str | Path) -> bool:
+    """Cut a last line that has no newline (a write killed mid-way) before appending again.
+
+    Returns True if something was cut. Without this, the next append would glue a new row onto
+    the torn one and corrupt both.
+    """
+    p = Path(path)
+    if not p.exists() or p.stat().st_size == 0:
+        return False
+    with p.open("rb+") as f:
+        data = f.read()
+        if data.endswith(b"\n"):
+            return False
+        f.truncate(data.rfind(b"\n") + 1)
+        return True

@@ -1,0 +1,42 @@
+"""Shared fixtures: offline environment and one tiny Qwen2.5-VL per test session."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+# Tests never touch the network: any hub call fails fast instead of hanging.
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+ASSETS = Path(__file__).resolve().parents[1] / "qponder_mlx" / "assets" / "cc0_mini"
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    from qponder_mlx.testing import build_tiny_model
+
+    return build_tiny_model(tmp_path_factory.mktemp("tiny") / "model", seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_loaded(tiny_model_dir):
+    from qponder_mlx.model import load_model
+
+    return load_model(str(tiny_model_dir))
+
+
+@pytest.fixture(scope="session")
+def small_pixels():
+    """A small pixel budget: MLX's CPU matmul is slow here, so tests keep images at 56–112 px."""
+    from qponder_mlx.images import PixelPolicy
+
+    return PixelPolicy(min_pixels=56 * 56, max_pixels=112 * 112)
+
+
+@pytest.fixture(scope="session")
+def cc0_labels() -> Path:
+    return ASSETS / "labels.jsonl"
