@@ -8,11 +8,10 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Optional
 
 import typer
-
 from qponder_mlx.cli.common import fail, load_scorer, parse_range
+
 from qponder_mlx.model import DEFAULT_MODEL
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
@@ -40,16 +39,16 @@ def tiny_model(
 def eval_cmd(
     data: Path = typer.Option(..., help="Label file (any format `load_labels` reads)."),
     model: str = typer.Option(DEFAULT_MODEL, help="Repo id or folder."),
-    adapter: Optional[Path] = typer.Option(None, help="LoRA adapter folder (mlx-vlm format)."),
-    bundle: Optional[Path] = typer.Option(None, help="A verified qponder bundle instead of --model."),
-    images_root: Optional[Path] = typer.Option(None, help="Folder the label paths are relative to."),
+    adapter: Path | None = typer.Option(None, help="LoRA adapter folder (mlx-vlm format)."),
+    bundle: Path | None = typer.Option(None, help="A verified qponder bundle instead of --model."),
+    images_root: Path | None = typer.Option(None, help="Folder the label paths are relative to."),
     format: str = typer.Option("auto", help="Label format (auto, koniq, kadid, livec, ...)."),
-    mos_range: Optional[str] = typer.Option(None, help="Native MOS range LO,HI (overrides)."),
+    mos_range: str | None = typer.Option(None, help="Native MOS range LO,HI (overrides)."),
     mode: str = typer.Option("reason", help="reason (full answer) or fast (one forward pass)."),
     batch_size: int = typer.Option(8, help="Images per batch."),
     max_tokens: int = typer.Option(512, help="Token budget of a reasoning answer."),
-    limit: Optional[int] = typer.Option(None, help="Only the first N samples."),
-    out: Optional[Path] = typer.Option(None, help="Write the JSON report here."),
+    limit: int | None = typer.Option(None, help="Only the first N samples."),
+    out: Path | None = typer.Option(None, help="Write the JSON report here."),
 ) -> None:
     """Score a labelled set; print SRCC/PLCC/n/format-rate; write a JSON report."""
     from qponder_mlx.data import LabelError, read_labels

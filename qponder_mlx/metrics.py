@@ -1,10 +1,11 @@
-"""IQA agreement metrics: SRCC, KRCC, PLCC (optionally after the VQEG 4-parameter logistic), RMSE, MAE.
+"""IQA agreement metrics: SRCC, KRCC, PLCC (optionally after the VQEG logistic), RMSE, MAE.
 
 scipy does the statistics; this module only fixes the conventions the IQA literature uses.
 """
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 from collections.abc import Sequence
 
@@ -62,10 +63,9 @@ def plcc(pred: Sequence[float], mos: Sequence[float], fit: str | None = None) ->
     """Pearson linear correlation; `fit="logistic4"` first maps pred through the VQEG logistic."""
     p, m = _pair(pred, mos)
     if fit == "logistic4":
-        try:
+        # If the fit does not converge, report the plain PLCC rather than fail an eval.
+        with contextlib.suppress(RuntimeError):
             p = logistic4(p, *fit_logistic4(p, m))
-        except RuntimeError:
-            pass  # the fit did not converge: report the plain PLCC rather than fail an eval
     elif fit is not None:
         raise ValueError(f"fit must be None or 'logistic4', got {fit!r}")
     return _corr(stats.pearsonr, p, m)

@@ -30,7 +30,7 @@ class LoadedModel:
         return self.processor.tokenizer
 
 
-def _file_fingerprint(path: Path, h: "hashlib._Hash") -> None:
+def _file_fingerprint(path: Path, h: hashlib._Hash) -> None:
     # Size plus the first and last MiB: weight files differ there whenever their values do in
     # practice (the safetensors header and the last tensors), at a fraction of a full hash.
     size = path.stat().st_size

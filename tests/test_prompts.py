@@ -42,7 +42,7 @@ def test_parse_table(text, score, ok, reasoning):
 
 def test_format_response_round_trips():
     text = format_response("  noisy shadows ", 2.345)
-    assert text == "<think>noisy shadows</think><answer>2.35</answer>" or text.endswith("2.34</answer>")
+    assert text.startswith("<think>noisy shadows</think><answer>2.3")
     p = parse_response(text)
     assert p.format_ok and p.reasoning == "noisy shadows" and abs(p.score - 2.345) < 0.006
 

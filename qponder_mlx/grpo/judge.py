@@ -1,0 +1,98 @@
+"""Blind re-scoring: the score that a completion's reasoning alone implies.
+
+A judge model reads only the reasoning (no image, the answer removed) after a short prompt, in
+our own answer format: the assistant turn is prefilled with `<think>{reasoning}</think><answer>`,
+so the next token is the score's leading digit. s_text = Σ p(d)·d over the digits 1–5,
+renormalised. The whole group is ONE batched forward pass: rows are right-padded, which causal
+attention makes harmless, and each row's logits are read at its own last real position.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import mlx.core as mx
+import numpy as np
+
+from qponder_mlx.generate import lm_head
+from qponder_mlx.prompts import ANSWER_OPEN, THINK_CLOSE, THINK_OPEN
+from qponder_mlx.scoring import expected_score, score_token_ids
+
+JUDGE_VERSION = "judge-v1"
+JUDGE_PROMPT = (
+    "An expert wrote the assessment below about a photo's technical quality; the photo is not "
+    "shown. From the assessment alone, rate the photo from 1 (bad) to 5 (excellent)."
+)
+
+Judge = Callable[[Sequence[str | None]], np.ndarray]
+
+
+def judge_texts(tokenizer, reasonings: Sequence[str]) -> list[str]:
+    head = tokenizer.apply_chat_template([{"role": "user", "content": JUDGE_PROMPT}],
+                                         tokenize=False, add_generation_prompt=True)
+    return [f"{head}{THINK_OPEN}{r}{THINK_CLOSE}{ANSWER_OPEN}" for r in reasonings]
+
+
+def _right_pad(rows: list[list[int]], pad: int) -> tuple[mx.array, mx.array]:
+    width = max(len(r) for r in rows)
+    ids = mx.array([r + [pad] * (width - len(r)) for r in rows])
+    return ids, mx.array([len(r) - 1 for r in rows])
+
+
+def blind_scores_vlm(model, tokenizer, reasonings: Sequence[str | None],
+                     max_tokens: int = 1024) -> np.ndarray:
+    """s_text for each reasoning with a Qwen2.5-VL language model (NaN where there is none)."""
+    out = np.full(len(reasonings), np.nan)
+    keep = [i for i, r in enumerate(reasonings) if r and r.strip()]
+    if not keep:
+        return out
+    texts = judge_texts(tokenizer, [reasonings[i] for i in keep])
+    # Keep the tail (the reasoning's end and the open answer tag) if a reasoning is very long.
+    rows = [tokenizer.encode(t, add_special_tokens=False)[-max_tokens:] for t in texts]
+    ids, last = _right_pad(rows, tokenizer.pad_token_id or 0)
+    b, length = ids.shape
+    pos = mx.broadcast_to(mx.arange(length)[None, None, :], (3, b, length))
+    lm = model.language_model
+    h = lm.model(ids, position_ids=pos)
+    h_last = mx.take_along_axis(h, last[:, None, None], axis=1)[:, 0, :]
+    s = expected_score(lm_head(lm, h_last), score_token_ids(tokenizer))
+    out[keep] = np.array(s.tolist())
+    return out
+
+
+def blind_scores_lm(model, tokenizer, reasonings: Sequence[str | None]) -> np.ndarray:
+    """s_text with a text-only mlx-lm model (its own chat template, one digit reply)."""
+    out = np.full(len(reasonings), np.nan)
+    keep = [i for i, r in enumerate(reasonings) if r and r.strip()]
+    if not keep:
+        return out
+    rows = []
+    for i in keep:
+        msg = f"{JUDGE_PROMPT}\n\nAssessment: {reasonings[i]}\n\nReply with one digit from 1 to 5."
+        text = tokenizer.apply_chat_template([{"role": "user", "content": msg}], tokenize=False,
+                                             add_generation_prompt=True)
+        rows.append(tokenizer.encode(text, add_special_tokens=False))
+    ids, last = _right_pad(rows, tokenizer.pad_token_id or 0)
+    logits = model(ids)
+    last_logits = mx.take_along_axis(logits, last[:, None, None], axis=1)[:, 0, :]
+    s = expected_score(last_logits, score_token_ids(tokenizer))
+    out[keep] = np.array(s.tolist())
+    return out
+
+
+def make_judge(kind: str, policy, tokenizer, adapters_off=None) -> Judge:
+    """`policy` (the model being trained), `reference` (adapters off) or an mlx-lm model id."""
+    if kind == "policy":
+        return lambda rs: blind_scores_vlm(policy, tokenizer, rs)
+    if kind == "reference":
+        if adapters_off is None:
+            raise ValueError("judge 'reference' needs the adapters-off context")
+
+        def ref_judge(rs):
+            with adapters_off(policy):
+                return blind_scores_vlm(policy, tokenizer, rs)
+        return ref_judge
+    from mlx_lm import load as lm_load
+
+    lm_model, lm_tok = lm_load(kind)
+    return lambda rs: blind_scores_lm(lm_model, lm_tok, rs)

@@ -1,0 +1,90 @@
+"""Reward tables (hand-computed) and the blind re-scoring judge."""
+
+import math
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from scipy.stats import norm
+
+from qponder_mlx.grpo import judge as J
+from qponder_mlx.grpo.rewards import (
+    RewardConfig,
+    accuracy_reward,
+    combine,
+    consistency_reward,
+    format_reward,
+    rank_reward,
+)
+from qponder_mlx.prompts import parse_response
+
+NAN = float("nan")
+
+
+def test_accuracy_reward_tables():
+    s = np.array([3.0, 3.3, 3.4, 2.0, NAN])
+    mos = np.full(5, 3.0)
+    np.testing.assert_array_equal(accuracy_reward(s, mos, "threshold"), [1, 1, 0, 0, 0])
+    np.testing.assert_allclose(accuracy_reward(s, mos, "laplace"),
+                               [1, math.exp(-1), math.exp(-0.4 / 0.3), math.exp(-1 / 0.3), 0])
+    np.testing.assert_allclose(accuracy_reward(s, mos, "gaussian", tau=0.5),
+                               [1, math.exp(-0.18), math.exp(-0.32), math.exp(-2), 0])
+
+
+def test_format_and_consistency_rewards():
+    parsed = [parse_response(t) for t in ("<think>a</think><answer>3</answer>",
+                                          "<answer>3</answer>", "junk")]
+    np.testing.assert_array_equal(format_reward(parsed), [1, 0, 0])
+    np.testing.assert_allclose(consistency_reward(np.array([3.5, NAN, 2.0]),
+                                                  np.array([3.0, 3.0, NAN]), tau=0.5),
+                               [math.exp(-1), 0, 0])
+
+
+def test_rank_reward_hand_computed():
+    scores = np.array([[4.0, 2.0], [3.0, 3.0]])  # image 0: mu 3 var 1 ; image 1: mu 3 var 0
+    mos = np.array([4.0, 2.0])  # image 0 is better
+    r = rank_reward(scores, mos, gamma=0.0)
+    p0 = norm.cdf((np.array([4.0, 2.0]) - 3.0) / 1.0)  # g = 1 -> fidelity sqrt(p)
+    p1 = norm.cdf((np.array([3.0, 3.0]) - 3.0) / 1.0)  # g = 0 -> fidelity sqrt(1 - p)
+    np.testing.assert_allclose(r, [np.sqrt(p0), np.sqrt(1 - p1)])
+    assert rank_reward(np.array([[3.0, 4.0]]), np.array([3.0])).tolist() == [[0.0, 0.0]]
+
+
+def test_combine_weights_the_components():
+    parsed = [parse_response(t) for t in ("<think>a</think><answer>3.3</answer>", "x")]
+    cfg = RewardConfig(format_weight=0.5, accuracy="threshold", consistency_weight=2.0,
+                       consistency_tau=0.5)
+    total, parts = combine(parsed, [3.0, 3.0], 2, cfg, text_scores=np.array([3.3, NAN]))
+    assert parts["format"].tolist() == [1, 0]
+    assert parts["accuracy"].tolist() == [1, 0]
+    assert parts["consistency"].tolist() == [1, 0]
+    np.testing.assert_allclose(total, [0.5 + 1 + 2, 0])
+    with pytest.raises(ValueError, match="judge"):
+        combine(parsed, [3.0, 3.0], 2, cfg)
+    with pytest.raises(ValueError, match="accuracy"):
+        RewardConfig(accuracy="cosine")
+
+
+def _reference_blind_score(model, tok, reasoning):
+    """One unpadded row through the stock model call; softmax over the digits by hand."""
+    ids = tok.encode(J.judge_texts(tok, [reasoning])[0], add_special_tokens=False)
+    # mlx-vlm's language model caches positions from its last image prompt; clear them so the
+    # stock call computes text-only positions itself.
+    model.language_model._position_ids = model.language_model._rope_deltas = None
+    logits = np.array(model.language_model(mx.array([ids])).logits[0, -1].astype(mx.float32))
+    digits = [tok.encode(d, add_special_tokens=False)[0] for d in "12345"]
+    z = logits[digits] - logits[digits].max()
+    p = np.exp(z) / np.exp(z).sum()
+    return float((p * np.arange(1, 6)).sum())
+
+
+def test_blind_scores_batched_equals_one_by_one(tiny_loaded):
+    m, tok = tiny_loaded.model, tiny_loaded.tokenizer
+    rs = ["sharp and clean, well exposed", None, "heavy noise in the shadows and strong JPEG "
+          "blocking, soft focus", ""]
+    got = J.blind_scores_vlm(m, tok, rs)
+    assert np.isnan(got[1]) and np.isnan(got[3])
+    for i in (0, 2):
+        assert got[i] == pytest.approx(_reference_blind_score(m, tok, rs[i]), abs=1e-4)
+        assert 1.0 <= got[i] <= 5.0
+    assert got[0] != pytest.approx(got[2], abs=1e-6)  # the text matters
