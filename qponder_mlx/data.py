@@ -203,8 +203,8 @@ def _resolve_format(src: Path, label: str, format: str) -> str:
     if suffix in (".csv", ".tsv", ".txt", ".xlsx"):
         try:
             header = [h.strip().lower() for h in _read_header(src)]
-        except (OSError, ValueError):
-            header = []  # unreadable: let the reader report it with its row numbers
+        except Exception:  # unreadable (bad zip, bad encoding...): the reader will report it
+            header = []
         return _format_from_columns(set(header), lower, suffix)
     raise LabelError([LabelProblem(label, None, f"unknown label format ({_accepted()})")])
 
@@ -280,7 +280,7 @@ def _read_table(
     except UnicodeDecodeError as e:
         table.problem(None, f"not UTF-8 text ({e.reason} at byte {e.start}) — re-save as UTF-8")
         return table
-    except (OSError, ValueError, csv.Error) as e:
+    except Exception as e:  # csv.Error, OSError, and openpyxl's BadZipFile/InvalidFileException
         table.problem(None, f"cannot read the table ({_one_line(e)}) — check the file")
         return table
 
@@ -307,12 +307,11 @@ def _pick_column(
 ) -> str | None:
     col = _find_column(header, wanted)
     if col is None:
-        looked = wanted[0] if len(wanted) == 1 else "one of " + ", ".join(wanted)
+        looked = repr(wanted[0]) if len(wanted) == 1 else "(one of " + ", ".join(wanted) + ")"
         found = ", ".join(h for h in header if h) or "none"
         table.problem(
             None,
-            f"missing {what} column {looked!r} (found: {found}) — fix the header "
-            f"or pass {kwarg}=...",
+            f"missing {what} column {looked} (found: {found}) — fix the header or pass {kwarg}=...",
         )
     return col
 
@@ -564,6 +563,13 @@ def _finish(
     samples: list[Sample] = []
     seen: dict[str, int | None] = {}
     root_norm = _abs(root)
+    if check_images and parsed and not root_norm.is_dir():
+        # One line instead of one "image not found" per row.
+        table.problem(
+            None,
+            f"images folder {root_norm} does not exist — pass images_root=... / --images-root",
+        )
+        return [], table.problems
     for rec, raw in parsed:
         if not lo - tol <= raw <= hi + tol:
             table.problem(

@@ -261,6 +261,16 @@ class PixelPolicy:
                 f"{label}: aspect ratio {ratio:.0f}:1 too extreme (the model accepts up to "
                 f"{MAX_ASPECT_RATIO}:1) — crop it"
             ) from None
+        short, long = sorted((th, tw))
+        if long > MAX_ASPECT_RATIO * short:
+            # Rounding can push a strip just under 200:1 to just over it (29x5615 -> 28x5628,
+            # 201:1), which the processor would then refuse. Trim the long side back to 200:1,
+            # or widen the short side by one step if trimming falls under min_pixels.
+            trimmed = (short, MAX_ASPECT_RATIO * short)
+            widened = (short + self.factor, long)
+            fits = self.min_pixels <= trimmed[0] * trimmed[1] <= self.max_pixels
+            short, long = trimmed if fits else widened
+            th, tw = (short, long) if th < tw else (long, short)
         return tw, th
 
     def resize(self, img: Image.Image, *, name: str | None = None) -> Image.Image:

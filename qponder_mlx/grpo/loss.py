@@ -69,19 +69,26 @@ def per_token_terms(logps: mx.array, old_logps: mx.array, ref_logps: mx.array | 
 
 
 def reduce_tokens(values: mx.array, mask: mx.array, loss_type: str, *,
-                  max_completion_length: int | None = None) -> mx.array:
-    """Reduce a (B, T) per-token quantity to a scalar the way `loss_type` prescribes."""
+                  max_completion_length: int | None = None, n_rows: int | None = None,
+                  n_tokens: int | mx.array | None = None) -> mx.array:
+    """Reduce a (B, T) per-token quantity to a scalar the way `loss_type` prescribes.
+
+    `n_rows` / `n_tokens` default to this batch's; pass the whole batch's totals to reduce one
+    chunk of it, so that the chunks' results add up to the whole batch's (gradient accumulation
+    over images gives exactly the full-batch loss).
+    """
     m = mask.astype(mx.float32)
     total = (values * m).sum()
+    n_rows = values.shape[0] if n_rows is None else n_rows
     if loss_type == "grpo":
         per_seq = (values * m).sum(axis=1) / mx.maximum(m.sum(axis=1), 1.0)
-        return per_seq.mean()
+        return per_seq.sum() / n_rows
     if loss_type in ("bnpo", "dapo"):
-        return total / mx.maximum(m.sum(), 1.0)
+        return total / mx.maximum(m.sum() if n_tokens is None else n_tokens, 1.0)
     if loss_type == "dr_grpo":
         if not max_completion_length:
             raise ValueError("loss_type='dr_grpo' needs max_completion_length")
-        return total / (values.shape[0] * max_completion_length)
+        return total / (n_rows * max_completion_length)
     raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
 
 

@@ -1,0 +1,103 @@
+"""Group rollouts: one vision encode and one prefill per image, G samples decoded as a batch.
+
+mlx-vlm 0.7.10's GRPO trainer prefills and decodes every completion separately, so an image's
+vision tower and prompt run G times and the G decodes run one after another. Here an image's
+prompt is prefilled once, its KV cache is copied into G rows (`generate.repeat_cache`) and all
+rows of all images of one size decode together; `max_rows` bounds the batch for memory.
+
+The policy's log-probs for the loss use the same sharing with gradients: the prompt (and image)
+goes through the model once per image, its keys/values are repeated for the G completions, and
+only the completion tokens run G times (`completion_logps`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import mlx.core as mx
+from mlx_vlm.models.cache import ConcatenateKVCache
+from PIL import Image
+
+from qponder_mlx import generate as gen
+
+
+@dataclass
+class Rollout:
+    inputs: list[gen.Inputs]  # per image: input_ids (1, L), pixel_values, image_grid_thw
+    completions: list[list[gen.Completion]]  # per image: G completions
+    texts: list[str]  # B·G decoded texts, groups contiguous
+
+    @property
+    def group_size(self) -> int:
+        return len(self.completions[0])
+
+
+def rollout(model, processor, prompt: str, images: list[Image.Image], group_size: int,
+            sampling: gen.SamplingConfig, *, max_rows: int = 64) -> Rollout:
+    """G sampled completions for each image (same prompt), grouped per image in input order."""
+    stops = gen.stop_tokens(model, processor.tokenizer)
+    per_image = [gen.encode(processor, [prompt], [im]) for im in images]
+    completions: list[list[gen.Completion] | None] = [None] * len(images)
+    lengths = [x["input_ids"].shape[1] for x in per_image]
+    per_batch = max(1, max_rows // group_size)
+    for batch in gen.bucket_by_length(lengths, per_batch):
+        inputs = _stack([per_image[i] for i in batch])
+        pre = gen.repeat_cache(gen.prefill(model, inputs), group_size)
+        comps = gen.detokenize(processor.tokenizer, gen.decode(model, pre, sampling, stops),
+                               stops)
+        for k, i in enumerate(batch):
+            completions[i] = comps[k * group_size:(k + 1) * group_size]
+    texts = [c.text for group in completions for c in group]
+    return Rollout(per_image, completions, texts)
+
+
+def _stack(rows: list[gen.Inputs]) -> gen.Inputs:
+    """Batch single-image inputs of equal length (pixel rows concatenate, as the processor does)."""
+    if len(rows) == 1:
+        return rows[0]
+    out = {"input_ids": mx.concatenate([r["input_ids"] for r in rows], axis=0)}
+    for k in ("pixel_values", "image_grid_thw"):
+        if k in rows[0]:
+            out[k] = mx.concatenate([r[k] for r in rows], axis=0)
+    return out
+
+
+def pad_completions(group: list[gen.Completion], pad_id: int,
+                    width: int | None = None) -> tuple[mx.array, mx.array]:
+    """(G, T) token ids right-padded with pad_id, and the (G, T) mask of real tokens."""
+    width = width or max(1, max(len(c.token_ids) for c in group))
+    ids = [c.token_ids + [pad_id] * (width - len(c.token_ids)) for c in group]
+    mask = [[1] * len(c.token_ids) + [0] * (width - len(c.token_ids)) for c in group]
+    return mx.array(ids, dtype=mx.int32), mx.array(mask, dtype=mx.int32)
+
+
+def completion_logps(model, inputs: gen.Inputs, completion_ids: mx.array, *,
+                     temperature: float = 1.0) -> mx.array:
+    """log p(completion token) under the model, (G, T), differentiable w.r.t. the model.
+
+    The prompt runs once (batch 1); its keys/values are repeated for the G rows; token t is
+    scored by the hidden state before it (the prompt's last position for t = 0). Logits are
+    divided by `temperature` as in TRL, so ratios compare the sampling distribution.
+    """
+    lm = model.language_model
+    g, t = completion_ids.shape
+    feats = model.get_input_embeddings(inputs["input_ids"], inputs.get("pixel_values"),
+                                       image_grid_thw=inputs.get("image_grid_thw"))
+    cache = [ConcatenateKVCache() for _ in lm.layers]
+    h_prompt = lm.model(inputs["input_ids"], inputs_embeds=feats.inputs_embeds, cache=cache,
+                        position_ids=feats.position_ids)
+    first = mx.repeat(gen.lm_head(lm, h_prompt[:, -1:, :]), g, axis=0)  # (G, 1, V)
+    if t > 1:
+        for c in cache:
+            c.keys, c.values = mx.repeat(c.keys, g, axis=0), mx.repeat(c.values, g, axis=0)
+        start = inputs["input_ids"].shape[1] + feats.rope_deltas.astype(mx.int32)  # (1, 1)
+        pos = start + mx.arange(t - 1)[None, :]
+        pos = mx.broadcast_to(pos[None], (3, g, t - 1))
+        h = lm.model(completion_ids[:, :-1], cache=cache, position_ids=pos)
+        logits = mx.concatenate([first, gen.lm_head(lm, h)], axis=1)
+    else:
+        logits = first
+    logits = logits.astype(mx.float32) / temperature
+    lse = mx.logsumexp(logits, axis=-1)
+    picked = mx.take_along_axis(logits, completion_ids[..., None], axis=-1)[..., 0]
+    return picked - lse

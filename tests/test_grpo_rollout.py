@@ -1,0 +1,66 @@
+"""Group rollouts and shared-prefix log-probs agree with the unshared computations."""
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from PIL import Image
+
+from qponder_mlx import generate as gen
+from qponder_mlx.grpo import rollout as R
+from qponder_mlx.prompts import chat_messages
+
+
+def _images(sizes, seed=0):
+    rng = np.random.default_rng(seed)
+    return [Image.fromarray((rng.random((h, w, 3)) * 255).astype("uint8")) for w, h in sizes]
+
+
+@pytest.fixture(scope="module")
+def prompt(tiny_loaded):
+    return tiny_loaded.tokenizer.apply_chat_template(
+        chat_messages(), tokenize=False, add_generation_prompt=True)
+
+
+def test_rollout_groups_mixed_sizes_in_input_order(tiny_loaded, prompt):
+    m, proc = tiny_loaded.model, tiny_loaded.processor
+    imgs = _images([(56, 56), (112, 56), (56, 56)])
+    ro = R.rollout(m, proc, prompt, imgs, 3, gen.SamplingConfig(max_tokens=6))
+    assert [len(g) for g in ro.completions] == [3, 3, 3]
+    assert len(ro.texts) == 9
+    # greedy: every row of a group equals that image's single greedy answer
+    for img, group in zip(imgs, ro.completions):
+        (single,), = gen.generate_rows(m, proc, [prompt], [img], gen.SamplingConfig(max_tokens=6))
+        assert all(c.token_ids == single.token_ids for c in group)
+
+
+def test_completion_logps_match_sampling_logprobs_and_full_forward(tiny_loaded, prompt):
+    m, proc = tiny_loaded.model, tiny_loaded.processor
+    mx.random.seed(1)
+    (img,) = _images([(84, 56)], seed=2)
+    ro = R.rollout(m, proc, prompt, [img], 4, gen.SamplingConfig(max_tokens=8, temperature=1.0))
+    group = ro.completions[0]
+    ids, mask = R.pad_completions(group, pad_id=0)
+    lp = np.array(R.completion_logps(m, ro.inputs[0], ids))
+    for k, c in enumerate(group):
+        n = len(c.token_ids)
+        np.testing.assert_allclose(lp[k, :n], c.logprobs, atol=2e-4)
+        # unshared reference: the stock model call on prompt + completion, one row
+        full_ids = mx.concatenate([ro.inputs[0]["input_ids"], mx.array([c.token_ids])], axis=1)
+        logits = m(full_ids, ro.inputs[0]["pixel_values"],
+                   image_grid_thw=ro.inputs[0]["image_grid_thw"]).logits[0]
+        logp = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+        L = ro.inputs[0]["input_ids"].shape[1]
+        ref = [logp[L - 1 + i, tok].item() for i, tok in enumerate(c.token_ids)]
+        np.testing.assert_allclose(lp[k, :n], ref, atol=2e-4)
+    assert np.array(mask).sum() == sum(len(c.token_ids) for c in group)
+
+
+def test_completion_logps_temperature_scales_logits(tiny_loaded, prompt):
+    m, proc = tiny_loaded.model, tiny_loaded.processor
+    (img,) = _images([(56, 56)], seed=3)
+    inputs = gen.encode(proc, [prompt], [img])
+    ids = mx.array([[5, 9, 11]])
+    a = np.array(R.completion_logps(m, inputs, ids, temperature=1.0))
+    b = np.array(R.completion_logps(m, inputs, ids, temperature=2.0))
+    assert not np.allclose(a, b)
+    assert (np.exp(b) > 0).all() and (b <= 0).all()
