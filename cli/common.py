@@ -29,11 +29,16 @@ def parse_range(text: str | None) -> tuple[float, float] | None:
 def load_scorer(model: str, adapter: Path | None, bundle: Path | None, **config):
     """Scorer for --model/--adapter or --bundle; load errors become one-line failures."""
     from qponder_mlx.generate import SamplingConfig
+    from qponder_mlx.images import PixelPolicy
     from qponder_mlx.model import ModelLoadError
     from qponder_mlx.scoring import Scorer
 
-    max_tokens = config.pop("max_tokens", 512)
-    config["sampling"] = SamplingConfig(max_tokens=max_tokens)
+    config["sampling"] = SamplingConfig(max_tokens=config.pop("max_tokens", 512))
+    try:
+        config["pixels"] = PixelPolicy(min_pixels=config.pop("min_pixels", 128 * 28 * 28),
+                                       max_pixels=config.pop("max_pixels", 512 * 28 * 28))
+    except ValueError as e:
+        fail(f"--min-pixels/--max-pixels: {e}")
     try:
         return Scorer.load(model, adapter, bundle=bundle, **config)
     except (ModelLoadError, ValueError, FileNotFoundError) as e:

@@ -44,7 +44,8 @@ def krcc(pred: Sequence[float], mos: Sequence[float]) -> float:
 
 def logistic4(x: np.ndarray, b1: float, b2: float, b3: float, b4: float) -> np.ndarray:
     """VQEG's monotonic 4-parameter logistic: (b1 - b2) / (1 + exp(-(x - b3)/|b4|)) + b2."""
-    return (b1 - b2) / (1.0 + np.exp(-(x - b3) / (np.abs(b4) + 1e-12))) + b2
+    with np.errstate(over="ignore"):  # exp overflow -> inf -> the curve's asymptote, as intended
+        return (b1 - b2) / (1.0 + np.exp(-(x - b3) / (np.abs(b4) + 1e-12))) + b2
 
 
 def fit_logistic4(pred: Sequence[float], mos: Sequence[float]) -> np.ndarray:
