@@ -5,9 +5,8 @@ import subprocess
 import sys
 
 import pytest
-from typer.testing import CliRunner
-
 from qponder_mlx.cli.main import app
+from typer.testing import CliRunner
 
 SMALL = ["--min-pixels", str(56 * 56), "--max-pixels", str(112 * 112)]
 
