@@ -1,0 +1,147 @@
+"""`qponder export` (a fused, quantized, verified bundle) and `qponder bundle verify|info`.
+
+Export options live in ExportConfig; precedence: defaults < --config FILE (TOML) < flags.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from pathlib import Path
+
+import typer
+from qponder_mlx.cli.common import fail
+
+EXIT_INTERRUPTED = 130
+
+bundle_app = typer.Typer(no_args_is_help=True,
+                         help="Inspect and check bundles made by `qponder export`.")
+
+
+def register(app: typer.Typer) -> None:
+    app.command("export")(export_cmd)
+    app.add_typer(bundle_app, name="bundle")
+
+
+def export_cmd(
+    model: str | None = typer.Option(None, help="Base model: repo id or folder, float or "
+                                     "already quantized (default: the 3B 4-bit)."),
+    adapter: Path | None = typer.Option(None, help="LoRA adapter folder to fuse in."),
+    out: Path | None = typer.Option(None, help="Bundle folder to create (default: bundle)."),
+    bits: int | None = typer.Option(None, help="Bits per weight: 2,3,4,5,6,8 (default 4)."),
+    group_size: int | None = typer.Option(None, help="Quantization group (default: 64 affine, "
+                                          "32 mxfp4)."),
+    q_mode: str | None = typer.Option(None, help="affine (default) or mxfp4."),
+    quantize: bool | None = typer.Option(None, "--quantize/--no-quantize",
+                                         help="--no-quantize: fuse only, keep float weights."),
+    quantize_vision: bool | None = typer.Option(None, "--quantize-vision",
+                                                help="Quantize the vision tower too."),
+    calibration: Path | None = typer.Option(None, help="Label file for the agreement report "
+                                            "(default: the CC0 set qponder ships)."),
+    calibration_limit: int | None = typer.Option(None, help="Only the first N calibration "
+                                                 "images."),
+    reason_images: int | None = typer.Option(None, help="Images that also get a reasoning "
+                                             "answer, for the format rate (default 4)."),
+    reason_max_tokens: int | None = typer.Option(None, help="Token budget of those answers "
+                                                 "(default 128)."),
+    agreement: bool | None = typer.Option(None, "--agreement/--no-agreement",
+                                          help="Measure bundle vs unfused model (default on)."),
+    min_pixels: int | None = typer.Option(None, help="Pixel policy recorded for the app and "
+                                          "used for the agreement runs (default 128*28*28)."),
+    max_pixels: int | None = typer.Option(None, help="Largest pixel count (default 512*28*28)."),
+    batch_size: int | None = typer.Option(None, help="Images per model call (default 8)."),
+    force: bool | None = typer.Option(None, "--force", help="Replace a non-empty --out."),
+    config: Path | None = typer.Option(None, help="TOML file with any ExportConfig field."),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show progress bars."),
+) -> None:
+    """Fuse an adapter into its base, quantize with MLX, and write a verified bundle that stock
+    mlx-vlm (and MLX Swift VLM loaders) read, with a qponder.json manifest for the app."""
+    from qponder_mlx.export.config import ExportConfig, ExportConfigError
+    from qponder_mlx.export.staging import OutputExistsError, check_destination
+
+    from qponder_mlx.model import ModelLoadError
+    from qponder_mlx.train.config import ConfigError, load_config
+    from qponder_mlx.train.lora import AdapterError
+
+    flags = {
+        "model": model, "adapter": adapter, "out": out, "bits": bits, "group_size": group_size,
+        "q_mode": q_mode, "quantize": quantize, "quantize_vision": quantize_vision,
+        "calibration": calibration, "calibration_limit": calibration_limit,
+        "reason_images": reason_images, "reason_max_tokens": reason_max_tokens,
+        "agreement": agreement, "min_pixels": min_pixels, "max_pixels": max_pixels,
+        "batch_size": batch_size, "force": force,
+    }
+    overrides = {k: str(v) if isinstance(v, Path) else v for k, v in flags.items()
+                 if v is not None}
+    try:
+        cfg = load_config(ExportConfig, config, overrides)
+        cfg.validate()
+    except (ConfigError, ExportConfigError) as e:
+        fail(str(e))
+
+    try:
+        # Before importing the model stack: a wrong --out should fail in a second, not after
+        # the base model has loaded.
+        check_destination(Path(cfg.out).expanduser(), cfg.force)
+        from qponder_mlx.export.bundle import export_bundle, summary_lines
+
+        result = export_bundle(cfg, progress=progress,
+                               log=lambda msg: typer.echo(msg, err=True))
+    except (ExportConfigError, OutputExistsError, ModelLoadError, AdapterError,
+            FileNotFoundError) as e:
+        fail(str(e))
+    except KeyboardInterrupt:
+        typer.secho(f"interrupted — nothing was written to {cfg.out}", err=True,
+                    fg=typer.colors.YELLOW)
+        raise typer.Exit(EXIT_INTERRUPTED) from None
+    for line in summary_lines(result.manifest):
+        typer.echo(line)
+    typer.echo(f"bundle: {result.out} ({result.seconds:.1f} s); check it any time with "
+               f"`qponder bundle verify {result.out}`")
+
+
+@bundle_app.command("verify")
+def verify_cmd(
+    path: Path = typer.Argument(..., help="Bundle folder."),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show progress."),
+) -> None:
+    """Recompute every checksum; exit 1 and name each bad, missing or unexpected file."""
+    from qponder_mlx.export.manifest import MANIFEST
+    from qponder_mlx.export.verify import verify_bundle
+
+    from qponder_mlx.progress import progress_bar
+
+    total = None
+    # Only for the progress bar's length; verify_bundle reports what is wrong with the manifest.
+    with contextlib.suppress(OSError, ValueError, AttributeError):
+        total = len(json.loads((path / MANIFEST).read_text()).get("files", {}))
+    with progress_bar(total, "verify", unit="file", enabled=progress) as advance:
+        result = verify_bundle(path, on_file=lambda name, size: advance())
+    if not result.ok:
+        for p in result.problems:
+            typer.secho(f"error: {p}", err=True, fg=typer.colors.RED)
+        typer.echo(f"FAILED: {len(result.problems)} problem(s) in {path}", err=True)
+        raise typer.Exit(1)
+    typer.echo(f"OK: {result.files_checked} files, {result.bytes_checked / 1e6:.1f} MB match "
+               f"{path / MANIFEST}")
+
+
+@bundle_app.command("info")
+def info_cmd(
+    path: Path = typer.Argument(..., help="Bundle folder."),
+    as_json: bool = typer.Option(False, "--json", help="Print the whole manifest as JSON."),
+) -> None:
+    """Show what a bundle holds (base, adapter, quantization, agreement); weights not hashed."""
+    from qponder_mlx.export.bundle import bundle_info, summary_lines
+    from qponder_mlx.export.verify import BundleError
+
+    try:
+        manifest = bundle_info(path)
+    except BundleError as e:
+        fail(str(e))
+    if as_json:
+        typer.echo(json.dumps(manifest, indent=2, ensure_ascii=False))
+        return
+    for line in summary_lines(manifest):
+        typer.echo(line)
+    typer.echo("manifest checksum OK; run `qponder bundle verify` to check the weights")
