@@ -1,0 +1,132 @@
+"""`qponder train --stage sft|grpo`: LoRA/QLoRA training runs from a TOML config and flags.
+
+Every option lives in a typed config dataclass (SFTConfig, GRPOConfig); the flags below are the
+common ones and `--set key=value` reaches any other field (dotted keys for nested ones, e.g.
+`--set lora.dropout=0.05`). Precedence: defaults < the run folder's saved config (with
+--resume) < --config FILE < flags.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+from qponder_mlx.cli.common import fail
+
+STAGES = ("sft", "grpo")
+EXIT_INTERRUPTED = 130
+
+
+def register(app: typer.Typer) -> None:
+    app.command("train")(train)
+
+
+def _config_class(stage: str):
+    if stage == "sft":
+        from qponder_mlx.train.config import SFTConfig
+
+        return SFTConfig
+    try:  # the GRPO stage ships separately; sft must work without it
+        from qponder_mlx.grpo.config import GRPOConfig
+    except ImportError as e:
+        fail(f"--stage grpo is not available in this installation ({e})")
+    return GRPOConfig
+
+
+def _runner(stage: str):
+    if stage == "sft":
+        from qponder_mlx.train.sft import run_sft
+
+        return run_sft
+    from qponder_mlx.grpo.trainer import run
+
+    return run
+
+
+def train(
+    stage: str = typer.Option("sft", help="sft (cold start on distilled answers) or grpo."),
+    config: Path | None = typer.Option(None, help="TOML file with any config fields."),
+    resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from its "
+                                "latest checkpoint (exactly where it stopped)."),
+    model: str | None = typer.Option(None, help="Base model: repo id or folder, float or "
+                                     "already quantized."),
+    data: Path | None = typer.Option(None, help="Training data (sft: `qponder distill` JSONL; "
+                                     "grpo: a label file)."),
+    val_data: Path | None = typer.Option(None, help="sft: validation JSONL (rows with mos also "
+                                         "give SRCC/PLCC)."),
+    out: Path | None = typer.Option(None, help="Run folder (checkpoints, adapters, metrics)."),
+    adapter: Path | None = typer.Option(None, help="grpo: the SFT adapter folder to start from."),
+    iters: int | None = typer.Option(None, help="Optimizer steps."),
+    batch_size: int | None = typer.Option(None, help="Rows (sft) or images (grpo) per step."),
+    grad_accum: int | None = typer.Option(None, help="sft: micro-batches per optimizer step."),
+    learning_rate: float | None = typer.Option(None, help="Peak learning rate (AdamW)."),
+    warmup: int | None = typer.Option(None, help="Linear warmup steps."),
+    lora_rank: int | None = typer.Option(None, help="LoRA rank."),
+    lora_alpha: float | None = typer.Option(None, help="LoRA alpha (scale = alpha / rank)."),
+    lora_dropout: float | None = typer.Option(None, help="LoRA dropout."),
+    quantize_base: int | None = typer.Option(None, help="QLoRA: quantize a float base to 4 "
+                                             "(or 8) bits in memory."),
+    grad_checkpoint: bool | None = typer.Option(None, "--grad-checkpoint/--no-grad-checkpoint",
+                                                help="Recompute layers in backward (less "
+                                                "memory, slower)."),
+    max_seq_len: int | None = typer.Option(None, help="sft: skip longer rows."),
+    min_pixels: int | None = typer.Option(None, help="Smallest pixel count the model sees."),
+    max_pixels: int | None = typer.Option(None, help="Largest pixel count the model sees."),
+    seed: int | None = typer.Option(None, help="Seed for LoRA init, data order, dropout."),
+    set_: list[str] | None = typer.Option(None, "--set", help="Any config field: key=value "
+                                          "(repeatable; dotted keys for nested fields)."),
+    progress: bool | None = typer.Option(None, "--progress/--no-progress",
+                                         help="Show the progress bar."),
+) -> None:
+    """Train a LoRA/QLoRA adapter; the run folder gets config.json, metrics.jsonl, curves.html,
+    checkpoints/ and adapters/ (load it with `--adapter RUN/adapters`)."""
+    from qponder_mlx.model import ModelLoadError
+    from qponder_mlx.train.checkpoint import CheckpointError
+    from qponder_mlx.train.config import (
+        CONFIG_FILE,
+        ConfigError,
+        load_config,
+        parse_set_flags,
+        read_config_file,
+    )
+    from qponder_mlx.train.data import SFTDataError
+    from qponder_mlx.train.lora import AdapterError
+
+    if stage not in STAGES:
+        fail(f"--stage {stage!r}: expected one of {', '.join(STAGES)}")
+    cls = _config_class(stage)
+    flags = {
+        "model": model, "data": data, "val_data": val_data, "out": out, "adapter": adapter,
+        "iters": iters, "batch_size": batch_size, "grad_accum": grad_accum,
+        "learning_rate": learning_rate, "warmup": warmup, "lora.rank": lora_rank,
+        "lora.alpha": lora_alpha, "lora.dropout": lora_dropout, "quantize_base": quantize_base,
+        "grad_checkpoint": grad_checkpoint, "max_seq_len": max_seq_len,
+        "min_pixels": min_pixels, "max_pixels": max_pixels, "seed": seed,
+        "progress": progress,
+    }
+    overrides = {k: str(v) if isinstance(v, Path) else v for k, v in flags.items()
+                 if v is not None}
+    try:
+        overrides.update(parse_set_flags(set_))
+        cfg = load_config(cls, config, overrides)
+        saved = Path(cfg.out) / CONFIG_FILE
+        if resume and saved.exists():
+            # The run's own settings are the base; the file and flags given now still win.
+            cfg = load_config(cls, config, overrides, base=read_config_file(saved))
+        cfg.validate()
+    except ConfigError as e:
+        fail(str(e))
+
+    run = _runner(stage)
+    try:
+        run_dir = run(cfg, resume=resume)
+    except (ConfigError, SFTDataError, CheckpointError, AdapterError, ModelLoadError,
+            FloatingPointError) as e:
+        fail(str(e))
+    except KeyboardInterrupt:
+        typer.secho(f"interrupted — continue with: qponder train --stage {stage} --out "
+                    f"{cfg.out} --resume", err=True, fg=typer.colors.YELLOW)
+        raise typer.Exit(EXIT_INTERRUPTED) from None
+    typer.echo(f"done: adapter in {Path(run_dir) / 'adapters'} (use --adapter with eval/score); "
+               f"metrics in {Path(run_dir) / 'metrics.jsonl'}, curves in "
+               f"{Path(run_dir) / 'curves.html'}")

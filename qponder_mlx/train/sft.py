@@ -1,0 +1,365 @@
+"""Stage 1, cold-start SFT: LoRA on `qponder distill` answers -> Q-Ponder-CI.
+
+    loss = Σ_{assistant tokens} −log p(token | everything before) / (number of assistant tokens)
+
+summed over every row of the optimizer step (all micro-batches), so gradient accumulation of k
+batches of b rows equals one batch of k·b rows. The LM head runs only on the supervised
+positions: the answer is a few hundred of the sequence's tokens, and full logits over a 150k
+vocabulary would cost more memory than the rest of the step.
+
+`run_sft(cfg)` owns the run folder:
+
+    config.json            the resolved config          metrics.jsonl   one row per report / eval
+    data_problems.jsonl    every skipped row and why    curves.html     the training curves
+    checkpoints/step_*/    resumable state (last K)     adapters/       the latest adapter
+    summary.json           the final numbers
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten
+
+from qponder_mlx import generate as gen
+from qponder_mlx.images import ImageError, PixelPolicy
+from qponder_mlx.io import append_jsonl, atomic_write_json
+from qponder_mlx.model import LoadedModel, load_model
+from qponder_mlx.progress import console, progress_bar
+from qponder_mlx.train import checkpoint as ckpt_mod
+from qponder_mlx.train.config import SFTConfig, config_dict, save_config
+from qponder_mlx.train.data import (
+    Batch,
+    DataOrder,
+    EncodedRow,
+    RowProblem,
+    SFTDataError,
+    SFTRow,
+    collate,
+    encode_row,
+    problem_summary,
+    read_sft_rows,
+)
+from qponder_mlx.train.loop import (
+    Window,
+    add_trees,
+    current_lr,
+    enable_grad_checkpoint,
+    guarded_update,
+    make_optimizer,
+    peak_memory_gb,
+    scale_tree,
+    stop_on_interrupt,
+)
+from qponder_mlx.train.lora import attach_lora, save_adapters
+from qponder_mlx.train.runlog import MetricsLog, write_curves
+
+PROBLEMS_FILE = "data_problems.jsonl"
+ADAPTERS_DIR = "adapters"
+SUMMARY_FILE = "summary.json"
+
+# Settings a resumed run must share with its checkpoint: anything else would silently train a
+# different model or read different rows.
+RESUME_MUST_MATCH = ("model", "data", "lora", "quantize_base", "quantize_group_size",
+                     "batch_size", "grad_accum", "seed", "max_seq_len", "min_pixels",
+                     "max_pixels")
+
+
+# ---------------------------------------------------------------- the loss
+
+
+def sft_loss_sum(model: nn.Module, batch: Batch) -> mx.array:
+    """Summed cross-entropy of the supervised tokens of a batch (divide by n_supervised)."""
+    feats = model.get_input_embeddings(batch.input_ids, batch.pixel_values,
+                                       image_grid_thw=batch.image_grid_thw,
+                                       mask=batch.attention_mask)
+    lm = model.language_model
+    h = lm.model(batch.input_ids, inputs_embeds=feats.inputs_embeds,
+                 position_ids=feats.position_ids)
+    B, L, D = h.shape
+    h = h.reshape(B * L, D)[batch.positions]
+    logits = gen.lm_head(lm, h).astype(mx.float32)
+    return nn.losses.cross_entropy(logits, batch.targets, reduction="sum")
+
+
+def sft_loss(model: nn.Module, batch: Batch) -> mx.array:
+    """Mean cross-entropy over the batch's supervised (assistant) tokens."""
+    return sft_loss_sum(model, batch) / batch.n_supervised
+
+
+# ---------------------------------------------------------------- batches from rows
+
+
+@dataclass
+class Encoder:
+    """Turns row indices into a Batch; rows whose image fails to decode are dropped and logged."""
+
+    processor: object
+    rows: list[SFTRow]
+    pixels: PixelPolicy
+    pad_id: int
+    problems_path: Path | None = None
+
+    def __call__(self, indices: list[int], order: DataOrder | None = None) -> Batch | None:
+        enc: list[EncodedRow] = []
+        ids: list[str] = []
+        for i in indices:
+            row = self.rows[i]
+            try:
+                enc.append(encode_row(self.processor, row, self.pixels))
+                ids.append(row.id)
+            except (ImageError, OSError, ValueError) as e:
+                if order is not None:
+                    order.bad.add(i)
+                msg = " ".join(str(e).split())
+                if self.problems_path is not None:
+                    append_jsonl(self.problems_path, RowProblem(
+                        str(row.image), row.line, "image_runtime", msg).to_dict())
+                say(f"skipped row {row.id}: {msg}")
+        return collate(enc, self.pad_id, ids) if enc else None
+
+
+# ---------------------------------------------------------------- validation
+
+
+def validation_loss(model: nn.Module, encoder: Encoder, batch_size: int) -> float | None:
+    total, count = 0.0, 0
+    n = len(encoder.rows)
+    for s in range(0, n, batch_size):
+        batch = encoder(list(range(s, min(n, s + batch_size))))
+        if batch is None:
+            continue
+        loss = sft_loss_sum(model, batch)
+        mx.eval(loss)
+        total += float(loss.item())
+        count += batch.n_supervised
+    return total / count if count else None
+
+
+def _finite_or_none(x):
+    # SRCC/PLCC are undefined (NaN) with fewer than 2 scored answers; JSON gets null.
+    return x if isinstance(x, float) and math.isfinite(x) else None
+
+
+def validate(model: nn.Module, processor, encoder: Encoder, cfg: SFTConfig,
+             model_path: Path) -> dict:
+    """Val loss, and SRCC/PLCC/format rate of generated answers on rows that carry a MOS."""
+    from qponder_mlx.data import Sample
+    from qponder_mlx.evaluate import evaluate
+    from qponder_mlx.scoring import ScoreConfig, Scorer
+
+    was_training = model.training
+    model.eval()  # no LoRA dropout while measuring
+    try:
+        t0 = time.perf_counter()
+        out: dict = {"val_loss": validation_loss(model, encoder, cfg.batch_size)}
+        samples = [Sample(id=r.id, image=r.image, mos=r.mos) for r in encoder.rows
+                   if r.mos is not None]
+        if samples:
+            loaded = LoadedModel(model, processor, cfg.model, model_path, adapter=None,
+                                 identity="training")
+            scorer = Scorer(loaded, ScoreConfig(
+                mode="reason", batch_size=cfg.val_batch_size, pixels=encoder.pixels,
+                sampling=gen.SamplingConfig(max_tokens=cfg.val_max_tokens)))
+            report = evaluate(scorer, samples, progress=False)
+            out.update(srcc=_finite_or_none(report.metrics.get("srcc")),
+                       plcc=_finite_or_none(report.metrics.get("plcc")),
+                       format_rate=report.format_rate, n_scored=report.n_scored,
+                       n_val=len(samples))
+        out["val_seconds"] = round(time.perf_counter() - t0, 3)
+        return out
+    finally:
+        model.train(was_training)
+
+
+# ---------------------------------------------------------------- the run
+
+
+def _check_resume(cfg: SFTConfig, saved: dict, where: Path) -> None:
+    now = config_dict(cfg)
+    for key in RESUME_MUST_MATCH:
+        if now.get(key) != saved.get(key):
+            raise ckpt_mod.CheckpointError(
+                f"--resume: {key} is {now.get(key)!r} here but {saved.get(key)!r} in {where} — "
+                "resume with the run's settings (or start a new --out)")
+
+
+def say(message: str) -> None:
+    """One status line on stderr: never re-wrapped, and brackets in paths are not markup."""
+    console.print(message, soft_wrap=True, markup=False, highlight=False)
+
+
+def _fmt_gb(x: float) -> str:
+    return f"{x:.2f}GB" if x >= 1 else f"{x * 1000:.0f}MB"
+
+
+def run_sft(cfg: SFTConfig, *, resume: bool = False, loaded: LoadedModel | None = None,
+            on_step: Callable[[int, dict], None] | None = None) -> Path:
+    """Train (or resume) an SFT run; returns the run folder.
+
+    `loaded` skips loading the model (tests, benches; it must be a fresh base). `on_step(step,
+    info)` runs after every optimizer step, checkpoint included (benches time steps with it;
+    raising from it stops the run like a crash would).
+    """
+    cfg.validate()
+    run_dir = Path(cfg.out)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    ckpt = ckpt_mod.load_latest_checkpoint(run_dir) if resume else None
+    if not resume and ckpt_mod.list_checkpoints(run_dir):
+        raise ckpt_mod.CheckpointError(f"{run_dir} already holds checkpoints — pass --resume to "
+                                       "continue that run, or choose another --out")
+    if resume and ckpt is None:
+        say(f"--resume: no checkpoint in {run_dir}; starting from step 0")
+    if ckpt is not None:
+        _check_resume(cfg, ckpt.config, ckpt.path)
+
+    loaded = loaded or load_model(cfg.model)
+    model, processor = loaded.model, loaded.processor
+    tok = processor.tokenizer
+    pixels = PixelPolicy(min_pixels=cfg.min_pixels, max_pixels=cfg.max_pixels)
+
+    # Data before LoRA/quantization: a bad file fails before any model preparation.
+    rows, problems = read_sft_rows(cfg.data, tok, pixels, cfg.max_seq_len)
+    problems_path = run_dir / PROBLEMS_FILE
+    if ckpt is None:
+        problems_path.unlink(missing_ok=True)
+        for p in problems:
+            append_jsonl(problems_path, p.to_dict())
+    say(f"train data {cfg.data}: {problem_summary(len(rows), problems)}")
+    for p in problems[:10]:
+        say(f"  skipped {p}")
+    if len(problems) > 10:
+        say(f"  ... {len(problems) - 10} more in {problems_path}")
+    if not rows:
+        first = f" — first: {problems[0]}" if problems else ""
+        raise SFTDataError(f"{cfg.data}: no usable training rows ({len(problems)} "
+                           f"skipped){first}")
+    val_rows: list[SFTRow] = []
+    if cfg.val_data:
+        val_rows, vprobs = read_sft_rows(cfg.val_data, tok, pixels, cfg.max_seq_len)
+        say(f"val data {cfg.val_data}: {problem_summary(len(val_rows), vprobs)}")
+        if cfg.val_samples:
+            val_rows = val_rows[:cfg.val_samples]
+
+    mx.random.seed(cfg.seed)  # LoRA A matrices come from the global RNG
+    adapter_cfg = attach_lora(model, cfg.lora, quantize_bits=cfg.quantize_base,
+                              group_size=cfg.quantize_group_size)
+    if cfg.grad_checkpoint:
+        enable_grad_checkpoint(model.language_model.model.layers)
+    optimizer = make_optimizer(cfg.learning_rate, cfg.iters, warmup=cfg.warmup,
+                               schedule=cfg.lr_schedule, min_learning_rate=cfg.min_learning_rate,
+                               weight_decay=cfg.weight_decay)
+    order = DataOrder([r.length for r in rows], cfg.batch_size, cfg.seed,
+                      state=ckpt.state.get("data") if ckpt else None)
+    start = 0
+    if ckpt is not None:
+        ckpt_mod.restore_checkpoint(ckpt, model, optimizer)
+        start = ckpt.step
+        say(f"resumed from {ckpt.path} (step {start})")
+    save_config(cfg, run_dir)
+    log = MetricsLog(run_dir, resume_step=start if ckpt is not None else None)
+    encoder = Encoder(processor, rows, pixels, tok.pad_token_id or 0, problems_path)
+    val_encoder = Encoder(processor, val_rows, pixels, tok.pad_token_id or 0)
+    value_and_grad = nn.value_and_grad(model, sft_loss_sum)
+    n_params = sum(a.size for _, a in tree_flatten(model.trainable_parameters()))
+    say(f"LoRA r{cfg.lora.rank} on {len(adapter_cfg['lora_parameters']['keys'])} layers, "
+        f"{n_params / 1e6:.2f}M trainable parameters"
+        + (f", base quantized to {cfg.quantize_base} bits" if cfg.quantize_base else ""))
+
+    def save(step: int) -> None:
+        state = {"data": order.state(), "bad_steps": bad_steps}
+        ckpt_mod.save_checkpoint(run_dir, step, model, adapter_cfg, optimizer, state,
+                                 config_dict(cfg), keep=cfg.keep_checkpoints)
+        save_adapters(model, adapter_cfg, run_dir / ADAPTERS_DIR)
+
+    model.train()
+    mx.reset_peak_memory()
+    bad_steps = int(ckpt.state.get("bad_steps", 0)) if ckpt else 0
+    consecutive_bad = 0
+    window = Window()
+    last_val: dict = {}
+    t_run = time.perf_counter()
+    with progress_bar(cfg.iters, "sft", unit="step", enabled=cfg.progress) as advance, \
+            stop_on_interrupt(say) as stop_requested:
+        if start:
+            advance(start)
+        for step in range(start + 1, cfg.iters + 1):
+            t_step = time.perf_counter()
+            mx.random.seed(ckpt_mod.step_seed(cfg.seed, step))  # LoRA dropout, resumable
+            lr = current_lr_for(optimizer)
+            grads, loss_sum, n_sup, n_tok = None, mx.array(0.0), 0, 0
+            for _ in range(cfg.grad_accum):
+                batch = None
+                while batch is None:
+                    batch = encoder(order.next(), order)
+                ls, g = value_and_grad(model, batch)
+                grads = add_trees(grads, g)
+                loss_sum = loss_sum + ls
+                n_sup += batch.n_supervised
+                n_tok += batch.n_tokens
+                mx.eval(grads, loss_sum)
+            grads = scale_tree(grads, 1.0 / n_sup)
+            loss = loss_sum / n_sup
+            applied, norm = guarded_update(model, optimizer, loss, grads, cfg.grad_clip)
+            if not applied:
+                bad_steps += 1
+                consecutive_bad += 1
+                log.append({"step": step, "kind": "skip", "loss": float(loss.item()),
+                            "grad_norm": norm, "reason": "non-finite loss or gradient"})
+                say(f"step {step}: non-finite loss/gradient — step skipped, adapters unchanged")
+                if consecutive_bad >= cfg.max_bad_steps:
+                    raise FloatingPointError(
+                        f"{consecutive_bad} consecutive steps with NaN/inf loss or gradients — "
+                        "lower learning_rate (the last good state is in the checkpoints)")
+            dt = time.perf_counter() - t_step
+            if applied:
+                consecutive_bad = 0
+                window.add(float(loss.item()), n_sup, n_tok, norm, dt)
+            if step % cfg.steps_per_report == 0 or step == cfg.iters:
+                if window.steps:
+                    log.append({"step": step, "kind": "train", "learning_rate": lr,
+                                **window.row()})
+                window = Window()
+            advance(1, loss=f"{float(loss.item()):.4f}", tok_s=f"{n_tok / dt:.0f}",
+                    mem=_fmt_gb(peak_memory_gb()))
+            if val_rows and (step % cfg.steps_per_eval == 0 or step == cfg.iters):
+                last_val = validate(model, processor, val_encoder, cfg, loaded.path)
+                log.append({"step": step, "kind": "val", **last_val})
+                say(f"step {step} val: " + " ".join(
+                    f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}"
+                    for k, v in last_val.items()))
+                write_curves(run_dir, f"SFT {run_dir.name}")
+            saved = step % cfg.steps_per_save == 0 or step == cfg.iters or stop_requested()
+            if saved:
+                save(step)
+            if on_step is not None:
+                on_step(step, {"loss": float(loss.item()), "tokens": n_tok,
+                               "supervised_tokens": n_sup, "applied": applied})
+            if stop_requested():  # Ctrl-C: finish cleanly at a step boundary
+                if not saved:
+                    save(step)
+                write_curves(run_dir, f"SFT {run_dir.name}")
+                say(f"stopped at step {step}; checkpoint saved — continue with --resume")
+                raise KeyboardInterrupt
+    write_curves(run_dir, f"SFT {run_dir.name}")
+    atomic_write_json(run_dir / SUMMARY_FILE, {
+        "steps": cfg.iters, "resumed_from": start, "skipped_steps": bad_steps,
+        "train_rows": len(rows), "skipped_rows": len(problems) + len(order.bad),
+        "seconds": round(time.perf_counter() - t_run, 2),
+        "peak_memory_gb": round(peak_memory_gb(), 4), "adapters": str(run_dir / ADAPTERS_DIR),
+        "last_val": last_val})
+    return run_dir
+
+
+def current_lr_for(optimizer) -> float:
+    """The learning rate the next update will use (the schedule at the update count)."""
+    sched = optimizer._schedulers.get("learning_rate")
+    return float(sched(optimizer.step).item()) if sched else current_lr(optimizer)
+
+
