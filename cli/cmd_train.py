@@ -80,6 +80,7 @@ def train(
 ) -> None:
     """Train a LoRA/QLoRA adapter; the run folder gets config.json, metrics.jsonl, curves.html,
     checkpoints/ and adapters/ (load it with `--adapter RUN/adapters`)."""
+    from qponder_mlx.data import LabelError
     from qponder_mlx.model import ModelLoadError
     from qponder_mlx.train.checkpoint import CheckpointError
     from qponder_mlx.train.config import (
@@ -121,7 +122,7 @@ def train(
     try:
         run_dir = run(cfg, resume=resume)
     except (ConfigError, SFTDataError, CheckpointError, AdapterError, ModelLoadError,
-            FloatingPointError) as e:
+            LabelError, FloatingPointError) as e:
         fail(str(e))
     except KeyboardInterrupt:
         typer.secho(f"interrupted — continue with: qponder train --stage {stage} --out "

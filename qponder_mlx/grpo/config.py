@@ -1,0 +1,82 @@
+"""GRPO settings: one dataclass that a TOML file and `qponder train --stage grpo` flags fill."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from qponder_mlx.grpo.loss import LOSS_TYPES, SCALES
+from qponder_mlx.grpo.rewards import RewardConfig
+from qponder_mlx.model import DEFAULT_MODEL
+from qponder_mlx.train.config import ConfigError, LoraConfig
+
+
+@dataclass
+class GRPOConfig:
+    model: str = DEFAULT_MODEL  # repo id or folder; float or already quantized
+    adapter: str | None = None  # the SFT adapter to start from (a run's `adapters/` folder)
+    data: str = ""  # images with MOS: any label file `load_labels` reads
+    data_format: str = "auto"
+    images_root: str | None = None
+    out: str = "runs/grpo"
+    iters: int = 200  # optimizer steps (x num_iterations updates per rollout)
+    batch_size: int = 2  # images per step (B); each gets a group of G samples
+    group_size: int = 8  # G
+    num_iterations: int = 1  # μ: updates per rollout, with the old-policy ratio
+    learning_rate: float = 1e-5
+    min_learning_rate: float = 0.0
+    warmup: int = 0
+    lr_schedule: str = "cosine"  # cosine | constant
+    weight_decay: float = 0.0
+    grad_clip: float | None = 1.0
+    beta: float = 0.04  # KL to the reference (the same weights with adapters off)
+    epsilon_low: float = 0.2
+    epsilon_high: float = 0.2
+    loss_type: str = "dapo"  # grpo | bnpo | dapo | dr_grpo (TRL's definitions)
+    scale_rewards: str = "group"  # group | batch | none
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_completion_length: int = 256
+    max_rows: int = 64  # decode at most this many rows at once (memory bound)
+    rewards: RewardConfig = field(default_factory=RewardConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)  # used when no --adapter is given
+    quantize_base: int | None = None  # 4 or 8: QLoRA on a float base
+    quantize_group_size: int = 64
+    min_pixels: int = 128 * 28 * 28
+    max_pixels: int = 512 * 28 * 28
+    seed: int = 0
+    steps_per_report: int = 1
+    steps_per_save: int = 20
+    keep_checkpoints: int = 3
+    max_bad_steps: int = 20  # consecutive NaN/inf steps before the run stops
+    progress: bool = True
+
+    def validate(self) -> None:
+        self.lora.validate()
+        if not self.data:
+            raise ConfigError("data is not set — pass --data LABELS (or data = ... in the TOML)")
+        for name in ("iters", "batch_size", "num_iterations", "max_completion_length",
+                     "max_rows", "steps_per_report", "steps_per_save", "keep_checkpoints",
+                     "max_bad_steps"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.group_size < 2:
+            raise ConfigError(f"group_size must be >= 2 (advantages compare samples within a "
+                              f"group), got {self.group_size}")
+        if self.loss_type not in LOSS_TYPES:
+            raise ConfigError(f"loss_type must be one of {LOSS_TYPES}, got {self.loss_type!r}")
+        if self.scale_rewards not in SCALES:
+            raise ConfigError(f"scale_rewards must be one of {SCALES}, got "
+                              f"{self.scale_rewards!r}")
+        if self.lora.dropout:
+            # The old-policy ratio must be exact: dropout would make rollout and update differ.
+            raise ConfigError("lora.dropout must be 0 for GRPO")
+        if self.temperature <= 0:
+            raise ConfigError(f"temperature must be > 0 for sampling, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ConfigError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.beta < 0 or self.epsilon_low < 0 or self.epsilon_high < 0:
+            raise ConfigError("beta, epsilon_low and epsilon_high must be >= 0")
+        if self.quantize_base not in (None, 4, 8):
+            raise ConfigError(f"quantize_base must be 4, 8 or unset, got {self.quantize_base}")
+        if self.lr_schedule not in ("cosine", "constant"):
+            raise ConfigError(f"lr_schedule must be cosine or constant, got {self.lr_schedule!r}")

@@ -1,0 +1,153 @@
+"""One GRPO step: rollout → rewards → group advantages → μ clipped policy-gradient updates.
+
+The loss of the whole batch is accumulated image by image (each image's G completions share one
+prompt forward, see rollout.completion_logps); `reduce_tokens` is given the whole batch's row and
+token counts, so the summed per-image losses and gradients equal the full-batch ones exactly.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+from mlx.utils import tree_map
+from PIL import Image
+
+from qponder_mlx import generate as gen
+from qponder_mlx.grpo.config import GRPOConfig
+from qponder_mlx.grpo.loss import group_advantages, per_token_terms, reduce_tokens
+from qponder_mlx.grpo.rewards import combine
+from qponder_mlx.grpo.rollout import Rollout, completion_logps, pad_completions, rollout
+from qponder_mlx.prompts import ParsedResponse, parse_response
+from qponder_mlx.train.loop import guarded_update
+from qponder_mlx.train.lora import adapters_disabled
+
+# (rollout, parsed texts, MOS per completion) -> (total reward (B·G,), {component: (B·G,)})
+RewardFn = Callable[[Rollout, list[ParsedResponse], np.ndarray],
+                    tuple[np.ndarray, dict[str, np.ndarray]]]
+
+
+@dataclass
+class StepResult:
+    metrics: dict[str, float]
+    rollout: Rollout
+    skipped: bool  # a NaN/inf loss or gradient: no update was applied
+
+
+def default_reward_fn(cfg: GRPOConfig, group_size: int, judge) -> RewardFn:
+    """The configured rewards; the judge (blind re-scoring) runs once over the whole batch."""
+    def fn(ro, parsed, mos):
+        text_scores = None
+        if cfg.rewards.consistency_weight:
+            text_scores = judge([p.reasoning for p in parsed])
+        return combine(parsed, mos, group_size, cfg.rewards, text_scores)
+    return fn
+
+
+def _image_loss(model, inputs, ids, mask, adv, old, ref, cfg: GRPOConfig, n_rows, n_tokens):
+    lp = completion_logps(model, inputs, ids, temperature=cfg.temperature)
+    old = mx.stop_gradient(lp) if old is None else old
+    per_token, parts = per_token_terms(lp, old, ref, adv, beta=cfg.beta,
+                                       epsilon_low=cfg.epsilon_low,
+                                       epsilon_high=cfg.epsilon_high)
+    loss = reduce_tokens(per_token, mask, cfg.loss_type, n_rows=n_rows, n_tokens=n_tokens,
+                         max_completion_length=cfg.max_completion_length)
+    m = mask.astype(mx.float32)
+    sums = {k: mx.stop_gradient((v * m).sum()) for k, v in parts.items()}
+    # -Σ p log p needs the full distribution; p(token) alone is the cheap proxy TRL also skips,
+    # so report the mean negative log-prob of the sampled tokens (an entropy estimate).
+    sums["neg_logp"] = mx.stop_gradient((-lp * m).sum())
+    return loss, sums
+
+
+def grpo_step(model, processor, prompt: str, images: Sequence[Image.Image],
+              mos: Sequence[float], cfg: GRPOConfig, optimizer, reward_fn: RewardFn
+              ) -> StepResult:
+    """Rollout B images × G samples, score them, and update the model μ times."""
+    g = cfg.group_size
+    t0 = time.perf_counter()
+    sampling = gen.SamplingConfig(max_tokens=cfg.max_completion_length,
+                                  temperature=cfg.temperature, top_p=cfg.top_p)
+    ro = rollout(model, processor, prompt, list(images), g, sampling, max_rows=cfg.max_rows)
+    t1 = time.perf_counter()
+
+    parsed = [parse_response(t) for t in ro.texts]
+    mos_rows = np.repeat(np.asarray(mos, dtype=np.float64), g)
+    rewards, parts = reward_fn(ro, parsed, mos_rows)
+    adv = group_advantages(mx.array(rewards, dtype=mx.float32), g, scale=cfg.scale_rewards)
+    t2 = time.perf_counter()
+
+    pad = processor.tokenizer.pad_token_id or 0
+    batch = [pad_completions(group, pad) for group in ro.completions]
+    n_rows = len(ro.texts)
+    n_tokens = sum(int(m.sum().item()) for _, m in batch)
+    advs = [adv[i * g:(i + 1) * g] for i in range(len(images))]
+
+    def frozen_logps(i):
+        lp = completion_logps(model, ro.inputs[i], batch[i][0], temperature=cfg.temperature)
+        mx.eval(lp)
+        return lp
+
+    # μ > 1 reuses the rollout: the ratio is against the policy that sampled it.
+    old = [frozen_logps(i) for i in range(len(images))] if cfg.num_iterations > 1 else None
+    ref = None
+    if cfg.beta:
+        with adapters_disabled(model):
+            ref = [frozen_logps(i) for i in range(len(images))]
+
+    loss_and_grad = nn.value_and_grad(model, _image_loss)
+    skipped = False
+    totals: dict[str, float] = {}
+    loss_value, norm = 0.0, 0.0
+    for _ in range(cfg.num_iterations):
+        grads, loss_value, totals = None, 0.0, {}
+        for i in range(len(images)):
+            (loss, sums), gi = loss_and_grad(
+                model, ro.inputs[i], batch[i][0], batch[i][1], advs[i],
+                None if old is None else old[i], None if ref is None else ref[i],
+                cfg, n_rows, n_tokens)
+            grads = gi if grads is None else tree_map(mx.add, grads, gi)
+            mx.eval(loss, grads, sums)
+            loss_value += loss.item()
+            for k, v in sums.items():
+                totals[k] = totals.get(k, 0.0) + v.item()
+        applied, norm = guarded_update(model, optimizer, mx.array(loss_value), grads,
+                                       cfg.grad_clip)
+        if not applied:  # NaN/inf: nothing is written into the adapters or the optimizer
+            skipped = True
+            break
+    t3 = time.perf_counter()
+
+    metrics = _metrics(ro, parsed, rewards, parts, mos_rows, totals, n_tokens, loss_value)
+    metrics.update(grad_norm=norm, time_rollout=t1 - t0, time_reward=t2 - t1, time_update=t3 - t2,
+                   peak_memory_gb=mx.get_peak_memory() / 1e9, skipped=float(skipped))
+    return StepResult(metrics, ro, skipped)
+
+
+def _metrics(ro: Rollout, parsed, rewards, parts, mos_rows, totals, n_tokens,
+             loss_value) -> dict[str, float]:
+    n = max(n_tokens, 1)
+    scores = np.array([np.nan if p.score is None else p.score for p in parsed])
+    has = ~np.isnan(scores)
+    out = {"loss": loss_value, "reward_mean": float(np.mean(rewards)),
+           "reward_std": float(np.std(rewards)),
+           "format_rate": float(np.mean([p.format_ok for p in parsed])),
+           "score_rate": float(has.mean()),
+           "score_mae": float(np.abs(scores[has] - mos_rows[has]).mean()) if has.any() else
+           float("nan"),
+           "completion_length": float(np.mean([len(c.token_ids) for grp in ro.completions
+                                               for c in grp])),
+           "clip_ratio_low": totals.get("low_clip", 0.0) / n,
+           "clip_ratio_high": totals.get("high_clip", 0.0) / n,
+           "neg_logp": totals.get("neg_logp", 0.0) / n}
+    out["clip_ratio"] = out["clip_ratio_low"] + out["clip_ratio_high"]
+    if "kl" in totals:
+        out["kl"] = totals["kl"] / n
+    for k, v in parts.items():
+        out[f"reward_{k}_mean"] = float(np.mean(v))
+        out[f"reward_{k}_std"] = float(np.std(v))
+    return out

@@ -1,0 +1,189 @@
+"""`qponder train --stage grpo`: the run loop around `grpo_step`.
+
+Everything around the step is SFT's: config loading and saving, LoRA/QLoRA, the data order,
+atomic checkpoints and exact resume, metrics.jsonl and the curves page, progress.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+
+from qponder_mlx.data import LabelError, LabelProblem, Sample, read_labels
+from qponder_mlx.grpo.config import GRPOConfig
+from qponder_mlx.grpo.judge import make_judge
+from qponder_mlx.grpo.step import RewardFn, default_reward_fn, grpo_step
+from qponder_mlx.images import ImageError, PixelPolicy, load_image
+from qponder_mlx.io import append_jsonl, atomic_write_json, read_jsonl
+from qponder_mlx.model import LoadedModel, load_model
+from qponder_mlx.progress import console, progress_bar
+from qponder_mlx.prompts import chat_messages
+from qponder_mlx.train import checkpoint as ckpt_mod
+from qponder_mlx.train.config import config_dict, save_config
+from qponder_mlx.train.data import DataOrder, image_size
+from qponder_mlx.train.loop import make_optimizer, peak_memory_gb
+from qponder_mlx.train.lora import (
+    adapters_disabled,
+    attach_lora,
+    load_adapters,
+    quantize_language_model,
+    save_adapters,
+)
+from qponder_mlx.train.runlog import METRICS_FILE, MetricsLog, write_curves
+
+ADAPTERS_DIR = "adapters"
+PROBLEMS_FILE = "data_problems.jsonl"
+SUMMARY_FILE = "summary.json"
+
+# The GRPO page of curves.html: reward per component, accuracy, KL/clip, lengths, time split.
+GRPO_CHARTS = [
+    ("reward (total and per component)",
+     ["reward_mean", "reward_format_mean", "reward_accuracy_mean", "reward_consistency_mean",
+      "reward_rank_mean"], False),
+    ("format rate and score MAE vs MOS", ["format_rate", "score_mae"], False),
+    ("KL to reference and clip ratio", ["kl", "clip_ratio"], False),
+    ("completion length (tokens)", ["completion_length"], False),
+    ("step time split (s)", ["time_rollout", "time_reward", "time_update"], False),
+    ("peak memory (GB)", ["peak_memory_gb"], False),
+]
+
+
+def _prepare_model(cfg: GRPOConfig, loaded: LoadedModel | None) -> tuple[LoadedModel, dict]:
+    loaded = loaded or load_model(cfg.model)
+    model = loaded.model
+    mx.random.seed(cfg.seed)  # LoRA A matrices come from the global RNG
+    if cfg.adapter:
+        if cfg.quantize_base:
+            quantize_language_model(model, cfg.quantize_base, cfg.quantize_group_size)
+        adapter_cfg = load_adapters(model, cfg.adapter)
+    else:
+        adapter_cfg = attach_lora(model, cfg.lora, quantize_bits=cfg.quantize_base,
+                                  group_size=cfg.quantize_group_size)
+    return loaded, adapter_cfg
+
+
+def _token_count(pixels: PixelPolicy, s: Sample) -> int:
+    try:
+        return pixels.token_count(image_size(s.image))
+    except (ImageError, OSError, ValueError):
+        return 0  # fails again, and is reported, when the step loads it
+
+
+def _load_images(samples: list[Sample], idx: list[int], pixels: PixelPolicy,
+                 problems_path: Path, bad: set[int]):
+    imgs, mos = [], []
+    for i in idx:
+        try:
+            imgs.append(pixels.resize(load_image(samples[i].image), name=str(samples[i].image)))
+            mos.append(samples[i].mos)
+        except (ImageError, OSError) as e:
+            bad.add(i)  # left out of later epochs; one bad photo never stops the run
+            append_jsonl(problems_path, {"id": samples[i].id, "image": str(samples[i].image),
+                                         "error": str(e)})
+    return imgs, mos
+
+
+def run(cfg: GRPOConfig, *, resume: bool = False, loaded: LoadedModel | None = None,
+        reward_fn: RewardFn | None = None) -> Path:
+    """Train (or resume) a GRPO run; returns the run folder."""
+    cfg.validate()
+    run_dir = Path(cfg.out)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    ckpt = ckpt_mod.load_latest_checkpoint(run_dir) if resume else None
+    if not resume and ckpt_mod.list_checkpoints(run_dir):
+        raise ckpt_mod.CheckpointError(f"{run_dir} already holds checkpoints — pass --resume to "
+                                       "continue that run, or choose another --out")
+    pixels = PixelPolicy(min_pixels=cfg.min_pixels, max_pixels=cfg.max_pixels)
+
+    # Data first: a bad label file should fail before minutes of model preparation.
+    samples, problems = read_labels(cfg.data, format=cfg.data_format,
+                                    images_root=cfg.images_root)
+    problems_path = run_dir / PROBLEMS_FILE
+    if ckpt is None:
+        problems_path.unlink(missing_ok=True)
+        for p in problems:
+            append_jsonl(problems_path, {"problem": str(p)})
+    console.print(f"grpo data {cfg.data}: {len(samples)} images, {len(problems)} rows skipped")
+    if not samples:
+        first = f" — first: {problems[0]}" if problems else ""
+        raise LabelError([LabelProblem(cfg.data, None, f"no usable samples ({len(problems)} "
+                                       f"rows had problems){first}")])
+
+    loaded, adapter_cfg = _prepare_model(cfg, loaded)
+    model, processor = loaded.model, loaded.processor
+    tok = processor.tokenizer
+    prompt = tok.apply_chat_template(chat_messages(), tokenize=False, add_generation_prompt=True)
+    optimizer = make_optimizer(cfg.learning_rate, cfg.iters * cfg.num_iterations,
+                               warmup=cfg.warmup, schedule=cfg.lr_schedule,
+                               min_learning_rate=cfg.min_learning_rate,
+                               weight_decay=cfg.weight_decay)
+    # Batches of equal-size images prefill together in the rollout.
+    lengths = [_token_count(pixels, s) for s in samples]
+    order = DataOrder(lengths, cfg.batch_size, cfg.seed,
+                      state=ckpt.state.get("data") if ckpt else None)
+    start = 0
+    if ckpt is not None:
+        ckpt_mod.restore_checkpoint(ckpt, model, optimizer)
+        start = ckpt.step
+        console.print(f"resumed from {ckpt.path} (step {start})")
+    save_config(cfg, run_dir)
+    log = MetricsLog(run_dir, resume_step=start if ckpt is not None else None)
+    judge = make_judge(cfg.rewards.judge, model, tok, adapters_off=adapters_disabled)
+    reward_fn = reward_fn or default_reward_fn(cfg, cfg.group_size, judge)
+
+    def save(step: int) -> None:
+        state = {"data": order.state(), "bad_steps": bad_steps}
+        ckpt_mod.save_checkpoint(run_dir, step, model, adapter_cfg, optimizer, state,
+                                 config_dict(cfg), keep=cfg.keep_checkpoints)
+        save_adapters(model, adapter_cfg, run_dir / ADAPTERS_DIR)
+
+    bad_steps = int(ckpt.state.get("bad_steps", 0)) if ckpt else 0
+    consecutive_bad = 0
+    mx.reset_peak_memory()
+    t_run = time.perf_counter()
+    with progress_bar(cfg.iters, "grpo", unit="step", enabled=cfg.progress) as advance:
+        if start:
+            advance(start)
+        for step in range(start + 1, cfg.iters + 1):
+            mx.random.seed(ckpt_mod.step_seed(cfg.seed, step))  # sampling, resumable
+            imgs, mos = [], []
+            while not imgs:
+                imgs, mos = _load_images(samples, order.next(), pixels, problems_path,
+                                         order.bad)
+            res = grpo_step(model, processor, prompt, imgs, mos, cfg, optimizer, reward_fn)
+            m = res.metrics
+            if res.skipped:
+                bad_steps += 1
+                consecutive_bad += 1
+                log.append({"step": step, "kind": "skip", "loss": m["loss"],
+                            "reason": "non-finite loss or gradient"})
+                console.print(f"[red]step {step}: non-finite loss/gradient — skipped, adapters "
+                              "unchanged[/]")
+                if consecutive_bad >= cfg.max_bad_steps:
+                    raise FloatingPointError(
+                        f"{consecutive_bad} consecutive steps with NaN/inf — lower "
+                        "learning_rate (the last good state is in the checkpoints)")
+            else:
+                consecutive_bad = 0
+                if step % cfg.steps_per_report == 0 or step == cfg.iters:
+                    log.append({"step": step, "kind": "train", **m})
+            advance(1, reward=f"{m['reward_mean']:.3f}", fmt=f"{m['format_rate']:.2f}",
+                    mem=f"{peak_memory_gb():.2f}GB")
+            if step % cfg.steps_per_save == 0 or step == cfg.iters:
+                save(step)
+                write_curves(run_dir, f"GRPO {run_dir.name}", charts=GRPO_CHARTS)
+    atomic_write_json(run_dir / SUMMARY_FILE, {
+        "steps": cfg.iters, "resumed_from": start, "skipped_steps": bad_steps,
+        "images": len(samples), "skipped_rows": len(problems) + len(order.bad),
+        "seconds": round(time.perf_counter() - t_run, 2),
+        "peak_memory_gb": round(peak_memory_gb(), 4), "adapters": str(run_dir / ADAPTERS_DIR)})
+    return run_dir
+
+
+def metric_curve(run_dir: str | Path, key: str = "reward_mean") -> np.ndarray:
+    """One logged training metric per step (for tests and the reproduction report)."""
+    rows = read_jsonl(Path(run_dir) / METRICS_FILE)
+    return np.array([r[key] for r in rows if r.get("kind") == "train"], dtype=float)

@@ -1,0 +1,122 @@
+"""A GRPO step learns an easy reward on the tiny model, and does not with the sign flipped."""
+
+import mlx.core as mx
+import mlx.optimizers as optim
+import numpy as np
+import pytest
+from PIL import Image
+
+from qponder_mlx.grpo import rollout as R
+from qponder_mlx.grpo.config import GRPOConfig
+from qponder_mlx.grpo.step import grpo_step
+from qponder_mlx.model import load_model
+from qponder_mlx.prompts import chat_messages
+from qponder_mlx.train.config import LoraConfig
+from qponder_mlx.train.lora import adapters_disabled, attach_lora
+
+
+def _setup(model_dir, seed=0):
+    lm = load_model(str(model_dir))
+    mx.random.seed(seed)
+    attach_lora(lm.model, LoraConfig(rank=16, alpha=64))
+    prompt = lm.tokenizer.apply_chat_template(chat_messages(), tokenize=False,
+                                              add_generation_prompt=True)
+    rng = np.random.default_rng(seed)
+    imgs = [Image.fromarray((rng.random((56, 56, 3)) * 255).astype("uint8")) for _ in range(2)]
+    return lm, prompt, imgs
+
+
+def _low_id_fraction(ro):
+    """Share of sampled tokens with id < 280: about half under the random model, learnable."""
+    return np.array([np.mean([t < 280 for t in c.token_ids]) for g in ro.completions for c in g])
+
+
+def _train(model_dir, sign, steps=40):
+    lm, prompt, imgs = _setup(model_dir)
+    cfg = GRPOConfig(data="-", group_size=8, max_completion_length=12, beta=0.0,
+                     grad_clip=None, temperature=1.0)
+    opt = optim.Adam(learning_rate=3e-2)
+
+    def reward_fn(ro, parsed, mos):
+        r = sign * _low_id_fraction(ro)
+        return r, {"low_ids": r}
+
+    hist = []
+    for step in range(steps):
+        mx.random.seed(100 + step)
+        res = grpo_step(lm.model, lm.processor, prompt, imgs, [3.0, 3.0], cfg, opt, reward_fn)
+        assert not res.skipped
+        hist.append(float(_low_id_fraction(res.rollout).mean()))
+    return np.mean(hist[:10]), np.mean(hist[-10:])
+
+
+def test_mean_reward_rises_and_flipped_sign_does_not(tiny_model_dir):
+    before, after = _train(tiny_model_dir, +1.0)
+    assert after > before + 0.03, (before, after)
+    before_f, after_f = _train(tiny_model_dir, -1.0)
+    assert after_f < before_f, (before_f, after_f)  # pushed the other way
+
+
+def test_adapters_off_reference_equals_a_fresh_base(tiny_model_dir):
+    lm, prompt, imgs = _setup(tiny_model_dir)
+    from mlx.utils import tree_flatten, tree_map
+    lm.model.update(tree_map(lambda p: p + 0.05, lm.model.trainable_parameters()))
+    fresh = load_model(str(tiny_model_dir))
+    from qponder_mlx import generate as gen
+    inputs = gen.encode(lm.processor, [prompt], imgs[:1])
+    ids = mx.array([[10, 20, 30, 40]])
+    with_lora = np.array(R.completion_logps(lm.model, inputs, ids))
+    with adapters_disabled(lm.model):
+        off = np.array(R.completion_logps(lm.model, inputs, ids))
+    base = np.array(R.completion_logps(fresh.model, inputs, ids))
+    np.testing.assert_allclose(off, base, atol=1e-6)
+    assert not np.allclose(with_lora, base, atol=1e-3)
+    assert len(tree_flatten(lm.model.trainable_parameters())) > 0
+
+
+def test_nan_step_is_skipped_and_weights_unchanged(tiny_model_dir):
+    from mlx.utils import tree_flatten
+
+    lm, prompt, imgs = _setup(tiny_model_dir)
+    cfg = GRPOConfig(data="-", group_size=4, max_completion_length=6, beta=0.0)
+    before = {k: np.array(v) for k, v in tree_flatten(lm.model.trainable_parameters())}
+
+    def nan_reward(ro, parsed, mos):
+        r = np.arange(len(ro.texts), dtype=float)
+        r[0] = np.nan
+        return r, {}
+
+    res = grpo_step(lm.model, lm.processor, prompt, imgs, [3.0, 3.0], cfg,
+                    optim.Adam(learning_rate=1e-2), nan_reward)
+    assert res.skipped and res.metrics["skipped"] == 1.0
+    for k, v in tree_flatten(lm.model.trainable_parameters()):
+        np.testing.assert_array_equal(np.array(v), before[k])
+
+
+@pytest.mark.parametrize("loss_type", ["grpo", "dapo", "dr_grpo"])
+def test_per_image_accumulation_equals_the_full_batch_loss(tiny_model_dir, loss_type):
+    """Σ over images of the chunked loss == grpo_loss on all rows at once."""
+    from qponder_mlx import generate as gen
+    from qponder_mlx.grpo.loss import grpo_loss, per_token_terms, reduce_tokens
+
+    lm, prompt, imgs = _setup(tiny_model_dir)
+    mx.random.seed(5)
+    ro = R.rollout(lm.model, lm.processor, prompt, imgs, 3,
+                   gen.SamplingConfig(max_tokens=5, temperature=1.0))
+    width = max(len(c.token_ids) for g in ro.completions for c in g)
+    batch = [R.pad_completions(g, 0, width) for g in ro.completions]
+    lps = [R.completion_logps(lm.model, ro.inputs[i], batch[i][0]) for i in range(2)]
+    adv = mx.array([0.5, -1.0, 0.5, 1.0, -0.25, -0.75])
+    rng = np.random.default_rng(0)  # off-policy by random amounts, so clipping is exercised
+    old = [lp - mx.array(rng.normal(0, 0.3, lp.shape), dtype=mx.float32) for lp in lps]
+    n_tok = sum(int(m.sum().item()) for _, m in batch)
+    chunked = 0.0
+    for i in range(2):
+        pt, _ = per_token_terms(lps[i], old[i], None, adv[i * 3:(i + 1) * 3], beta=0.0,
+                                epsilon_low=0.2, epsilon_high=0.2)
+        chunked += reduce_tokens(pt, batch[i][1], loss_type, n_rows=6, n_tokens=n_tok,
+                                 max_completion_length=8).item()
+    full, _ = grpo_loss(mx.concatenate(lps), mx.concatenate(old), None,
+                        mx.concatenate([m for _, m in batch]), adv, loss_type=loss_type,
+                        max_completion_length=8)
+    assert chunked == pytest.approx(full.item(), rel=1e-5)
