@@ -13,6 +13,7 @@ import typer
 from qponder_mlx.cli.common import fail, load_scorer, parse_range
 
 from qponder_mlx.model import DEFAULT_MODEL
+from qponder_mlx.synth import CC0_PHOTOS
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Train, run and ship reasoning image-quality models with MLX.")
@@ -33,6 +34,36 @@ def tiny_model(
     out = build_tiny_model(path, seed=seed, hidden_size=hidden_size, num_layers=num_layers)
     size = sum(f.stat().st_size for f in out.iterdir()) / 1e6
     typer.echo(f"tiny Qwen2.5-VL written to {out} ({size:.1f} MB)")
+
+
+@dev.command("synth-iqa")
+def synth_iqa(
+    out: Path = typer.Argument(..., help="Folder for the images and label files."),
+    size: int = typer.Option(224, help="Centre-crop side in pixels."),
+    photos: str = typer.Option(",".join(sorted(CC0_PHOTOS)),
+                               help="Comma-separated scikit-image CC0 photos to use."),
+    test_photos: str = typer.Option("coffee,rocket,grass",
+                                    help="Photos held out for test.jsonl (no photo in both)."),
+    seed: int = typer.Option(0, help="Noise seed."),
+) -> None:
+    """A KADID-style set: CC0 photos × blur/noise/JPEG × 5 KADID levels, labelled with KADID's
+    mean MOS per (type, level). Writes labels.jsonl, train.jsonl and test.jsonl."""
+    from qponder_mlx.synth import center_crop, load_cc0_photo, write_set
+
+    names = [n.strip() for n in photos.split(",") if n.strip()]
+    held = {n.strip() for n in test_photos.split(",") if n.strip()}
+    unknown = sorted(set(names) - set(CC0_PHOTOS)) + sorted(held - set(names))
+    if unknown:
+        fail(f"--photos/--test-photos: unknown or unused photo(s) {unknown}; "
+             f"choose from {sorted(CC0_PHOTOS)}")
+    try:
+        refs = {n: center_crop(load_cc0_photo(n), size) for n in names}
+    except RuntimeError as e:
+        fail(str(e))
+    split = {n: "test" if n in held else "train" for n in names}
+    items = write_set(out, refs, split=split, seed=seed)
+    n_test = sum(split[i.reference] == "test" for i in items)
+    typer.echo(f"{len(items)} images in {out} ({len(items) - n_test} train, {n_test} test)")
 
 
 @app.command("eval")

@@ -1,0 +1,61 @@
+"""KADID-style distortions at KADID's levels, and `qponder dev synth-iqa`."""
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+from qponder_mlx.cli.main import app
+from scipy.ndimage import gaussian_filter
+from typer.testing import CliRunner
+
+from qponder_mlx.synth import LEVEL_MOS, LEVELS, distort
+
+
+def _img(seed=0, size=64):
+    rng = np.random.default_rng(seed)
+    return Image.fromarray((rng.random((size, size, 3)) * 255).astype("uint8"))
+
+
+def test_noise_has_the_kadid_variance():
+    flat = Image.fromarray(np.full((200, 200, 3), 128, np.uint8))
+    for level, var in enumerate(LEVELS["noise"], start=1):
+        x = np.asarray(distort(flat, "noise", level), dtype=np.float64) / 255
+        assert x.var() == pytest.approx(var, rel=0.1)
+
+
+def test_blur_matches_a_gaussian_of_kadid_sigma_and_kernel():
+    img = _img()
+    out = np.asarray(distort(img, "blur", 4), dtype=np.float64)  # sigma 2, kernel 2*4+1
+    x = np.asarray(img, dtype=np.float64) / 255
+    ref = np.stack([gaussian_filter(x[..., c], 2.0, truncate=2.0) for c in range(3)], -1)
+    np.testing.assert_allclose(out, np.clip(ref, 0, 1) * 255, atol=0.51)
+
+
+def test_jpeg_levels_get_worse_and_labels_are_monotone():
+    img = _img(size=128)
+    x = np.asarray(img, dtype=np.float64)
+    err = [np.abs(np.asarray(distort(img, "jpeg", lv), dtype=np.float64) - x).mean()
+           for lv in range(1, 6)]
+    assert err == sorted(err)
+    for kind in LEVEL_MOS:
+        assert LEVEL_MOS[kind] == sorted(LEVEL_MOS[kind], reverse=True)
+    with pytest.raises(ValueError, match="unknown distortion"):
+        distort(img, "contrast", 1)
+
+
+def test_synth_iqa_cli_splits_by_photo(tmp_path):
+    pytest.importorskip("skimage")
+    res = CliRunner().invoke(app, ["dev", "synth-iqa", str(tmp_path), "--size", "64",
+                                   "--photos", "astronaut,chelsea", "--test-photos", "chelsea"])
+    assert res.exit_code == 0, res.output
+    test = [json.loads(x) for x in (tmp_path / "test.jsonl").read_text().splitlines()]
+    train = [json.loads(x) for x in (tmp_path / "train.jsonl").read_text().splitlines()]
+    assert len(test) == len(train) == 15
+    assert {r["reference"] for r in test} == {"chelsea"}
+    assert {r["reference"] for r in train} == {"astronaut"}
+    from qponder_mlx.data import load_labels
+    samples = load_labels(tmp_path / "test.jsonl")
+    assert len(samples) == 15 and samples[0].mos == pytest.approx(LEVEL_MOS["blur"][0])
+    bad = CliRunner().invoke(app, ["dev", "synth-iqa", str(tmp_path / "x"), "--photos", "dog"])
+    assert bad.exit_code == 2 and "dog" in bad.output
