@@ -129,8 +129,8 @@ def test_grad_accumulation_equals_the_bigger_batch(tmp_path, tiny_model_dir):
     a, b = _adapter(one), _adapter(two)
     moved = [k for k in a if k.endswith("lora_b")]
     assert any(float(mx.abs(a[k]).max()) > 0 for k in moved)
-    for k in a:
-        np.testing.assert_allclose(np.array(b[k]), np.array(a[k]), atol=1e-6, err_msg=k)
+    for k in a:  # 1e-5: a batched BLAS (OpenBLAS) sums in another order than two single rows
+        np.testing.assert_allclose(np.array(b[k]), np.array(a[k]), atol=1e-5, err_msg=k)
 
 
 def test_qlora_runs_and_lowers_the_loss(tmp_path, tiny_model_dir):

@@ -23,7 +23,8 @@ from qponder_mlx.grpo.loss import group_advantages, per_token_terms, reduce_toke
 from qponder_mlx.grpo.rewards import combine
 from qponder_mlx.grpo.rollout import Rollout, completion_logps, pad_completions, rollout
 from qponder_mlx.prompts import ParsedResponse, parse_response
-from qponder_mlx.train.loop import guarded_update
+from qponder_mlx.train.distributed import World
+from qponder_mlx.train.loop import guarded_update, zeros_like_tree
 from qponder_mlx.train.lora import adapters_disabled
 
 # (rollout, parsed texts, MOS per completion) -> (total reward (B·G,), {component: (B·G,)})
@@ -65,9 +66,15 @@ def _image_loss(model, inputs, ids, mask, adv, old, ref, cfg: GRPOConfig, n_rows
 
 
 def grpo_step(model, processor, prompt: str, images: Sequence[Image.Image],
-              mos: Sequence[float], cfg: GRPOConfig, optimizer, reward_fn: RewardFn
-              ) -> StepResult:
-    """Rollout B images × G samples, score them, and update the model μ times."""
+              mos: Sequence[float], cfg: GRPOConfig, optimizer, reward_fn: RewardFn,
+              world: World | None = None) -> StepResult:
+    """Rollout B images × G samples, score them, and update the model μ times.
+
+    Under data parallelism `images` is this rank's share of the global batch (groups are never
+    split, so rewards and advantages stay local); token counts, gradients and metrics are summed
+    over ranks, so every rank applies the same update. A rank may hold no image this step.
+    """
+    world = world or World(None)
     g = cfg.group_size
     t0 = time.perf_counter()
     sampling = gen.SamplingConfig(max_tokens=cfg.max_completion_length,
@@ -77,14 +84,15 @@ def grpo_step(model, processor, prompt: str, images: Sequence[Image.Image],
 
     parsed = [parse_response(t) for t in ro.texts]
     mos_rows = np.repeat(np.asarray(mos, dtype=np.float64), g)
-    rewards, parts = reward_fn(ro, parsed, mos_rows)
+    rewards, parts = reward_fn(ro, parsed, mos_rows) if ro.texts else (np.zeros(0), {})
     adv = group_advantages(mx.array(rewards, dtype=mx.float32), g, scale=cfg.scale_rewards)
     t2 = time.perf_counter()
 
     pad = processor.tokenizer.pad_token_id or 0
     batch = [pad_completions(group, pad) for group in ro.completions]
-    n_rows = len(ro.texts)
-    n_tokens = sum(int(m.sum().item()) for _, m in batch)
+    counts = world.sum({"rows": len(ro.texts),
+                        "tokens": sum(int(m.sum().item()) for _, m in batch)})
+    n_rows, n_tokens = int(counts["rows"]), int(counts["tokens"])
     advs = [adv[i * g:(i + 1) * g] for i in range(len(images))]
 
     def frozen_logps(i):
@@ -104,17 +112,21 @@ def grpo_step(model, processor, prompt: str, images: Sequence[Image.Image],
     totals: dict[str, float] = {}
     loss_value, norm = 0.0, 0.0
     for _ in range(cfg.num_iterations):
-        grads, loss_value, totals = None, 0.0, {}
+        grads, loss_value, totals = zeros_like_tree(model.trainable_parameters()), 0.0, {}
         for i in range(len(images)):
             (loss, sums), gi = loss_and_grad(
                 model, ro.inputs[i], batch[i][0], batch[i][1], advs[i],
                 None if old is None else old[i], None if ref is None else ref[i],
                 cfg, n_rows, n_tokens)
-            grads = gi if grads is None else tree_map(mx.add, grads, gi)
+            grads = tree_map(mx.add, grads, gi)
             mx.eval(loss, grads, sums)
             loss_value += loss.item()
             for k, v in sums.items():
                 totals[k] = totals.get(k, 0.0) + v.item()
+        grads = world.sum_tree(grads)
+        summed = world.sum({"loss": loss_value, **{f"t.{k}": v for k, v in totals.items()}})
+        loss_value = summed["loss"]
+        totals = {k[2:]: v for k, v in summed.items() if k.startswith("t.")}
         applied, norm = guarded_update(model, optimizer, mx.array(loss_value), grads,
                                        cfg.grad_clip)
         if not applied:  # NaN/inf: nothing is written into the adapters or the optimizer
@@ -122,15 +134,30 @@ def grpo_step(model, processor, prompt: str, images: Sequence[Image.Image],
             break
     t3 = time.perf_counter()
 
-    metrics = _metrics(ro, parsed, rewards, parts, mos_rows, totals, n_tokens, loss_value)
+    metrics = world.mean_metrics(
+        _metrics(ro, parsed, rewards, parts, mos_rows, totals, n_tokens, loss_value),
+        len(ro.texts))
+    # Token-level sums were already global: undo the per-rank averaging for them.
+    metrics.update({k: v for k, v in _token_metrics(totals, n_tokens).items()})
+    metrics["loss"] = loss_value
     metrics.update(grad_norm=norm, time_rollout=t1 - t0, time_reward=t2 - t1, time_update=t3 - t2,
                    peak_memory_gb=mx.get_peak_memory() / 1e9, skipped=float(skipped))
     return StepResult(metrics, ro, skipped)
 
 
+def _token_metrics(totals: dict[str, float], n_tokens: int) -> dict[str, float]:
+    n = max(n_tokens, 1)
+    out = {"clip_ratio_low": totals.get("low_clip", 0.0) / n,
+           "clip_ratio_high": totals.get("high_clip", 0.0) / n,
+           "neg_logp": totals.get("neg_logp", 0.0) / n}
+    out["clip_ratio"] = out["clip_ratio_low"] + out["clip_ratio_high"]
+    if "kl" in totals:
+        out["kl"] = totals["kl"] / n
+    return out
+
+
 def _metrics(ro: Rollout, parsed, rewards, parts, mos_rows, totals, n_tokens,
              loss_value) -> dict[str, float]:
-    n = max(n_tokens, 1)
     scores = np.array([np.nan if p.score is None else p.score for p in parsed])
     has = ~np.isnan(scores)
     out = {"loss": loss_value, "reward_mean": float(np.mean(rewards)),
@@ -141,12 +168,7 @@ def _metrics(ro: Rollout, parsed, rewards, parts, mos_rows, totals, n_tokens,
            float("nan"),
            "completion_length": float(np.mean([len(c.token_ids) for grp in ro.completions
                                                for c in grp])),
-           "clip_ratio_low": totals.get("low_clip", 0.0) / n,
-           "clip_ratio_high": totals.get("high_clip", 0.0) / n,
-           "neg_logp": totals.get("neg_logp", 0.0) / n}
-    out["clip_ratio"] = out["clip_ratio_low"] + out["clip_ratio_high"]
-    if "kl" in totals:
-        out["kl"] = totals["kl"] / n
+           **_token_metrics(totals, n_tokens)}
     for k, v in parts.items():
         out[f"reward_{k}_mean"] = float(np.mean(v))
         out[f"reward_{k}_std"] = float(np.std(v))

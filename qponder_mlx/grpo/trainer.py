@@ -22,8 +22,9 @@ from qponder_mlx.model import LoadedModel, load_model
 from qponder_mlx.progress import console, progress_bar
 from qponder_mlx.prompts import chat_messages
 from qponder_mlx.train import checkpoint as ckpt_mod
-from qponder_mlx.train.config import config_dict, save_config
+from qponder_mlx.train.config import ConfigError, config_dict, save_config
 from qponder_mlx.train.data import DataOrder, image_size
+from qponder_mlx.train.distributed import World, init_world
 from qponder_mlx.train.loop import make_optimizer, peak_memory_gb
 from qponder_mlx.train.lora import (
     adapters_disabled,
@@ -73,7 +74,7 @@ def _token_count(pixels: PixelPolicy, s: Sample) -> int:
 
 
 def _load_images(samples: list[Sample], idx: list[int], pixels: PixelPolicy,
-                 problems_path: Path, bad: set[int]):
+                 problems_path: Path | None, bad: set[int]):
     imgs, mos = [], []
     for i in idx:
         try:
@@ -81,17 +82,50 @@ def _load_images(samples: list[Sample], idx: list[int], pixels: PixelPolicy,
             mos.append(samples[i].mos)
         except (ImageError, OSError) as e:
             bad.add(i)  # left out of later epochs; one bad photo never stops the run
-            append_jsonl(problems_path, {"id": samples[i].id, "image": str(samples[i].image),
-                                         "error": str(e)})
+            if problems_path is not None:
+                append_jsonl(problems_path, {"id": samples[i].id,
+                                             "image": str(samples[i].image), "error": str(e)})
     return imgs, mos
 
 
+def _next_images(samples, order: DataOrder, pixels: PixelPolicy, problems_path: Path | None,
+                 world: World):
+    """This rank's images of the next global batch in which every rank has at least one.
+
+    Ranks agree on rows that failed to load, so they keep one data order; a batch leaving some
+    rank empty (a short last batch, or failed images) is skipped by all.
+    """
+    while True:
+        known = len(order.bad)
+        imgs, mos = _load_images(samples, world.shard(order.next()), pixels, problems_path,
+                                 order.bad)
+        if world.size == 1:
+            if imgs:
+                return imgs, mos
+            continue
+        flags = world.sum({"empty": float(not imgs), "new_bad": float(len(order.bad) - known)},
+                          "data-order sync")
+        if flags["new_bad"]:
+            order.bad = world.union(order.bad, len(order.lengths))
+        if not flags["empty"]:
+            return imgs, mos
+
+
 def run(cfg: GRPOConfig, *, resume: bool = False, loaded: LoadedModel | None = None,
-        reward_fn: RewardFn | None = None) -> Path:
-    """Train (or resume) a GRPO run; returns the run folder."""
+        reward_fn: RewardFn | None = None, world: World | None = None) -> Path:
+    """Train (or resume) a GRPO run; returns the run folder.
+
+    Under `mlx.launch` each rank rolls out its share of every global batch of images and only
+    rank 0 writes files (see train/distributed.py).
+    """
     cfg.validate()
+    world = world or init_world()
+    if cfg.batch_size < world.size:
+        raise ConfigError(f"batch_size {cfg.batch_size} < {world.size} ranks: every rank needs "
+                         "at least one image per step")
     run_dir = Path(cfg.out)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    if world.is_main:  # other ranks write nothing, not even the folder
+        run_dir.mkdir(parents=True, exist_ok=True)
     ckpt = ckpt_mod.load_latest_checkpoint(run_dir) if resume else None
     if not resume and ckpt_mod.list_checkpoints(run_dir):
         raise ckpt_mod.CheckpointError(f"{run_dir} already holds checkpoints — pass --resume to "
@@ -101,8 +135,8 @@ def run(cfg: GRPOConfig, *, resume: bool = False, loaded: LoadedModel | None = N
     # Data first: a bad label file should fail before minutes of model preparation.
     samples, problems = read_labels(cfg.data, format=cfg.data_format,
                                     images_root=cfg.images_root)
-    problems_path = run_dir / PROBLEMS_FILE
-    if ckpt is None:
+    problems_path = run_dir / PROBLEMS_FILE if world.is_main else None
+    if ckpt is None and problems_path is not None:
         problems_path.unlink(missing_ok=True)
         for p in problems:
             append_jsonl(problems_path, {"problem": str(p)})
@@ -129,12 +163,16 @@ def run(cfg: GRPOConfig, *, resume: bool = False, loaded: LoadedModel | None = N
         ckpt_mod.restore_checkpoint(ckpt, model, optimizer)
         start = ckpt.step
         console.print(f"resumed from {ckpt.path} (step {start})")
-    save_config(cfg, run_dir)
-    log = MetricsLog(run_dir, resume_step=start if ckpt is not None else None)
+    if world.is_main:
+        save_config(cfg, run_dir)
+    log = MetricsLog(run_dir, resume_step=start if ckpt is not None else None,
+                     enabled=world.is_main)
     judge = make_judge(cfg.rewards.judge, model, tok, adapters_off=adapters_disabled)
     reward_fn = reward_fn or default_reward_fn(cfg, cfg.group_size, judge)
 
     def save(step: int) -> None:
+        if not world.is_main:
+            return
         state = {"data": order.state(), "bad_steps": bad_steps}
         ckpt_mod.save_checkpoint(run_dir, step, model, adapter_cfg, optimizer, state,
                                  config_dict(cfg), keep=cfg.keep_checkpoints)
@@ -144,16 +182,15 @@ def run(cfg: GRPOConfig, *, resume: bool = False, loaded: LoadedModel | None = N
     consecutive_bad = 0
     mx.reset_peak_memory()
     t_run = time.perf_counter()
-    with progress_bar(cfg.iters, "grpo", unit="step", enabled=cfg.progress) as advance:
+    with progress_bar(cfg.iters, "grpo", unit="step",
+                      enabled=cfg.progress and world.is_main) as advance:
         if start:
             advance(start)
         for step in range(start + 1, cfg.iters + 1):
             mx.random.seed(ckpt_mod.step_seed(cfg.seed, step))  # sampling, resumable
-            imgs, mos = [], []
-            while not imgs:
-                imgs, mos = _load_images(samples, order.next(), pixels, problems_path,
-                                         order.bad)
-            res = grpo_step(model, processor, prompt, imgs, mos, cfg, optimizer, reward_fn)
+            imgs, mos = _next_images(samples, order, pixels, problems_path, world)
+            res = grpo_step(model, processor, prompt, imgs, mos, cfg, optimizer, reward_fn,
+                            world)
             m = res.metrics
             if res.skipped:
                 bad_steps += 1
@@ -172,9 +209,11 @@ def run(cfg: GRPOConfig, *, resume: bool = False, loaded: LoadedModel | None = N
                     log.append({"step": step, "kind": "train", **m})
             advance(1, reward=f"{m['reward_mean']:.3f}", fmt=f"{m['format_rate']:.2f}",
                     mem=f"{peak_memory_gb():.2f}GB")
-            if step % cfg.steps_per_save == 0 or step == cfg.iters:
+            if (step % cfg.steps_per_save == 0 or step == cfg.iters) and world.is_main:
                 save(step)
                 write_curves(run_dir, f"GRPO {run_dir.name}", charts=GRPO_CHARTS)
+    if not world.is_main:
+        return run_dir
     atomic_write_json(run_dir / SUMMARY_FILE, {
         "steps": cfg.iters, "resumed_from": start, "skipped_steps": bad_steps,
         "images": len(samples), "skipped_rows": len(problems) + len(order.bad),

@@ -91,6 +91,10 @@ def scale_tree(tree, factor: float):
     return tree_map(lambda g: g * factor, tree)
 
 
+def zeros_like_tree(tree):
+    return tree_map(mx.zeros_like, tree)
+
+
 def add_trees(a, b):
     return b if a is None else tree_map(lambda x, y: x + y, a, b)
 

@@ -23,8 +23,12 @@ CURVES_FILE = "curves.html"
 class MetricsLog:
     """Append rows to run_dir/metrics.jsonl; on resume, drop rows the checkpoint doesn't cover."""
 
-    def __init__(self, run_dir: str | Path, *, resume_step: int | None = None):
+    def __init__(self, run_dir: str | Path, *, resume_step: int | None = None,
+                 enabled: bool = True):
         self.path = Path(run_dir) / METRICS_FILE
+        self.enabled = enabled  # False on distributed ranks other than 0: they write nothing
+        if not enabled:
+            return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         truncate_torn_tail(self.path)
         if resume_step is not None and self.path.exists():
@@ -36,6 +40,8 @@ class MetricsLog:
             self.path.unlink()  # a fresh run in an old folder starts a fresh log
 
     def append(self, row: dict) -> None:
+        if not self.enabled:
+            return
         # NaN/inf become null: the file stays strict JSON for any reader.
         clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v)
                  for k, v in row.items()}

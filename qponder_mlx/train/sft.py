@@ -46,6 +46,7 @@ from qponder_mlx.train.data import (
     problem_summary,
     read_sft_rows,
 )
+from qponder_mlx.train.distributed import World, init_world
 from qponder_mlx.train.loop import (
     Window,
     add_trees,
@@ -56,6 +57,7 @@ from qponder_mlx.train.loop import (
     peak_memory_gb,
     scale_tree,
     stop_on_interrupt,
+    zeros_like_tree,
 )
 from qponder_mlx.train.lora import attach_lora, save_adapters
 from qponder_mlx.train.runlog import MetricsLog, write_curves
@@ -200,16 +202,20 @@ def _fmt_gb(x: float) -> str:
 
 
 def run_sft(cfg: SFTConfig, *, resume: bool = False, loaded: LoadedModel | None = None,
-            on_step: Callable[[int, dict], None] | None = None) -> Path:
+            on_step: Callable[[int, dict], None] | None = None,
+            world: World | None = None) -> Path:
     """Train (or resume) an SFT run; returns the run folder.
 
     `loaded` skips loading the model (tests, benches; it must be a fresh base). `on_step(step,
     info)` runs after every optimizer step, checkpoint included (benches time steps with it;
-    raising from it stops the run like a crash would).
+    raising from it stops the run like a crash would). Under `mlx.launch` each rank trains on
+    its share of every global batch and only rank 0 writes files (see train/distributed.py).
     """
     cfg.validate()
+    world = world or init_world()
     run_dir = Path(cfg.out)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    if world.is_main:  # other ranks write nothing, not even the folder
+        run_dir.mkdir(parents=True, exist_ok=True)
     ckpt = ckpt_mod.load_latest_checkpoint(run_dir) if resume else None
     if not resume and ckpt_mod.list_checkpoints(run_dir):
         raise ckpt_mod.CheckpointError(f"{run_dir} already holds checkpoints — pass --resume to "
@@ -227,7 +233,7 @@ def run_sft(cfg: SFTConfig, *, resume: bool = False, loaded: LoadedModel | None 
     # Data before LoRA/quantization: a bad file fails before any model preparation.
     rows, problems = read_sft_rows(cfg.data, tok, pixels, cfg.max_seq_len)
     problems_path = run_dir / PROBLEMS_FILE
-    if ckpt is None:
+    if ckpt is None and world.is_main:
         problems_path.unlink(missing_ok=True)
         for p in problems:
             append_jsonl(problems_path, p.to_dict())
@@ -262,9 +268,12 @@ def run_sft(cfg: SFTConfig, *, resume: bool = False, loaded: LoadedModel | None 
         ckpt_mod.restore_checkpoint(ckpt, model, optimizer)
         start = ckpt.step
         say(f"resumed from {ckpt.path} (step {start})")
-    save_config(cfg, run_dir)
-    log = MetricsLog(run_dir, resume_step=start if ckpt is not None else None)
-    encoder = Encoder(processor, rows, pixels, tok.pad_token_id or 0, problems_path)
+    if world.is_main:
+        save_config(cfg, run_dir)
+    log = MetricsLog(run_dir, resume_step=start if ckpt is not None else None,
+                     enabled=world.is_main)
+    encoder = Encoder(processor, rows, pixels, tok.pad_token_id or 0,
+                      problems_path if world.is_main else None)
     val_encoder = Encoder(processor, val_rows, pixels, tok.pad_token_id or 0)
     value_and_grad = nn.value_and_grad(model, sft_loss_sum)
     n_params = sum(a.size for _, a in tree_flatten(model.trainable_parameters()))
@@ -273,6 +282,8 @@ def run_sft(cfg: SFTConfig, *, resume: bool = False, loaded: LoadedModel | None 
         + (f", base quantized to {cfg.quantize_base} bits" if cfg.quantize_base else ""))
 
     def save(step: int) -> None:
+        if not world.is_main:
+            return
         state = {"data": order.state(), "bad_steps": bad_steps}
         ckpt_mod.save_checkpoint(run_dir, step, model, adapter_cfg, optimizer, state,
                                  config_dict(cfg), keep=cfg.keep_checkpoints)
@@ -285,7 +296,8 @@ def run_sft(cfg: SFTConfig, *, resume: bool = False, loaded: LoadedModel | None 
     window = Window()
     last_val: dict = {}
     t_run = time.perf_counter()
-    with progress_bar(cfg.iters, "sft", unit="step", enabled=cfg.progress) as advance, \
+    with progress_bar(cfg.iters, "sft", unit="step",
+                      enabled=cfg.progress and world.is_main) as advance, \
             stop_on_interrupt(say) as stop_requested:
         if start:
             advance(start)
@@ -295,17 +307,23 @@ def run_sft(cfg: SFTConfig, *, resume: bool = False, loaded: LoadedModel | None 
             lr = current_lr_for(optimizer)
             grads, loss_sum, n_sup, n_tok = None, mx.array(0.0), 0, 0
             for _ in range(cfg.grad_accum):
-                batch = None
-                while batch is None:
-                    batch = encoder(order.next(), order)
-                ls, g = value_and_grad(model, batch)
+                batch = _next_batch(encoder, order, world)
+                if batch is None:  # this rank's share of a short last batch is empty
+                    ls, g = mx.array(0.0), zeros_like_tree(model.trainable_parameters())
+                else:
+                    ls, g = value_and_grad(model, batch)
+                    n_sup += batch.n_supervised
+                    n_tok += batch.n_tokens
                 grads = add_trees(grads, g)
                 loss_sum = loss_sum + ls
-                n_sup += batch.n_supervised
-                n_tok += batch.n_tokens
                 mx.eval(grads, loss_sum)
+            # Sums over all ranks, then one normalisation: the update equals one process on
+            # the whole global batch.
+            grads = world.sum_tree(grads)
+            tot = world.sum({"loss": loss_sum.item(), "sup": n_sup, "tok": n_tok})
+            n_sup, n_tok = int(tot["sup"]), int(tot["tok"])
             grads = scale_tree(grads, 1.0 / n_sup)
-            loss = loss_sum / n_sup
+            loss = mx.array(tot["loss"] / n_sup)
             applied, norm = guarded_update(model, optimizer, loss, grads, cfg.grad_clip)
             if not applied:
                 bad_steps += 1
@@ -328,7 +346,8 @@ def run_sft(cfg: SFTConfig, *, resume: bool = False, loaded: LoadedModel | None 
                 window = Window()
             advance(1, loss=f"{float(loss.item()):.4f}", tok_s=f"{n_tok / dt:.0f}",
                     mem=_fmt_gb(peak_memory_gb()))
-            if val_rows and (step % cfg.steps_per_eval == 0 or step == cfg.iters):
+            if val_rows and world.is_main and (step % cfg.steps_per_eval == 0
+                                               or step == cfg.iters):
                 last_val = validate(model, processor, val_encoder, cfg, loaded.path)
                 log.append({"step": step, "kind": "val", **last_val})
                 say(f"step {step} val: " + " ".join(
@@ -344,9 +363,12 @@ def run_sft(cfg: SFTConfig, *, resume: bool = False, loaded: LoadedModel | None 
             if stop_requested():  # Ctrl-C: finish cleanly at a step boundary
                 if not saved:
                     save(step)
-                write_curves(run_dir, f"SFT {run_dir.name}")
+                if world.is_main:
+                    write_curves(run_dir, f"SFT {run_dir.name}")
                 say(f"stopped at step {step}; checkpoint saved — continue with --resume")
                 raise KeyboardInterrupt
+    if not world.is_main:
+        return run_dir
     write_curves(run_dir, f"SFT {run_dir.name}")
     atomic_write_json(run_dir / SUMMARY_FILE, {
         "steps": cfg.iters, "resumed_from": start, "skipped_steps": bad_steps,
@@ -355,6 +377,28 @@ def run_sft(cfg: SFTConfig, *, resume: bool = False, loaded: LoadedModel | None 
         "peak_memory_gb": round(peak_memory_gb(), 4), "adapters": str(run_dir / ADAPTERS_DIR),
         "last_val": last_val})
     return run_dir
+
+
+def _next_batch(encoder: Encoder, order: DataOrder, world: World) -> Batch | None:
+    """This rank's share of the next global batch that encodes on every rank.
+
+    Rows whose image fails at run time are dropped on the rank that met them; the ranks then
+    agree on the union of dropped rows, so every rank keeps the same data order.
+    """
+    while True:
+        known = len(order.bad)
+        mine = world.shard(order.next())
+        batch = encoder(mine, order) if mine else None
+        if world.size > 1:
+            flags = world.sum({"failed": float(bool(mine) and batch is None),
+                               "new_bad": float(len(order.bad) - known)}, "data-order sync")
+            if flags["new_bad"]:
+                order.bad = world.union(order.bad, len(order.lengths))
+            if flags["failed"]:
+                continue  # some rank has nothing to train on: everyone takes the next batch
+        elif batch is None:
+            continue
+        return batch
 
 
 def current_lr_for(optimizer) -> float:
