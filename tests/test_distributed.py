@@ -45,7 +45,8 @@ def _start_ranks(tmp_path, stage, cfg, env_extra=None):
         env = {**os.environ, "MLX_RANK": str(rank), "MLX_HOSTFILE": str(hostfile),
                **(env_extra or {})}
         procs.append(subprocess.Popen(
-            [sys.executable, str(WORKER), stage, str(cfg_path), str(tmp_path / f"r{rank}.safetensors")],
+            [sys.executable, str(WORKER), stage, str(cfg_path),
+             str(tmp_path / f"r{rank}.safetensors")],
             cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
     return procs
 

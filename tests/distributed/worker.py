@@ -7,6 +7,7 @@ import sys
 import mlx.core as mx
 from mlx.utils import tree_flatten
 
+
 def low_id_reward(ro, parsed, mos):
     import numpy as np
 
@@ -16,7 +17,8 @@ def low_id_reward(ro, parsed, mos):
 
 def main() -> None:
     stage, cfg_path, report = sys.argv[1], sys.argv[2], sys.argv[3]
-    values = json.loads(open(cfg_path).read())
+    with open(cfg_path) as f:
+        values = json.load(f)
     if stage == "sft":
         from qponder_mlx.train.config import SFTConfig, load_config
         from qponder_mlx.train.sft import run_sft as run
