@@ -26,20 +26,42 @@ def parse_range(text: str | None) -> tuple[float, float] | None:
     return lo, hi
 
 
-def load_scorer(model: str, adapter: Path | None, bundle: Path | None, **config):
+def pixel_policy(min_pixels: int | None, max_pixels: int | None, bundle: Path | None):
+    """--min/--max-pixels, else the bundle's own policy (its manifest), else the defaults."""
+    from qponder_mlx.images import PixelPolicy
+
+    if bundle is not None and (min_pixels is None or max_pixels is None):
+        from qponder_mlx.export.bundle import bundle_info
+        from qponder_mlx.model import ModelLoadError
+
+        try:
+            saved = bundle_info(bundle).get("pixels", {})
+        except ModelLoadError as e:
+            fail(str(e))
+        min_pixels = saved.get("min_pixels") if min_pixels is None else min_pixels
+        max_pixels = saved.get("max_pixels") if max_pixels is None else max_pixels
+    default = PixelPolicy()
+    try:
+        return PixelPolicy(min_pixels=min_pixels or default.min_pixels,
+                           max_pixels=max_pixels or default.max_pixels)
+    except ValueError as e:
+        fail(f"--min-pixels/--max-pixels: {e}")
+
+
+def load_scorer(model: str, adapter: Path | None, bundle: Path | None, *,
+                verify: bool = True, min_pixels: int | None = None,
+                max_pixels: int | None = None, max_tokens: int = 512, **config):
     """Scorer for --model/--adapter or --bundle; load errors become one-line failures."""
     from qponder_mlx.generate import SamplingConfig
-    from qponder_mlx.images import PixelPolicy
     from qponder_mlx.model import ModelLoadError
     from qponder_mlx.scoring import Scorer
 
-    config["sampling"] = SamplingConfig(max_tokens=config.pop("max_tokens", 512))
+    if bundle is not None and adapter is not None:
+        fail("--adapter and --bundle: a bundle already holds its fused adapter — pass one")
+    config["sampling"] = SamplingConfig(max_tokens=max_tokens)
+    if "pixels" not in config:  # a caller may pass a ready PixelPolicy
+        config["pixels"] = pixel_policy(min_pixels, max_pixels, bundle)
     try:
-        config["pixels"] = PixelPolicy(min_pixels=config.pop("min_pixels", 128 * 28 * 28),
-                                       max_pixels=config.pop("max_pixels", 512 * 28 * 28))
-    except ValueError as e:
-        fail(f"--min-pixels/--max-pixels: {e}")
-    try:
-        return Scorer.load(model, adapter, bundle=bundle, **config)
+        return Scorer.load(model, adapter, bundle=bundle, verify=verify, **config)
     except (ModelLoadError, ValueError, FileNotFoundError) as e:
         fail(str(e))

@@ -78,8 +78,11 @@ def eval_cmd(
     mode: str = typer.Option("reason", help="reason (full answer) or fast (one forward pass)."),
     batch_size: int = typer.Option(8, help="Images per batch."),
     max_tokens: int = typer.Option(512, help="Token budget of a reasoning answer."),
-    min_pixels: int = typer.Option(128 * 28 * 28, help="Smallest image area fed to the model."),
-    max_pixels: int = typer.Option(512 * 28 * 28, help="Largest image area fed to the model."),
+    min_pixels: int | None = typer.Option(
+        None, help="Smallest image area fed to the model [default: the bundle's, else 100352]."),
+    max_pixels: int | None = typer.Option(
+        None, help="Largest image area fed to the model [default: the bundle's, else 401408]."),
+    verify: bool = typer.Option(True, help="Verify a --bundle's checksums before loading."),
     limit: int | None = typer.Option(None, help="Only the first N samples."),
     out: Path | None = typer.Option(None, help="Write the JSON report here."),
 ) -> None:
@@ -101,8 +104,9 @@ def eval_cmd(
         samples = samples[:limit]
     if not samples:
         fail(f"{data}: no usable samples ({len(problems)} rows had problems)")
-    scorer = load_scorer(model, adapter, bundle, mode=mode, batch_size=batch_size,
-                         max_tokens=max_tokens, min_pixels=min_pixels, max_pixels=max_pixels)
+    scorer = load_scorer(model, adapter, bundle, verify=verify, mode=mode,
+                         batch_size=batch_size, max_tokens=max_tokens, min_pixels=min_pixels,
+                         max_pixels=max_pixels)
     report = evaluate(scorer, samples, problems)
     typer.echo(report.headline())
     if out:
