@@ -16,12 +16,15 @@ def distill(
     data: Path = typer.Option(..., help="Label file (any format `load_labels` reads)."),
     out: Path = typer.Option(..., help="Kept rows (SFT JSONL); rejected/failed rows go to "
                              "<out>.rejected.jsonl, the summary to <out>.summary.json."),
-    teacher: str | None = typer.Option(None, help="openai (any OpenAI-compatible server) or "
-                                       "local (an MLX model in this process). Default: openai."),
+    teacher: str | None = typer.Option(None, help="openai (any OpenAI-compatible server), "
+                                       "local (an MLX model in this process) or synthetic (a "
+                                       "stand-in for `qponder dev synth-iqa` sets only). "
+                                       "Default: openai."),
     teacher_url: str | None = typer.Option(None, help="Base URL, e.g. http://127.0.0.1:8000/v1 "
                                            "(openai)."),
     teacher_model: str | None = typer.Option(None, help="Model name the server serves (openai), "
-                                             "or repo id / folder (local)."),
+                                             "or repo id / folder (local), or the synth-iqa "
+                                             "labels.jsonl (synthetic, optional)."),
     api_key_env: str | None = typer.Option(None, help="NAME of the environment variable that "
                                            "holds the API key (the key is never a flag)."),
     adapter: str | None = typer.Option(None, help="LoRA adapter folder (local)."),

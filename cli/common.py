@@ -32,6 +32,7 @@ def pixel_policy(min_pixels: int | None, max_pixels: int | None, bundle: Path | 
 
     if bundle is not None and (min_pixels is None or max_pixels is None):
         from qponder_mlx.export.bundle import bundle_info
+
         from qponder_mlx.model import ModelLoadError
 
         try:

@@ -481,23 +481,52 @@ def _read_qalign_json(
 
 def _read_jsonl(src: Path, label: str, image_column: str | None, mos_column: str | None) -> _Table:
     table = _Table(label, "line", src.parent)
+    image_key, mos_key = image_column or "image", mos_column or "mos"
+    n = 0
     try:
         with open(src, encoding="utf-8-sig") as f:
-            lines = f.read().splitlines()
-    except (OSError, UnicodeDecodeError) as e:
+            for n, line, size in _bounded_lines(f):
+                if line is None:
+                    table.problem(n, f"is longer than {MAX_LINE_CHARS:,} characters ({size:,}) "
+                                  "— a label line holds an image path and a score; fix or drop "
+                                  "the line")
+                    continue
+                if not line.strip():
+                    continue
+                try:
+                    item = json.loads(line)
+                except json.JSONDecodeError as e:
+                    table.problem(n, f"not valid JSON ({e.msg}) — fix or drop the line")
+                    continue
+                _json_record(table, n, item, image_key, mos_key, "mos_std")
+    except UnicodeDecodeError as e:
+        # Rows before the bad bytes are kept; the rest of the file cannot be trusted.
+        table.problem(n + 1, f"not UTF-8 text ({e.reason}) — re-save the file as UTF-8")
+    except OSError as e:
         table.problem(None, f"cannot read the file ({_one_line(e)}) — check the file")
-        return table
-    image_key, mos_key = image_column or "image", mos_column or "mos"
-    for n, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            item = json.loads(line)
-        except json.JSONDecodeError as e:
-            table.problem(n, f"not valid JSON ({e.msg}) — fix or drop the line")
-            continue
-        _json_record(table, n, item, image_key, mos_key, "mos_std")
     return table
+
+
+# A label line is an image path, a score and a few fields (~100 characters); 1 Mi characters
+# leaves room for any metadata while a runaway line (a 200 MB blob, a binary file renamed
+# .jsonl) is skipped in bounded pieces instead of being held in memory.
+MAX_LINE_CHARS = 1 << 20
+
+
+def _bounded_lines(f) -> Iterable[tuple[int, str | None, int]]:
+    """(line number, text, length) per line of `f`; text is None for a line over the limit."""
+    n = 0
+    while line := f.readline(MAX_LINE_CHARS + 1):
+        n += 1
+        if len(line) <= MAX_LINE_CHARS or line.endswith("\n"):
+            yield n, line, len(line)
+            continue
+        size = len(line)
+        while piece := f.readline(MAX_LINE_CHARS):  # skip to the end of the line
+            size += len(piece)
+            if piece.endswith("\n"):
+                break
+        yield n, None, size
 
 
 def _json_record(

@@ -18,14 +18,15 @@ from qponder_mlx.distill.prompts import MODES
 from qponder_mlx.distill.retry import RetryPolicy
 from qponder_mlx.distill.teachers import Teacher
 
-TEACHERS = ("openai", "local")
+TEACHERS = ("openai", "local", "synthetic")
 
 
 @dataclass
 class DistillConfig:
-    teacher: str = "openai"  # openai | local
+    teacher: str = "openai"  # openai | local | synthetic (synth-iqa sets only)
     teacher_url: str | None = None  # openai: base URL, e.g. http://127.0.0.1:8000/v1
-    teacher_model: str | None = None  # openai: the server's model name; local: repo id/folder
+    teacher_model: str | None = None  # openai: the server's model name; local: repo id/folder;
+    # synthetic: optional synth-iqa labels.jsonl (default: the one beside each image's folder)
     api_key_env: str | None = None  # NAME of the env var holding the key (never the key)
     adapter: str | None = None  # local: LoRA adapter folder
     mode: str = "blind"  # blind | guided
@@ -64,7 +65,7 @@ class DistillConfig:
         if self.teacher == "openai" and not self.teacher_url:
             bad("teacher_url", "the openai teacher needs --teacher-url (e.g. "
                 "http://127.0.0.1:8000/v1)")
-        if not self.teacher_model:
+        if not self.teacher_model and self.teacher != "synthetic":
             bad("teacher_model", "pass --teacher-model: the model name the server serves "
                 "(openai), or a repo id / folder (local)")
         return self
@@ -127,6 +128,10 @@ def read_api_key(env_name: str | None, environ: Mapping[str, str] | None = None)
 def build_teacher(config: DistillConfig, environ: Mapping[str, str] | None = None) -> Teacher:
     """The backend `config.teacher` names, ready to `ask` (loads the model for `local`)."""
     config.validate()
+    if config.teacher == "synthetic":
+        from qponder_mlx.distill.synthetic_teacher import SyntheticTeacher
+
+        return SyntheticTeacher(config.teacher_model, temperature=config.temperature)
     if config.teacher == "openai":
         from qponder_mlx.distill.openai_teacher import OpenAIConfig, OpenAITeacher
 
