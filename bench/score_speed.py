@@ -1,0 +1,150 @@
+"""Images/s of `qponder score` (reason and fast modes) against a plain `mlx_vlm.generate` loop.
+
+Same process, same images, same prompt, same pixel policy (the baseline gets the images already
+resized by it, so both see identical inputs), same token budget, greedy decoding in both. Timed
+work includes loading each image from disk. Run on the tiny random model (hidden 64, 2 layers) and
+a larger random one (hidden 256, 4 layers: hidden 1024 costs ~12 s of prefill per image on this
+2-core CPU, far past a few-minute bench); the RESULT lines are the larger model's.
+
+    .venv/bin/python bench/score_speed.py            # ~3-5 min on 2 CPU cores
+    .venv/bin/python bench/score_speed.py --quick    # 16 images, 16 tokens: smoke test
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import mlx.core as mx  # noqa: E402
+from PIL import Image, ImageOps  # noqa: E402
+
+from qponder_mlx.generate import SamplingConfig  # noqa: E402
+from qponder_mlx.images import PixelPolicy, load_image  # noqa: E402
+from qponder_mlx.model import load_model  # noqa: E402
+from qponder_mlx.prompts import chat_messages  # noqa: E402
+from qponder_mlx.scoring import ScoreConfig, Scorer  # noqa: E402
+from qponder_mlx.testing import build_tiny_model  # noqa: E402
+
+ASSETS = Path(__file__).resolve().parents[1] / "qponder_mlx" / "assets" / "cc0_mini" / "images"
+MODELS = {"tiny": {"hidden_size": 64, "num_layers": 2},
+          "larger": {"hidden_size": 256, "num_layers": 4}}
+
+
+def make_images(folder: Path, n: int) -> list[Path]:
+    """n distinct photos: the CC0 set, then its mirror images."""
+    src = sorted(ASSETS.iterdir())
+    out = []
+    for i in range(n):
+        img = Image.open(src[i % len(src)]).convert("RGB")
+        if (i // len(src)) % 2:
+            img = ImageOps.mirror(img)
+        p = folder / f"img{i:03d}.png"
+        img.save(p)
+        out.append(p)
+    return out
+
+
+def baseline(loaded, paths, prompt, policy, max_tokens):
+    """The plain loop: one stock `mlx_vlm.generate` per image. Returns (seconds, tokens)."""
+    from mlx_vlm import generate
+
+    tokens = 0
+    t0 = time.perf_counter()
+    for p in paths:
+        img = policy.resize(load_image(p))
+        r = generate(loaded.model, loaded.processor, prompt, image=[img],
+                     max_tokens=max_tokens, temperature=0.0, verbose=False)
+        tokens += r.generation_tokens
+    return time.perf_counter() - t0, tokens
+
+
+def ours(loaded, paths, mode, policy, max_tokens, batch_size):
+    scorer = Scorer(loaded, ScoreConfig(mode=mode, batch_size=batch_size, pixels=policy,
+                                        sampling=SamplingConfig(max_tokens=max_tokens)))
+    t0 = time.perf_counter()
+    results = scorer.score(paths)
+    dt = time.perf_counter() - t0
+    bad = [r.error for r in results if r.error]
+    if bad:
+        raise SystemExit(f"scoring failed: {bad[0]}")
+    return dt, sum(r.tokens for r in results)
+
+
+def bench_model(name, model_dir, paths, args, policy):
+    loaded = load_model(str(model_dir))
+    prompt = loaded.tokenizer.apply_chat_template(chat_messages(), tokenize=False,
+                                                  add_generation_prompt=True)
+    # Warm up every path once (kernel compilation, lazy imports) before any timing.
+    baseline(loaded, paths[:1], prompt, policy, 4)
+    ours(loaded, paths[:2], "reason", policy, 4, 2)
+    ours(loaded, paths[:2], "fast", policy, 4, 2)
+
+    n = len(paths)
+    rows = {}
+    # Interleave repeats so a noisy neighbour on the machine hits every measure alike.
+    for _ in range(args.repeats):
+        for key, fn in (
+            ("baseline", lambda: baseline(loaded, paths, prompt, policy, args.max_tokens)),
+            ("reason", lambda: ours(loaded, paths, "reason", policy, args.max_tokens,
+                                    args.batch_size)),
+            ("fast", lambda: ours(loaded, paths, "fast", policy, args.max_tokens,
+                                  args.batch_size)),
+        ):
+            mx.clear_cache()
+            dt, tok = fn()
+            rows.setdefault(key, []).append((dt, tok))
+    out = {}
+    for key, runs in rows.items():
+        dt = statistics.median(r[0] for r in runs)
+        out[key] = (n / dt, dt, runs[0][1])
+    base = out["baseline"][0]
+    print(f"\n[{name}] {n} images, {policy.token_count((224, 224))} image tokens each, "
+          f"prompt {len(loaded.tokenizer.encode(prompt))} tokens, "
+          f"max_tokens {args.max_tokens}, batch {args.batch_size}, "
+          f"median of {args.repeats}")
+    print(f"{'':10}{'img/s':>9}{'seconds':>9}{'gen tokens':>12}{'speedup':>9}")
+    for key, (ips, dt, tok) in out.items():
+        print(f"{key:10}{ips:9.2f}{dt:9.2f}{tok:12d}{ips / base:9.2f}x")
+    return out["reason"][0] / base, out["fast"][0] / base
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--images", type=int, default=64)
+    ap.add_argument("--max-tokens", type=int, default=64)
+    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--repeats", type=int, default=1)
+    ap.add_argument("--min-pixels", type=int, default=56 * 56)
+    ap.add_argument("--max-pixels", type=int, default=112 * 112)
+    ap.add_argument("--quick", action="store_true", help="16 images, 16 tokens")
+    args = ap.parse_args()
+    if args.quick:
+        args.images, args.max_tokens = 16, 16
+    policy = PixelPolicy(min_pixels=args.min_pixels, max_pixels=args.max_pixels)
+
+    tmp = Path(tempfile.mkdtemp(prefix="qponder-bench-"))
+    try:
+        (tmp / "images").mkdir()
+        paths = make_images(tmp / "images", args.images)
+        ratios = {}
+        for name, shape in MODELS.items():
+            model_dir = build_tiny_model(tmp / name, seed=0, **shape)
+            ratios[name] = bench_model(name, model_dir, paths, args, policy)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    print(f"\ntiny model: reason {ratios['tiny'][0]:.2f}x, fast {ratios['tiny'][1]:.2f}x")
+    print(f"RESULT score_reason_speedup {ratios['larger'][0]:.2f} goal 4.0")
+    print(f"RESULT score_fast_speedup {ratios['larger'][1]:.2f} goal 20.0")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,112 @@
+"""`qponder score`: score a photo library offline into a resumable store; export CSV/JSONL/HTML."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+from qponder_mlx.cli.common import fail, load_scorer
+
+# PixelPolicy's defaults, repeated here so `--help` shows them without importing the model stack.
+DEFAULT_MIN_PIXELS = 128 * 28 * 28
+DEFAULT_MAX_PIXELS = 512 * 28 * 28
+EXIT_INTERRUPTED = 130  # the shell convention for "stopped by Ctrl-C"
+
+
+def score_cmd(
+    paths: list[Path] = typer.Argument(..., help="Image files and/or folders."),
+    model: str | None = typer.Option(None, help="Repo id or folder (default: the 3B 4-bit)."),
+    adapter: Path | None = typer.Option(None, help="LoRA adapter folder (mlx-vlm format)."),
+    bundle: Path | None = typer.Option(
+        None, help="A verified qponder bundle instead of --model."),
+    db: Path = typer.Option(Path("results.sqlite"), help="Results store (SQLite); reruns resume."),
+    csv: Path | None = typer.Option(None, help="Export this run's rows as CSV."),
+    jsonl: Path | None = typer.Option(None, help="Export this run's rows as JSONL."),
+    report: Path | None = typer.Option(None, help="Write the HTML gallery report."),
+    mode: str = typer.Option("reason", help="reason (full reasoning) or fast (one forward pass)."),
+    batch_size: int = typer.Option(8, help="Images per model call."),
+    max_tokens: int = typer.Option(512, help="Token budget of a reasoning answer."),
+    min_pixels: int = typer.Option(DEFAULT_MIN_PIXELS, help="Smallest pixel count the model sees."),
+    max_pixels: int = typer.Option(DEFAULT_MAX_PIXELS, help="Largest pixel count the model sees."),
+    recursive: bool = typer.Option(True, "--recursive/--no-recursive", help="Walk sub-folders."),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show progress bars."),
+) -> None:
+    """Score every photo under PATHS; results go to --db and rerunning skips what is done."""
+    from qponder_mlx.images import PixelPolicy
+    from qponder_mlx.library import (
+        IMAGE_SUFFIXES,
+        ResultStore,
+        StopFlag,
+        StoreError,
+        discover,
+        score_library,
+        stop_on_sigint,
+        write_csv,
+        write_jsonl,
+        write_report,
+    )
+    from qponder_mlx.model import DEFAULT_MODEL
+
+    if bundle is not None and (model is not None or adapter is not None):
+        fail("--bundle already holds the model and adapter — pass --bundle or --model/--adapter")
+    if mode not in ("reason", "fast"):
+        fail(f"--mode {mode!r}: expected reason or fast")
+    try:
+        pixels = PixelPolicy(min_pixels=min_pixels, max_pixels=max_pixels)
+    except ValueError as e:
+        fail(f"--min-pixels/--max-pixels: {e}")
+
+    found = discover(paths, recursive=recursive)
+    for p in found.problems[:20]:
+        typer.echo(f"skipped: {p}", err=True)
+    if len(found.problems) > 20:
+        typer.echo(f"... and {len(found.problems) - 20} more paths skipped", err=True)
+    if not found.files:
+        fail(f"no image files found in {', '.join(map(str, paths))} — looked for "
+             f"{' '.join(sorted(IMAGE_SUFFIXES))}")
+    typer.echo(f"{len(found.files)} images found" + (
+        f" ({found.skipped} other files ignored)" if found.skipped else ""), err=True)
+
+    try:
+        store = ResultStore(db)
+    except StoreError as e:
+        fail(str(e))
+    try:
+        scorer = load_scorer(model or DEFAULT_MODEL, adapter, bundle, mode=mode,
+                             batch_size=batch_size, max_tokens=max_tokens, pixels=pixels)
+    except KeyboardInterrupt:
+        typer.echo("interrupted while loading the model; nothing was scored.", err=True)
+        raise typer.Exit(EXIT_INTERRUPTED) from None
+    with store:
+        stop = StopFlag()
+        try:
+            with stop_on_sigint(stop):
+                summary = score_library(scorer, found.files, store, stop=stop, progress=progress)
+        except KeyboardInterrupt:
+            typer.echo(f"aborted (second Ctrl-C): the batch in flight was not saved; every "
+                       f"earlier batch is in {db}. Run the same command again to resume.",
+                       err=True)
+            raise typer.Exit(EXIT_INTERRUPTED) from None
+        for line in summary.lines():
+            typer.echo(line)
+
+        rows = store.rows(scorer.identity, map(str, found.files))
+        if csv:
+            write_csv(rows, csv)
+            typer.echo(f"csv: {csv}")
+        if jsonl:
+            write_jsonl(rows, jsonl)
+            typer.echo(f"jsonl: {jsonl}")
+        if report:
+            write_report(store, rows, report, pending=summary.pending, progress=progress)
+            typer.echo(f"report: {report}")
+    typer.echo(f"store: {db}")
+    if summary.interrupted:
+        typer.echo(f"interrupted: stopped after the current batch; {summary.pending} files not "
+                   f"scored yet. Run the same command again to resume (scored files are "
+                   f"skipped).", err=True)
+        raise typer.Exit(EXIT_INTERRUPTED)
+
+
+def register(app: typer.Typer) -> None:
+    app.command("score")(score_cmd)

@@ -1,0 +1,97 @@
+"""Find the image files under the paths a user gives: files and folders, in a stable order.
+
+Folders are walked recursively by default. Hidden entries (a leading dot: `.git`, `.thumbnails`,
+macOS `._IMG_0001.jpg` resource forks) are skipped because they hold caches and sidecars, not
+photos. Symlinked folders are followed, but each real folder is entered once, so a link that
+points back up the tree cannot loop. A file reached twice (two links, two overlapping arguments)
+is listed once.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+# Suffixes Pillow (+ pillow-heif for HEIC/HEIF) decodes; matched case-insensitively.
+IMAGE_SUFFIXES = frozenset({
+    ".jpg", ".jpeg", ".png", ".webp", ".tif", ".tiff", ".bmp", ".gif", ".heic", ".heif",
+})
+
+
+@dataclass
+class Discovery:
+    files: list[Path] = field(default_factory=list)  # absolute, sorted by path components
+    problems: list[str] = field(default_factory=list)  # one line each: missing/locked paths
+    skipped: int = 0  # files seen whose suffix is not an image suffix
+
+
+def is_image_name(name: str) -> bool:
+    return os.path.splitext(name)[1].lower() in IMAGE_SUFFIXES
+
+
+def discover(paths: Iterable[str | os.PathLike], *, recursive: bool = True) -> Discovery:
+    """Image files named by `paths` (files, or folders to walk); see the module docstring."""
+    found: dict[tuple[int, int], Path] = {}  # (device, inode) -> first path seen
+    out = Discovery()
+    for arg in paths:
+        p = Path(os.path.abspath(os.path.expanduser(os.fspath(arg))))
+        try:
+            st = p.stat()
+        except FileNotFoundError:
+            out.problems.append(f"{arg}: no such file or folder — check the path")
+            continue
+        except OSError as e:
+            out.problems.append(f"{arg}: cannot access ({e.strerror or e}) — check the path")
+            continue
+        if p.is_dir():
+            _walk(p, recursive, found, out, visited=set())
+        elif is_image_name(p.name):
+            found.setdefault((st.st_dev, st.st_ino), p)
+        else:
+            out.skipped += 1
+    out.files = sorted(found.values(), key=lambda f: f.parts)
+    return out
+
+
+def _walk(root: Path, recursive: bool, found: dict, out: Discovery,
+          visited: set[tuple[int, int]]) -> None:
+    stack = [root]
+    while stack:
+        folder = stack.pop()
+        try:
+            st = folder.stat()
+        except OSError as e:
+            out.problems.append(f"{folder}: cannot access ({e.strerror or e}) — check the path")
+            continue
+        if (st.st_dev, st.st_ino) in visited:
+            continue  # a symlink loop, or a folder already walked through another link
+        visited.add((st.st_dev, st.st_ino))
+        try:
+            entries = sorted(os.scandir(folder), key=lambda e: e.name)
+        except OSError as e:
+            out.problems.append(f"{folder}: cannot list folder ({e.strerror or e}) — "
+                                "fix its permissions")
+            continue
+        subdirs = []
+        for entry in entries:
+            if entry.name.startswith("."):
+                continue
+            try:
+                if entry.is_dir():  # follows symlinks; loops are stopped by `visited`
+                    if recursive:
+                        subdirs.append(Path(entry.path))
+                    continue
+                if not entry.is_file():
+                    continue  # sockets, fifos, dangling links
+                est = entry.stat()
+            except OSError as e:
+                out.problems.append(f"{entry.path}: cannot access ({e.strerror or e}) — "
+                                    "check the file")
+                continue
+            if is_image_name(entry.name):
+                found.setdefault((est.st_dev, est.st_ino), Path(entry.path))
+            else:
+                out.skipped += 1
+        stack.extend(reversed(subdirs))
