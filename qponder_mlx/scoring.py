@@ -109,8 +109,14 @@ class Scorer:
 
     @property
     def identity(self) -> str:
-        """What a stored score depends on: weights, mode and prompt version."""
-        return f"{self.loaded.identity}:{self.config.mode}:{self.config.prompt_version}"
+        """What a stored score depends on: weights, mode, prompt version, the pixels the model
+        sees and (reason mode) the answer's token budget and temperature."""
+        c = self.config
+        px = f"px{c.pixels.min_pixels}-{c.pixels.max_pixels}"
+        parts = [self.loaded.identity, c.mode, c.prompt_version, px]
+        if c.mode == "reason":
+            parts.append(f"t{c.sampling.max_tokens}@{c.sampling.temperature:g}")
+        return ":".join(parts)
 
     def score(self, items: Iterable[str | Path | Image.Image]) -> list[ScoreResult]:
         return list(self.score_iter(items))

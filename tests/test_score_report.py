@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import io
+import os
 import re
 import shutil
 import subprocess
@@ -138,7 +139,10 @@ def browse(tmp_path, url, *args):
     cmd = [chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
            "--no-first-run", "--disable-background-networking", "--disable-component-update",
            "--disable-sync", f"--user-data-dir={tmp_path / 'chrome-profile'}", *args, url]
-    res = subprocess.run(cmd, capture_output=True, text=True, timeout=90)
+    # The browser must not inherit the OpenBLAS preload meant for MLX (scripts/blas_env.sh):
+    # Chromium's GPU process refuses to start with it.
+    env = {k: v for k, v in os.environ.items() if k != "LD_PRELOAD"}
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=90, env=env)
     assert res.returncode == 0, res.stderr[-2000:]
     return res.stdout
 

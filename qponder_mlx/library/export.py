@@ -18,15 +18,6 @@ COLUMNS = ("path", "score", "format_ok", "error", "reasoning", "text", "mode", "
 _FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
 
 
-def write_shared_text(path: str | os.PathLike, text: str) -> None:
-    """Atomic write, then the usual permissions (the temp file behind an atomic write is 0600,
-    but a report or CSV is meant to be opened by other people and programs)."""
-    atomic_write_text(path, text)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(path, 0o666 & ~umask)
-
-
 def _cell(value):
     if isinstance(value, str) and value.startswith(_FORMULA_START):
         return "'" + value
@@ -44,9 +35,9 @@ def write_csv(rows: Sequence[dict], path: str | os.PathLike) -> None:
     w.writerow(COLUMNS)
     for r in rows:
         w.writerow([_cell(v) for v in export_row(r).values()])
-    write_shared_text(path, buf.getvalue())
+    atomic_write_text(path, buf.getvalue())
 
 
 def write_jsonl(rows: Sequence[dict], path: str | os.PathLike) -> None:
     lines = [json.dumps(export_row(r), ensure_ascii=False) for r in rows]
-    write_shared_text(path, "".join(line + "\n" for line in lines))
+    atomic_write_text(path, "".join(line + "\n" for line in lines))

@@ -23,7 +23,7 @@ from collections.abc import Sequence
 from PIL import Image, ImageOps
 
 from qponder_mlx.images import ensure_heif_support, load_image
-from qponder_mlx.library.export import write_shared_text
+from qponder_mlx.io import atomic_write_text
 from qponder_mlx.library.store import UNREADABLE_PREFIX, ResultStore
 from qponder_mlx.progress import progress_bar
 
@@ -305,4 +305,4 @@ def write_report(store: ResultStore, rows: Sequence[dict], path: str | os.PathLi
                  title: str = "qponder scores", pending: int = 0, thumb_size: int = THUMB_SIZE,
                  progress: bool = True) -> None:
     thumbs = ensure_thumbs(store, rows, thumb_size, progress=progress)
-    write_shared_text(path, render_report(rows, thumbs, title=title, pending=pending))
+    atomic_write_text(path, render_report(rows, thumbs, title=title, pending=pending))
