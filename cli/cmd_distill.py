@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import typer
-from qponder_mlx.cli.common import fail, parse_range
+from qponder_mlx.cli.common import fail, read_samples
 
 
 def register(app: typer.Typer) -> None:
@@ -57,7 +57,6 @@ def distill(
 
     Rerunning the same command resumes: finished ids are skipped.
     """
-    from qponder_mlx.data import LabelError, read_labels
     from qponder_mlx.distill import (
         DistillConfig,
         DistillError,
@@ -80,19 +79,8 @@ def distill(
     except ValueError as e:
         fail(str(e))
 
-    try:
-        samples, problems = read_labels(data, format=format, images_root=images_root,
-                                        mos_range=parse_range(mos_range))
-    except LabelError as e:
-        fail(str(e))
-    for p in problems[:20]:
-        typer.echo(f"skipped: {p}", err=True)
-    if len(problems) > 20:
-        typer.echo(f"... and {len(problems) - 20} more skipped label rows", err=True)
-    if limit:
-        samples = samples[:limit]
-    if not samples:
-        fail(f"{data}: no usable samples ({len(problems)} rows had problems)")
+    samples, problems = read_samples(data, format=format, images_root=images_root,
+                                     mos_range=mos_range, limit=limit)
 
     try:
         tutor = build_teacher(cfg)

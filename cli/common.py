@@ -26,6 +26,27 @@ def parse_range(text: str | None) -> tuple[float, float] | None:
     return lo, hi
 
 
+def read_samples(data: Path, *, format: str = "auto", images_root: Path | None = None,
+                 mos_range: str | None = None, limit: int | None = None):
+    """Label rows for a command: bad rows are listed (first 20) and skipped, none left fails."""
+    from qponder_mlx.data import LabelError, read_labels
+
+    try:
+        samples, problems = read_labels(data, format=format, images_root=images_root,
+                                        mos_range=parse_range(mos_range))
+    except LabelError as e:
+        fail(str(e))
+    for p in problems[:20]:
+        typer.echo(f"skipped: {p}", err=True)
+    if len(problems) > 20:
+        typer.echo(f"... and {len(problems) - 20} more skipped label rows", err=True)
+    if limit:
+        samples = samples[:limit]
+    if not samples:
+        fail(f"{data}: no usable samples ({len(problems)} rows had problems)")
+    return samples, problems
+
+
 def pixel_policy(min_pixels: int | None, max_pixels: int | None, bundle: Path | None):
     """--min/--max-pixels, else the bundle's own policy (its manifest), else the defaults."""
     from qponder_mlx.images import PixelPolicy

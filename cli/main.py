@@ -10,7 +10,7 @@ import os
 from pathlib import Path
 
 import typer
-from qponder_mlx.cli.common import fail, load_scorer, parse_range
+from qponder_mlx.cli.common import fail, load_scorer, read_samples
 
 from qponder_mlx.model import DEFAULT_MODEL
 from qponder_mlx.synth import CC0_PHOTOS
@@ -87,23 +87,11 @@ def eval_cmd(
     out: Path | None = typer.Option(None, help="Write the JSON report here."),
 ) -> None:
     """Score a labelled set; print SRCC/PLCC/n/format-rate; write a JSON report."""
-    from qponder_mlx.data import LabelError, read_labels
     from qponder_mlx.evaluate import evaluate
     from qponder_mlx.io import atomic_write_json
 
-    try:
-        samples, problems = read_labels(data, format=format, images_root=images_root,
-                                        mos_range=parse_range(mos_range))
-    except LabelError as e:
-        fail(str(e))
-    for p in problems[:20]:
-        typer.echo(f"skipped: {p}", err=True)
-    if len(problems) > 20:
-        typer.echo(f"... and {len(problems) - 20} more skipped rows (all in the report)", err=True)
-    if limit:
-        samples = samples[:limit]
-    if not samples:
-        fail(f"{data}: no usable samples ({len(problems)} rows had problems)")
+    samples, problems = read_samples(data, format=format, images_root=images_root,
+                                     mos_range=mos_range, limit=limit)
     scorer = load_scorer(model, adapter, bundle, verify=verify, mode=mode,
                          batch_size=batch_size, max_tokens=max_tokens, min_pixels=min_pixels,
                          max_pixels=max_pixels)

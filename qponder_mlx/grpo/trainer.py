@@ -123,13 +123,7 @@ def run(cfg: GRPOConfig, *, resume: bool = False, loaded: LoadedModel | None = N
     if cfg.batch_size < world.size:
         raise ConfigError(f"batch_size {cfg.batch_size} < {world.size} ranks: every rank needs "
                          "at least one image per step")
-    run_dir = Path(cfg.out)
-    if world.is_main:  # other ranks write nothing, not even the folder
-        run_dir.mkdir(parents=True, exist_ok=True)
-    ckpt = ckpt_mod.load_latest_checkpoint(run_dir) if resume else None
-    if not resume and ckpt_mod.list_checkpoints(run_dir):
-        raise ckpt_mod.CheckpointError(f"{run_dir} already holds checkpoints — pass --resume to "
-                                       "continue that run, or choose another --out")
+    run_dir, ckpt = ckpt_mod.open_run(cfg.out, resume, world.is_main)
     pixels = PixelPolicy(min_pixels=cfg.min_pixels, max_pixels=cfg.max_pixels)
 
     # Data first: a bad label file should fail before minutes of model preparation.

@@ -143,6 +143,23 @@ def load_latest_checkpoint(run_dir: str | Path) -> Checkpoint | None:
     return read_checkpoint(dirs[-1][1]) if dirs else None
 
 
+def open_run(out: str | Path, resume: bool, is_main: bool = True
+             ) -> tuple[Path, Checkpoint | None]:
+    """The run folder and, with `resume`, its newest checkpoint.
+
+    A fresh run refuses a folder that already holds checkpoints (they would be mixed with new
+    ones). Only the main process creates the folder: other distributed ranks write nothing.
+    """
+    run_dir = Path(out)
+    if is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    ckpt = load_latest_checkpoint(run_dir) if resume else None
+    if not resume and list_checkpoints(run_dir):
+        raise CheckpointError(f"{run_dir} already holds checkpoints — pass --resume to "
+                              "continue that run, or choose another --out")
+    return run_dir, ckpt
+
+
 def restore_checkpoint(ckpt: Checkpoint, model: nn.Module, optimizer) -> None:
     """Load adapter weights, optimizer state and Python/NumPy RNG states from `ckpt`."""
     load_adapter_weights(model, ckpt.path / ADAPTER_WEIGHTS)

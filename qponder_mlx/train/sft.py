@@ -213,13 +213,7 @@ def run_sft(cfg: SFTConfig, *, resume: bool = False, loaded: LoadedModel | None 
     """
     cfg.validate()
     world = world or init_world()
-    run_dir = Path(cfg.out)
-    if world.is_main:  # other ranks write nothing, not even the folder
-        run_dir.mkdir(parents=True, exist_ok=True)
-    ckpt = ckpt_mod.load_latest_checkpoint(run_dir) if resume else None
-    if not resume and ckpt_mod.list_checkpoints(run_dir):
-        raise ckpt_mod.CheckpointError(f"{run_dir} already holds checkpoints — pass --resume to "
-                                       "continue that run, or choose another --out")
+    run_dir, ckpt = ckpt_mod.open_run(cfg.out, resume, world.is_main)
     if resume and ckpt is None:
         say(f"--resume: no checkpoint in {run_dir}; starting from step 0")
     if ckpt is not None:
