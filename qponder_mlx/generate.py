@@ -90,20 +90,65 @@ def lm_head(lm, h: mx.array) -> mx.array:
     return lm.lm_head(h)
 
 
-def _prompt_hidden(model, inputs: Inputs, cache: list[KVCache] | None):
-    feats = model.get_input_embeddings(
-        inputs["input_ids"], inputs.get("pixel_values"),
-        image_grid_thw=inputs.get("image_grid_thw"))
-    h = model.language_model.model(inputs["input_ids"], inputs_embeds=feats.inputs_embeds,
-                                   cache=cache, position_ids=feats.position_ids)
+class PrefixCache:
+    """The keys/values of the text before the image, shared by every row of one prompt.
+
+    With the instruction written before the image (prompts.chat_messages), everything up to and
+    including `<|vision_start|>` is the same for every photo, so it runs through the language
+    model once instead of once per photo. Positions there are plain text positions, identical in
+    all three mRoPE dimensions, so the cached keys are exactly what a full prefill computes.
+    Valid for fixed weights only: scoring keeps one; training code must not (the prefix's keys
+    depend on the LoRA weights being trained).
+    """
+
+    def __init__(self, vision_start_id: int):
+        self.vision_start_id = vision_start_id
+        self._ids: tuple[int, ...] | None = None
+        self._state: list[tuple[mx.array, mx.array]] = []
+
+    def length(self, input_ids: mx.array) -> int:
+        """Shared prefix length of a batch: up to the first <|vision_start|>, if all rows agree."""
+        rows = input_ids.tolist()
+        try:
+            n = rows[0].index(self.vision_start_id) + 1
+        except ValueError:
+            return 0
+        head = rows[0][:n]
+        return n if all(r[:n] == head for r in rows) else 0
+
+    def states(self, model, ids: list[int]) -> list[tuple[mx.array, mx.array]]:
+        if self._ids != tuple(ids):
+            lm = model.language_model
+            cache = [KVCache() for _ in lm.layers]
+            n = len(ids)
+            pos = mx.broadcast_to(mx.arange(n)[None, None, :], (3, 1, n))
+            lm.model(mx.array([ids]), cache=cache, position_ids=pos)
+            self._state = [c.state for c in cache]
+            mx.eval(self._state)
+            self._ids = tuple(ids)
+        return self._state
+
+
+def _prompt_hidden(model, inputs: Inputs, cache: list[KVCache],
+                   prefix: PrefixCache | None = None):
+    ids = inputs["input_ids"]
+    feats = model.get_input_embeddings(ids, inputs.get("pixel_values"),
+                                       image_grid_thw=inputs.get("image_grid_thw"))
+    start = prefix.length(ids) if prefix is not None else 0
+    if start:
+        b = ids.shape[0]
+        for c, (k, v) in zip(cache, prefix.states(model, ids[0, :start].tolist())):
+            c.state = (mx.repeat(k, b, axis=0), mx.repeat(v, b, axis=0))
+    h = model.language_model.model(ids[:, start:], inputs_embeds=feats.inputs_embeds[:, start:],
+                                   cache=cache, position_ids=feats.position_ids[:, :, start:])
     return h, feats.rope_deltas
 
 
-def prefill(model, inputs: Inputs) -> Prefill:
+def prefill(model, inputs: Inputs, prefix: PrefixCache | None = None) -> Prefill:
     """Encode images, run the prompt through the language model, keep the KV cache."""
     lm = model.language_model
     cache = [KVCache() for _ in lm.layers]
-    h, deltas = _prompt_hidden(model, inputs, cache)
+    h, deltas = _prompt_hidden(model, inputs, cache, prefix)
     # Project only the last position: the full (L, vocab) logits of a 150k vocabulary would
     # cost more than a layer of the model and are never read.
     logits = lm_head(lm, h[:, -1, :])
@@ -111,12 +156,9 @@ def prefill(model, inputs: Inputs) -> Prefill:
     return Prefill(cache, logits, deltas.astype(mx.int32), inputs["input_ids"].shape[1])
 
 
-def prefill_logits(model, inputs: Inputs) -> mx.array:
-    """Next-token logits after each prompt, without keeping a cache (fast scoring)."""
-    h, _ = _prompt_hidden(model, inputs, None)
-    logits = lm_head(model.language_model, h[:, -1, :])
-    mx.eval(logits)
-    return logits
+def prefill_logits(model, inputs: Inputs, prefix: PrefixCache | None = None) -> mx.array:
+    """Next-token logits after each prompt (fast scoring); the cache is dropped afterwards."""
+    return prefill(model, inputs, prefix).logits
 
 
 def repeat_cache(pre: Prefill, n: int) -> Prefill:
@@ -202,13 +244,14 @@ def detokenize(tokenizer, completions: list[Completion], stops: StopTokens) -> l
 
 
 def generate_rows(model, processor, prompts: Sequence[str], images: Sequence[Image.Image],
-                  cfg: SamplingConfig, *, n: int = 1) -> list[list[Completion]]:
+                  cfg: SamplingConfig, *, n: int = 1,
+                  prefix: PrefixCache | None = None) -> list[list[Completion]]:
     """n completions for each (prompt, image) row; all rows must encode to the same length.
 
     Returns one list of n completions per row, in input order.
     """
     inputs = encode(processor, prompts, images)
-    pre = repeat_cache(prefill(model, inputs), n)
+    pre = repeat_cache(prefill(model, inputs, prefix), n)
     stops = stop_tokens(model, processor.tokenizer)
     comps = detokenize(processor.tokenizer, decode(model, pre, cfg, stops), stops)
     return [comps[i * n:(i + 1) * n] for i in range(len(prompts))]

@@ -94,6 +94,8 @@ class Scorer:
         if self.config.mode == "fast":
             self.prompt += FAST_ANSWER_PREFIX
             self.digit_ids = score_token_ids(tok)
+        # The prompt text before the image runs through the model once, not once per photo.
+        self.prefix = gen.PrefixCache(loaded.model.config.vision_start_token_id)
 
     @classmethod
     def load(cls, model: str = DEFAULT_MODEL, adapter: str | Path | None = None, *,
@@ -168,11 +170,11 @@ class Scorer:
         m, proc = self.loaded.model, self.loaded.processor
         if self.config.mode == "fast":
             inputs = gen.encode(proc, [self.prompt] * len(images), images)
-            logits = gen.prefill_logits(m, inputs)
+            logits = gen.prefill_logits(m, inputs, self.prefix)
             scores = expected_score(logits, self.digit_ids).tolist()
             return [ScoreResult(key="", score=round(s, 4), format_ok=True) for s in scores]
         comps = gen.generate_rows(m, proc, [self.prompt] * len(images), images,
-                                  self.config.sampling)
+                                  self.config.sampling, prefix=self.prefix)
         out = []
         for (c,) in comps:
             p = parse_response(c.text)

@@ -326,7 +326,8 @@ def test_guided_mode_shows_the_mos_and_drops_reasoning_that_cites_it(tmp_path):
     assert {i: kept[i]["teacher_score"] for i in kept} == {"s00": 1.9, "s01": 4.3}
     assert dropped["s02"]["code"] == "leak" and kept["s00"]["mode"] == "guided"
     # The student's row carries the student prompt, never the teacher's (which held the MOS).
-    assert kept["s00"]["messages"][1]["content"][1]["text"] == USER_PROMPT
+    user = kept["s00"]["messages"][1]["content"]
+    assert [p for p in user if p["type"] == "text"][0]["text"] == USER_PROMPT
 
 
 class OneFileBackend:

@@ -17,6 +17,7 @@ from qponder_mlx.library import ResultStore, StopFlag, StoreError, score_library
 from qponder_mlx.library import store as store_mod
 from qponder_mlx.library.export import write_jsonl
 from qponder_mlx.library.run import error_reason, model_size, plan_batches
+from qponder_mlx.prompts import PROMPT_VERSION
 from qponder_mlx.scoring import ScoreConfig, Scorer
 
 # Sizes that the small pixel policy maps to different model sizes: batches must not mix them.
@@ -131,7 +132,7 @@ def test_scores_match_the_scorer_and_batches_never_mix_sizes(fast, store, tmp_pa
     for p, r in rows.items():
         assert r["score"] == pytest.approx(ref[p], abs=2e-4)
         assert r["identity"] == fast.identity and r["mode"] == "fast"
-        assert r["weights"] == fast.loaded.identity and r["prompt_version"] == "qponder-v1"
+        assert r["weights"] == fast.loaded.identity and r["prompt_version"] == PROMPT_VERSION
         assert r["seconds"] > 0
     # The reference must tell images apart, or a mixed-up mapping could pass.
     assert len({round(v, 3) for v in ref.values()}) >= 7

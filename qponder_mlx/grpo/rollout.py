@@ -40,9 +40,11 @@ def rollout(model, processor, prompt: str, images: list[Image.Image], group_size
     completions: list[list[gen.Completion] | None] = [None] * len(images)
     lengths = [x["input_ids"].shape[1] for x in per_image]
     per_batch = max(1, max_rows // group_size)
+    # Fresh each rollout: the weights changed since the last step.
+    prefix = gen.PrefixCache(model.config.vision_start_token_id)
     for batch in gen.bucket_by_length(lengths, per_batch):
         inputs = _stack([per_image[i] for i in batch])
-        pre = gen.repeat_cache(gen.prefill(model, inputs), group_size)
+        pre = gen.repeat_cache(gen.prefill(model, inputs, prefix), group_size)
         comps = gen.detokenize(processor.tokenizer, gen.decode(model, pre, sampling, stops),
                                stops)
         for k, i in enumerate(batch):
