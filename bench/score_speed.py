@@ -3,10 +3,11 @@
 Same process, same images, same prompt, same pixel policy (the baseline gets the images already
 resized by it, so both see identical inputs), same token budget, greedy decoding in both. Timed
 work includes loading each image from disk. Run on the tiny random model (hidden 64, 2 layers) and
-a larger random one (hidden 256, 4 layers: hidden 1024 costs ~12 s of prefill per image on this
-2-core CPU, far past a few-minute bench); the RESULT lines are the larger model's.
+a larger random one (hidden 1024, 4 layers); the RESULT lines are the larger model's. On Linux
+preload OpenBLAS first (`. scripts/blas_env.sh`): with MLX's reference BLAS the larger model
+takes ~12 s of prefill per image and the run goes past 30 minutes.
 
-    .venv/bin/python bench/score_speed.py            # ~3-5 min on 2 CPU cores
+    . scripts/blas_env.sh; .venv/bin/python bench/score_speed.py   # ~10 min on 2 CPU cores
     .venv/bin/python bench/score_speed.py --quick    # 16 images, 16 tokens: smoke test
 """
 
@@ -36,7 +37,7 @@ from qponder_mlx.testing import build_tiny_model  # noqa: E402
 
 ASSETS = Path(__file__).resolve().parents[1] / "qponder_mlx" / "assets" / "cc0_mini" / "images"
 MODELS = {"tiny": {"hidden_size": 64, "num_layers": 2},
-          "larger": {"hidden_size": 256, "num_layers": 4}}
+          "larger": {"hidden_size": 1024, "num_layers": 4}}
 
 
 def make_images(folder: Path, n: int) -> list[Path]:
