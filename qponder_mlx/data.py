@@ -54,12 +54,24 @@ class Sample:
     raw_mos: float | None = None  # the value as published
 
 
+# Characters that end a line for str.splitlines(): a file name, key or header echoed into a
+# message may hold them, and a problem must stay one line.
+_LINE_BREAKS = {c: f"\\x{c:02x}" if c < 0x100 else f"\\u{c:04x}"
+                for c in (0x0A, 0x0B, 0x0C, 0x0D, 0x1C, 0x1D, 0x1E, 0x85, 0x2028, 0x2029)}
+
+
 @dataclass(frozen=True)
 class LabelProblem:
     file: str
     row: int | None
     message: str
     unit: str = "row"  # what `row` counts: row (CSV/Excel), line (JSONL), item (JSON), entry (.mat)
+
+    def __post_init__(self) -> None:
+        for name in ("file", "message"):
+            value = getattr(self, name)
+            if isinstance(value, str):
+                object.__setattr__(self, name, value.translate(_LINE_BREAKS))
 
     def __str__(self) -> str:
         where = self.file if self.row is None else f"{self.file} {self.unit} {self.row}"

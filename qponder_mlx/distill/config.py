@@ -8,6 +8,7 @@ the API key, from the environment variable the config names.
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -120,9 +121,19 @@ def read_api_key(env_name: str | None, environ: Mapping[str, str] | None = None)
     environ = os.environ if environ is None else environ
     key = environ.get(env_name, "")
     if not key.strip():
+        if not _ENV_NAME.fullmatch(env_name):
+            # Most likely the key itself was pasted in: echoing it would put it in the terminal,
+            # shell history and CI logs.
+            raise ValueError("api_key_env: not set — and the value given does not look like an "
+                             "environment variable NAME (not shown, in case it is the key); pass "
+                             "a name such as OPENAI_API_KEY and export the key in it")
         raise ValueError(f"api_key_env: the environment variable {env_name} is not set or empty "
                          f"— export {env_name}=<your key> first")
     return key.strip()
+
+
+# What we echo back as a variable name: the conventional upper-case form, at most 64 characters.
+_ENV_NAME = re.compile(r"[A-Z_][A-Z0-9_]{0,63}")
 
 
 def build_teacher(config: DistillConfig, environ: Mapping[str, str] | None = None) -> Teacher:
