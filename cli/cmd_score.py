@@ -106,6 +106,8 @@ def score_cmd(
                    f"scored yet. Run the same command again to resume (scored files are "
                    f"skipped).", err=True)
         raise typer.Exit(EXIT_INTERRUPTED)
+    if summary.files and not (summary.scored + summary.cached + summary.no_score):
+        fail(f"none of the {summary.files} files could be scored (reasons above)", code=1)
 
 
 def register(app: typer.Typer) -> None:

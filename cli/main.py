@@ -100,6 +100,8 @@ def eval_cmd(
     if out:
         atomic_write_json(out, report.to_dict())
         typer.echo(f"report: {out}")
+    if report.n_images_failed == len(samples):
+        fail(f"{data}: none of the {len(samples)} images could be scored (unreadable)", code=1)
 
 
 def _register_commands() -> None:
@@ -119,7 +121,11 @@ _register_commands()
 
 
 def main() -> None:  # pragma: no cover - console entry point wrapper
+    import warnings
+
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # Pillow warns in two lines about a corrupt EXIF block of an image we then score fine.
+    warnings.filterwarnings("ignore", message="Corrupt EXIF data", category=UserWarning)
     app()
 
 

@@ -133,7 +133,6 @@ def test_image_corpus_through_eval(tiny_model_dir, tmp_path, refuse_unreadable):
             "images)") in log
 
 
-@pytest.mark.xfail(strict=True, reason=KIND["broken_symlink"].xfail)
 def test_broken_symlink_gets_one_line(tiny_model_dir, tmp_path):
     photos = tmp_path / "photos"
     good_image(photos / "ok.png")
@@ -144,7 +143,6 @@ def test_broken_symlink_gets_one_line(tiny_model_dir, tmp_path):
     assert any(x.startswith("skipped:") and str(link) in x for x in log.splitlines()), log
 
 
-@pytest.mark.xfail(strict=True, reason=KIND["non_utf8_name"].xfail)
 def test_non_utf8_file_name_does_not_stop_the_job(tiny_model_dir, tmp_path):
     photos = tmp_path / "photos"
     good_image(photos / "ok.png")
@@ -159,8 +157,6 @@ def test_non_utf8_file_name_does_not_stop_the_job(tiny_model_dir, tmp_path):
     assert scored or skipped, log
 
 
-@pytest.mark.xfail(strict=True, reason="cli/cmd_score.py exits 0 when every file failed; "
-                   "proposed fix in docs/reliability.md")
 def test_score_exits_nonzero_when_nothing_could_be_scored(tiny_model_dir, tmp_path):
     kinds = [k for k in WORKING if k.name in ("truncated_jpeg", "zero_byte", "html_as_png")]
     build_images(tmp_path / "bad", kinds)
@@ -170,8 +166,6 @@ def test_score_exits_nonzero_when_nothing_could_be_scored(tiny_model_dir, tmp_pa
     assert code != 0
 
 
-@pytest.mark.xfail(strict=True, reason="cli/main.py eval exits 0 with 'n 0/N' when every "
-                   "image failed; proposed fix in docs/reliability.md")
 def test_eval_exits_nonzero_when_nothing_could_be_scored(tiny_model_dir, tmp_path):
     kinds = [k for k in WORKING if k.name in ("truncated_jpeg", "strip")]
     paths = build_images(tmp_path / "bad", kinds)

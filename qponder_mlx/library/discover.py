@@ -27,6 +27,20 @@ class Discovery:
     skipped: int = 0  # files seen whose suffix is not an image suffix
 
 
+def _utf8(path: str) -> bool:
+    """False for a name os.listdir had to surrogate-escape (not UTF-8 on disk): SQLite, JSON and
+    the terminal all need UTF-8 text."""
+    try:
+        path.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _shown(path: str) -> str:
+    return path.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 def is_image_name(name: str) -> bool:
     return os.path.splitext(name)[1].lower() in IMAGE_SUFFIXES
 
@@ -47,6 +61,9 @@ def discover(paths: Iterable[str | os.PathLike], *, recursive: bool = True) -> D
             continue
         if p.is_dir():
             _walk(p, recursive, found, out, visited=set())
+        elif is_image_name(p.name) and not _utf8(str(p)):
+            out.problems.append(f"{_shown(str(p))}: file name is not valid UTF-8 — rename it "
+                                "(e.g. convmv -f latin1 -t utf8)")
         elif is_image_name(p.name):
             found.setdefault((st.st_dev, st.st_ino), p)
         else:
@@ -84,13 +101,19 @@ def _walk(root: Path, recursive: bool, found: dict, out: Discovery,
                         subdirs.append(Path(entry.path))
                     continue
                 if not entry.is_file():
-                    continue  # sockets, fifos, dangling links
+                    if entry.is_symlink() and is_image_name(entry.name):
+                        out.problems.append(f"{_shown(entry.path)}: broken link (its target is "
+                                            "gone) — fix or remove the link")
+                    continue  # sockets, fifos
                 est = entry.stat()
             except OSError as e:
-                out.problems.append(f"{entry.path}: cannot access ({e.strerror or e}) — "
-                                    "check the file")
+                out.problems.append(f"{_shown(entry.path)}: cannot access "
+                                    f"({e.strerror or e}) — check the file")
                 continue
-            if is_image_name(entry.name):
+            if is_image_name(entry.name) and not _utf8(entry.path):
+                out.problems.append(f"{_shown(entry.path)}: file name is not valid UTF-8 — "
+                                    "rename it (e.g. convmv -f latin1 -t utf8)")
+            elif is_image_name(entry.name):
                 found.setdefault((est.st_dev, est.st_ino), Path(entry.path))
             else:
                 out.skipped += 1

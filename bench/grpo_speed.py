@@ -1,0 +1,373 @@
+"""GRPO step time and peak memory: ours vs mlx-vlm 0.7.10's GRPO `Trainer`, side by side.
+
+Both sides run the same optimizer steps on the same random Qwen2.5-VL (a tiny one, hidden 64 /
+2 layers, and a larger one, hidden 1024 / 4 layers): B=2 CC0 photos per step (224x224, resized
+by one PixelPolicy so both see identical pixels and prompt tokens), G=8 samples per photo, up to
+64 new tokens at temperature 1, beta=0.04, the same LoRA (rank, alpha, targets, seeded A
+matrices), AdamW lr 1e-5, bnpo/dapo token-mean loss, clip epsilon 0.2, and the same reward:
+one Python function (format + Laplace accuracy, no judge) wrapped in each trainer's interface.
+
+* ours:     `qponder_mlx.grpo.step.grpo_step` — one prefill per photo, the G rows decoded as a
+            batch; the KL reference is the policy with its adapters switched off.
+* mlx-vlm:  its public `mlx_vlm.trainer.api.Trainer(..., algorithm="grpo").train()` running
+            exactly 1 + K iterations (one rollout + one optimizer update each); it needs a
+            second, frozen copy of the model as the KL reference (part of what is measured).
+
+Step time = wall time of one optimizer step, rollout + rewards + update (mlx-vlm: between two
+of its per-iteration reports, so its rollout, done in the data iterator, is included). Each side
+warms up one step, then K steps are timed; the median step is reported (and the process's
+CPU time over the same steps, steadier on a shared machine). Peak memory =
+`mx.get_peak_memory()` over those K steps after `mx.reset_peak_memory()`, with only that side's
+models resident (weights + activations). The goal: >= 3x faster and <= 0.7x peak memory.
+
+    .venv/bin/python bench/grpo_speed.py [--steps 2] [--models tiny,large] [--reference-blas]
+
+On Linux the script re-runs itself with a system OpenBLAS preloaded (see OPENBLAS below).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import gc
+import io
+import os
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # local folders only, never the hub
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+# MLX's Linux CPU wheel links netlib's reference BLAS: ~1 GFLOPS for a float32 matmul on this
+# box, which makes the 1024-wide model take hours. A system OpenBLAS preloaded in its place
+# gives ~24 GFLOPS. Both sides run on the same BLAS, so the ratios stay side by side; on macOS
+# MLX uses Accelerate/Metal and nothing changes.
+OPENBLAS = ("/lib/x86_64-linux-gnu/libopenblas.so.0", "/usr/lib/x86_64-linux-gnu/libopenblas.so.0",
+            "/lib/aarch64-linux-gnu/libopenblas.so.0", "/usr/lib64/libopenblas.so.0")
+
+
+def _reexec_with_openblas() -> None:
+    if (sys.platform != "linux" or "--reference-blas" in sys.argv
+            or "openblas" in os.environ.get("LD_PRELOAD", "")):
+        return
+    lib = next((p for p in OPENBLAS if os.path.exists(p)), None)
+    if lib is None:
+        return
+    print(f"re-running with LD_PRELOAD={lib} (pass --reference-blas to keep MLX's own BLAS)",
+          flush=True)
+    env = dict(os.environ, LD_PRELOAD=f"{lib} {os.environ.get('LD_PRELOAD', '')}".strip())
+    # One BLAS thread: on a shared 2-core box a second, spinning thread adds system time and
+    # noise without adding speed (measured: same GFLOPS, less sys time).
+    env.setdefault("OPENBLAS_NUM_THREADS", "1")
+    os.execve(sys.executable, [sys.executable, *sys.argv], env)
+
+
+if __name__ == "__main__":
+    _reexec_with_openblas()
+
+import mlx.core as mx  # noqa: E402
+import numpy as np  # noqa: E402
+from PIL import Image, ImageOps  # noqa: E402
+
+from qponder_mlx import generate as gen  # noqa: E402
+from qponder_mlx.data import read_labels  # noqa: E402
+from qponder_mlx.grpo.config import GRPOConfig  # noqa: E402
+from qponder_mlx.grpo.rewards import RewardConfig, combine  # noqa: E402
+from qponder_mlx.grpo.step import grpo_step  # noqa: E402
+from qponder_mlx.images import PixelPolicy, load_image  # noqa: E402
+from qponder_mlx.model import load_model  # noqa: E402
+from qponder_mlx.prompts import chat_messages, parse_response  # noqa: E402
+from qponder_mlx.testing import build_tiny_model  # noqa: E402
+from qponder_mlx.train.config import LoraConfig  # noqa: E402
+from qponder_mlx.train.loop import make_optimizer  # noqa: E402
+from qponder_mlx.train.lora import attach_lora  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+LABELS = ROOT / "qponder_mlx" / "assets" / "cc0_mini" / "labels.jsonl"
+MODELS = {"tiny": (64, 2), "large": (1024, 4)}  # name -> (hidden_size, num_layers)
+SIDE = 224  # photo side in pixels: 64 image tokens after the 2x2 merge
+GOAL_SPEEDUP, GOAL_MEMORY = 3.0, 0.7
+GB = 1e9
+
+
+@dataclass
+class Setup:
+    group_size: int = 8
+    max_new: int = 64
+    beta: float = 0.04
+    batch: int = 2  # photos per step
+    learning_rate: float = 1e-5
+    epsilon: float = 0.2
+    seed: int = 0
+    lora: LoraConfig = field(default_factory=LoraConfig)  # rank 16, alpha 32, 7 LM linears
+    rewards: RewardConfig = field(default_factory=lambda: RewardConfig(consistency_weight=0.0))
+
+
+@dataclass
+class Side:
+    step_s: list[float]  # the K timed steps, wall clock
+    cpu_s: list[float]  # the same steps, CPU time of this process (all threads)
+    peak_gb: float
+    loaded_gb: float  # active memory once the side's models (and LoRA) are in place
+    completion_len: float  # mean generated tokens per completion over the timed steps
+    split: dict[str, float]  # mean seconds per part of a step
+
+    @property
+    def median_s(self) -> float:
+        return statistics.median(self.step_s)
+
+    @property
+    def median_cpu_s(self) -> float:
+        return statistics.median(self.cpu_s)
+
+
+def photos(setup: Setup) -> tuple[list[Image.Image], list[float]]:
+    """`batch` CC0 photos with different MOS, centre-cropped and resized to SIDE x SIDE."""
+    samples, _ = read_labels(str(LABELS))
+    samples = sorted(samples, key=lambda s: s.mos)
+    picks = [samples[round(i * (len(samples) - 1) / max(setup.batch - 1, 1))]
+             for i in range(setup.batch)]
+    pixels = PixelPolicy(min_pixels=SIDE * SIDE, max_pixels=SIDE * SIDE)
+    imgs = [pixels.resize(ImageOps.fit(load_image(s.image), (SIDE, SIDE))) for s in picks]
+    assert all(im.size == (SIDE, SIDE) for im in imgs), [im.size for im in imgs]
+    return imgs, [s.mos for s in picks]
+
+
+def shared_reward(setup: Setup):
+    """The one reward both trainers call: texts + MOS per completion -> (total, components)."""
+    def reward(texts: list[str], mos: np.ndarray) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        parsed = [parse_response(t) for t in texts]
+        return combine(parsed, mos, setup.group_size, setup.rewards)
+    return reward
+
+
+def free_all() -> None:
+    gc.collect()
+    mx.clear_cache()
+
+
+def prompt_text(processor) -> str:
+    return processor.tokenizer.apply_chat_template(chat_messages(), tokenize=False,
+                                                   add_generation_prompt=True)
+
+
+# ------------------------------------------------------------------------------------ ours
+
+
+def run_ours(model_dir: Path, imgs, mos, setup: Setup, steps: int) -> Side:
+    loaded = load_model(str(model_dir))
+    model, processor = loaded.model, loaded.processor
+    mx.random.seed(setup.seed)  # LoRA A matrices: the same draw as the baseline's
+    attach_lora(model, setup.lora)
+    mx.eval(model.parameters())
+    loaded_gb = mx.get_active_memory() / GB
+    cfg = GRPOConfig(data="bench", batch_size=setup.batch, group_size=setup.group_size,
+                     beta=setup.beta, max_completion_length=setup.max_new, temperature=1.0,
+                     top_p=1.0, loss_type="dapo", epsilon_low=setup.epsilon,
+                     epsilon_high=setup.epsilon, learning_rate=setup.learning_rate,
+                     lr_schedule="constant", rewards=setup.rewards, lora=setup.lora,
+                     seed=setup.seed)
+    optimizer = make_optimizer(cfg.learning_rate, 1 + steps, schedule="constant")
+    reward = shared_reward(setup)
+    reward_fn = lambda ro, parsed, mos_rows: reward(ro.texts, mos_rows)  # noqa: E731
+    prompt = prompt_text(processor)
+
+    mx.random.seed(setup.seed)
+    grpo_step(model, processor, prompt, imgs, mos, cfg, optimizer, reward_fn)  # warm-up
+    mx.reset_peak_memory()
+    times, cpu, metrics = [], [], []
+    for _ in range(steps):
+        t0, c0 = time.perf_counter(), time.process_time()
+        res = grpo_step(model, processor, prompt, imgs, mos, cfg, optimizer, reward_fn)
+        mx.eval(model.trainable_parameters(), optimizer.state)
+        times.append(time.perf_counter() - t0)
+        cpu.append(time.process_time() - c0)
+        metrics.append(res.metrics)
+    peak = mx.get_peak_memory() / GB
+    split = {k: statistics.mean(m[f"time_{k}"] for m in metrics)
+             for k in ("rollout", "reward", "update")}
+    side = Side(times, cpu, peak, loaded_gb,
+                statistics.mean(m["completion_length"] for m in metrics), split)
+    del model, processor, loaded, optimizer, res
+    return side
+
+
+# ------------------------------------------------------------------------------- mlx-vlm
+
+
+class _Clock:
+    """mlx-vlm TrainingCallback: a timestamp and metrics per iteration report (every step)."""
+
+    def __init__(self):
+        self.stamps: list[float] = []
+        self.cpu: list[float] = []
+        self.reports: list[dict] = []
+
+    def on_train_loss_report(self, info: dict) -> None:
+        self.stamps.append(time.perf_counter())
+        self.cpu.append(time.process_time())
+        self.reports.append(info)
+        if info["iteration"] == 1:  # the warm-up step is done: measure from here
+            mx.reset_peak_memory()
+
+    def on_val_loss_report(self, info: dict) -> None:
+        pass
+
+
+def run_mlx_vlm(model_dir: Path, imgs, mos, setup: Setup, steps: int, tmp: Path,
+                verbose: bool) -> Side:
+    from mlx_vlm.trainer.api import Trainer
+    from mlx_vlm.trainer.peft import get_peft_model
+    from mlx_vlm.trainer.vlm.grpo.config import GRPOTrainingArgs
+
+    loaded = load_model(str(model_dir))
+    policy, processor = loaded.model, loaded.processor
+    reference = load_model(str(model_dir)).model  # beta > 0 needs a second, frozen copy
+    mx.random.seed(setup.seed)
+    get_peft_model(policy, list(setup.lora.target_modules), rank=setup.lora.rank,
+                   alpha=setup.lora.alpha, dropout=0.0, freeze=True, verbose=False)
+    mx.eval(policy.parameters(), reference.parameters())
+    loaded_gb = mx.get_active_memory() / GB
+    # Same stop tokens as ours (Qwen's generation config: <|im_end|> and <|endoftext|>); the
+    # tokenizer alone names only <|im_end|>, which would give the baseline longer completions.
+    # (transformers' __setattr__ refuses a list under an *_ids name; the GRPO code only reads it)
+    object.__setattr__(processor.tokenizer, "eos_token_ids",
+                       sorted(gen.stop_tokens(policy, processor.tokenizer).stop))
+
+    reward = shared_reward(setup)
+
+    def qponder_reward(*, completions, answer, **_):
+        return reward(list(completions), np.asarray(answer, dtype=np.float64))[0].tolist()
+
+    args = GRPOTrainingArgs(
+        batch_size=setup.batch, iters=1 + steps, steps_per_report=1, steps_per_eval=None,
+        steps_per_save=10 ** 9, adapter_file=str(tmp / "mlx_vlm_adapters.safetensors"),
+        group_size=setup.group_size, beta=setup.beta, epsilon=setup.epsilon,
+        max_completion_length=setup.max_new, temperature=1.0, top_p=1.0, top_k=0,
+        grpo_loss_type="bnpo", compile=False)
+    prompt = prompt_text(processor)
+    rows = [{"prompt": prompt, "image": im, "answer": m} for im, m in zip(imgs, mos)]
+    clock = _Clock()
+    optimizer = make_optimizer(setup.learning_rate, 1 + steps, schedule="constant")
+    trainer = Trainer(policy, args, task="vlm", algorithm="grpo", train_dataset=rows,
+                      processing_class=processor, optimizer=optimizer,
+                      reference_model=reference, reward_funcs=[qponder_reward],
+                      reward_weights=[1.0], dataset_config={"apply_chat_template": False},
+                      training_callback=clock, seed=setup.seed)
+    # Same work on both sides: the baseline's prepared prompt must be ours, token for token.
+    ours = gen.encode(processor, [prompt], imgs[:1])
+    theirs = trainer.train_dataset[0]["inputs"]
+    assert theirs["input_ids"].tolist() == ours["input_ids"][0].tolist(), "prompt tokens differ"
+    assert theirs["pixel_values"].shape == ours["pixel_values"].shape, "pixels differ"
+
+    mx.random.seed(setup.seed)
+    quiet = contextlib.nullcontext() if verbose else contextlib.redirect_stdout(io.StringIO())
+    with quiet, (contextlib.nullcontext() if verbose
+                 else contextlib.redirect_stderr(io.StringIO())):
+        trainer.train()
+    peak = mx.get_peak_memory() / GB  # reset by the callback after the warm-up iteration
+    assert len(clock.stamps) == 1 + steps, f"{len(clock.stamps)} reports for {1 + steps} iters"
+    times = list(np.diff(clock.stamps))
+    timed = clock.reports[1:]
+    split = {"rollout": statistics.mean(r["data_time_per_step"] for r in timed),
+             "update": statistics.mean(r["step_time"] for r in timed)}
+    side = Side(times, list(np.diff(clock.cpu)), peak, loaded_gb,
+                statistics.mean(float(r["train_average_generated_tokens"]) for r in timed),
+                split)
+    del trainer, policy, reference, processor, loaded, optimizer
+    return side
+
+
+# ------------------------------------------------------------------------------------ main
+
+
+def mlx_vlm_version() -> str:
+    from importlib.metadata import version
+
+    return version("mlx-vlm")
+
+
+def blas_in_use() -> str:
+    """Which BLAS MLX's CPU matmuls resolve to in this process."""
+    if sys.platform == "darwin":
+        return "Accelerate"
+    pre = [p for p in os.environ.get("LD_PRELOAD", "").split() if "openblas" in p]
+    try:
+        maps = Path("/proc/self/maps").read_text()
+    except OSError:
+        maps = ""
+    if pre and os.path.basename(os.path.realpath(pre[0])) in maps:
+        return f"OpenBLAS, preloaded ({os.path.realpath(pre[0])})"
+    return "MLX's bundled reference BLAS (slow)"
+
+
+def fmt_split(split: dict[str, float]) -> str:
+    return ", ".join(f"{k} {v:.2f}" for k, v in split.items())
+
+
+def bench_model(name: str, tmp: Path, setup: Setup, steps: int, verbose: bool):
+    hidden, layers = MODELS[name]
+    model_dir = build_tiny_model(tmp / name, hidden_size=hidden, num_layers=layers)
+    imgs, mos = photos(setup)
+
+    free_all()
+    before = mx.get_active_memory() / GB
+    ours = run_ours(model_dir, imgs, mos, setup, steps)
+    free_all()
+    between = mx.get_active_memory() / GB
+    base = run_mlx_vlm(model_dir, imgs, mos, setup, steps, tmp, verbose)
+    free_all()
+
+    speedup = base.median_s / ours.median_s
+    cpu_speedup = base.median_cpu_s / ours.median_cpu_s
+    ratio = ours.peak_gb / base.peak_gb
+    print(f"== {name}: hidden {hidden}, {layers} layers, B={setup.batch} x G={setup.group_size},"
+          f" {setup.max_new} new tokens, beta={setup.beta}, {steps} timed steps")
+    print(f"  active memory before ours {before:.3f} GB, loaded {ours.loaded_gb:.3f} GB; "
+          f"before mlx-vlm {between:.3f} GB, loaded (policy + reference) "
+          f"{base.loaded_gb:.3f} GB")
+    for label, s in (("ours   ", ours), ("mlx-vlm", base)):
+        steps_txt = " ".join(f"{t:.2f}" for t in s.step_s)
+        print(f"  {label} {s.median_s:7.2f} s/step (steps {steps_txt}; {fmt_split(s.split)}; "
+              f"CPU {s.median_cpu_s:.2f} s) peak {s.peak_gb:.3f} GB, "
+              f"{s.completion_len:.1f} tokens/completion")
+    print(f"  {name}: speedup {speedup:.2f}x (CPU time {cpu_speedup:.2f}x; goal {GOAL_SPEEDUP}), "
+          f"peak memory ratio {ratio:.3f} (goal {GOAL_MEMORY})", flush=True)
+    return speedup, ratio
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--steps", type=int, default=2, help="timed steps per side (after 1 warm-up)")
+    ap.add_argument("--models", default="tiny,large", help=f"subset of {','.join(MODELS)}")
+    ap.add_argument("--verbose", action="store_true", help="show mlx-vlm's own progress output")
+    ap.add_argument("--reference-blas", action="store_true",
+                    help="do not preload a system OpenBLAS on Linux (very slow for 'large')")
+    args = ap.parse_args()
+    names = [n.strip() for n in args.models.split(",") if n.strip()]
+    unknown = sorted(set(names) - set(MODELS))
+    if unknown or not names:
+        sys.exit(f"--models: unknown {unknown} — choose from {', '.join(MODELS)}")
+    if args.steps < 1:
+        sys.exit(f"--steps must be >= 1, got {args.steps}")
+
+    setup = Setup()
+    print(f"mlx {mx.__version__}, mlx-vlm {mlx_vlm_version()}, BLAS {blas_in_use()}")
+    results = {}
+    t0 = time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in names:
+            results[name] = bench_model(name, Path(tmp), setup, args.steps, args.verbose)
+    print(f"total {time.perf_counter() - t0:.0f} s")
+    final = results.get("large") or results[names[-1]]
+    print(f"RESULT grpo_step_speedup {final[0]:.2f} goal {GOAL_SPEEDUP}")
+    print(f"RESULT grpo_peak_memory_ratio {final[1]:.3f} goal {GOAL_MEMORY}")
+
+
+if __name__ == "__main__":
+    main()
