@@ -120,3 +120,42 @@ def test_per_image_accumulation_equals_the_full_batch_loss(tiny_model_dir, loss_
                         mx.concatenate([m for _, m in batch]), adv, loss_type=loss_type,
                         max_completion_length=8)
     assert chunked == pytest.approx(full.item(), rel=1e-5)
+
+
+@pytest.mark.parametrize("rows", [1, 2])
+def test_chunked_gradient_equals_the_one_pass_gradient(tiny_model_dir, rows):
+    """loss_rows < G (prompt once, completions in chunks, one VJP through the prompt) gives the
+    gradient of the single backward pass over the whole group."""
+    from mlx.utils import tree_flatten, tree_map
+
+    from qponder_mlx import generate as gen
+    from qponder_mlx.grpo.step import image_loss_and_grads
+
+    lm, prompt, imgs = _setup(tiny_model_dir)
+    # non-zero LoRA B so the prompt's path to the loss carries gradient too
+    lm.model.update(tree_map(lambda p: p + 0.03, lm.model.trainable_parameters()))
+    mx.random.seed(3)
+    ro = R.rollout(lm.model, lm.processor, prompt, imgs[:1], 4,
+                   gen.SamplingConfig(max_tokens=6, temperature=1.0))
+    ids, mask = R.pad_completions(ro.completions[0], 0)
+    adv = mx.array([1.0, -0.5, 0.25, -0.75])
+    rng = np.random.default_rng(1)
+    old = R.completion_logps(lm.model, ro.inputs[0], ids) - mx.array(
+        rng.normal(0, 0.2, ids.shape), dtype=mx.float32)
+    ref = old + 0.1
+    n_tok = int(mask.sum().item())
+    results = {}
+    for loss_rows in (4, rows):
+        cfg = GRPOConfig(data="-", group_size=4, beta=0.04, loss_rows=loss_rows,
+                         max_completion_length=6)
+        results[loss_rows] = image_loss_and_grads(lm.model, ro.inputs[0], ids, mask, adv, old,
+                                                  ref, cfg, 4, n_tok)
+    (l1, s1, g1), (l2, s2, g2) = results[4], results[rows]
+    assert l2 == pytest.approx(l1, abs=1e-6)  # the loss is a small sum of +/- terms
+    for k in s1:
+        assert float(s2[k]) == pytest.approx(float(s1[k]), rel=1e-5)
+    a, b = dict(tree_flatten(g1)), dict(tree_flatten(g2))
+    scale = max(float(mx.abs(v).max()) for v in a.values())
+    assert scale > 0
+    for k in a:
+        np.testing.assert_allclose(np.array(b[k]), np.array(a[k]), atol=1e-5 * scale, err_msg=k)

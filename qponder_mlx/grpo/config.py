@@ -37,6 +37,8 @@ class GRPOConfig:
     top_p: float = 1.0
     max_completion_length: int = 256
     max_rows: int = 64  # decode at most this many rows at once (memory bound)
+    # Completions differentiated together; fewer = less memory, same gradient (>= G: one pass).
+    loss_rows: int = 2
     rewards: RewardConfig = field(default_factory=RewardConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)  # used when no --adapter is given
     quantize_base: int | None = None  # 4 or 8: QLoRA on a float base
@@ -55,8 +57,8 @@ class GRPOConfig:
         if not self.data:
             raise ConfigError("data is not set — pass --data LABELS (or data = ... in the TOML)")
         for name in ("iters", "batch_size", "num_iterations", "max_completion_length",
-                     "max_rows", "steps_per_report", "steps_per_save", "keep_checkpoints",
-                     "max_bad_steps"):
+                     "max_rows", "loss_rows", "steps_per_report", "steps_per_save",
+                     "keep_checkpoints", "max_bad_steps"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.group_size < 2:

@@ -73,6 +73,42 @@ def pad_completions(group: list[gen.Completion], pad_id: int,
     return mx.array(ids, dtype=mx.int32), mx.array(mask, dtype=mx.int32)
 
 
+def prompt_state(model, inputs: gen.Inputs):
+    """One prompt (batch 1) through the model: the logits of its last position (1, 1, V), every
+    layer's keys and values, and where the completion's positions start (1, 1)."""
+    lm = model.language_model
+    feats = model.get_input_embeddings(inputs["input_ids"], inputs.get("pixel_values"),
+                                       image_grid_thw=inputs.get("image_grid_thw"))
+    cache = [ConcatenateKVCache() for _ in lm.layers]
+    h = lm.model(inputs["input_ids"], inputs_embeds=feats.inputs_embeds, cache=cache,
+                 position_ids=feats.position_ids)
+    first = gen.lm_head(lm, h[:, -1:, :])
+    start = inputs["input_ids"].shape[1] + feats.rope_deltas.astype(mx.int32)
+    return first, [c.keys for c in cache], [c.values for c in cache], start
+
+
+def logps_after_prompt(model, first: mx.array, keys: list[mx.array], values: list[mx.array],
+                       start: mx.array, completion_ids: mx.array, *,
+                       temperature: float = 1.0) -> mx.array:
+    """(G, T) log-probs of completions that follow one prompt's state (see `prompt_state`)."""
+    lm = model.language_model
+    g, t = completion_ids.shape
+    logits = mx.repeat(first, g, axis=0)  # (G, 1, V): scores token 0
+    if t > 1:
+        cache = []
+        for k, v in zip(keys, values):
+            c = ConcatenateKVCache()
+            c.state = (mx.repeat(k, g, axis=0), mx.repeat(v, g, axis=0))
+            cache.append(c)
+        pos = mx.broadcast_to((start + mx.arange(t - 1)[None, :])[None], (3, g, t - 1))
+        h = lm.model(completion_ids[:, :-1], cache=cache, position_ids=pos)
+        logits = mx.concatenate([logits, gen.lm_head(lm, h)], axis=1)
+    logits = logits.astype(mx.float32) / temperature
+    lse = mx.logsumexp(logits, axis=-1)
+    picked = mx.take_along_axis(logits, completion_ids[..., None], axis=-1)[..., 0]
+    return picked - lse
+
+
 def completion_logps(model, inputs: gen.Inputs, completion_ids: mx.array, *,
                      temperature: float = 1.0) -> mx.array:
     """log p(completion token) under the model, (G, T), differentiable w.r.t. the model.
@@ -81,25 +117,6 @@ def completion_logps(model, inputs: gen.Inputs, completion_ids: mx.array, *,
     scored by the hidden state before it (the prompt's last position for t = 0). Logits are
     divided by `temperature` as in TRL, so ratios compare the sampling distribution.
     """
-    lm = model.language_model
-    g, t = completion_ids.shape
-    feats = model.get_input_embeddings(inputs["input_ids"], inputs.get("pixel_values"),
-                                       image_grid_thw=inputs.get("image_grid_thw"))
-    cache = [ConcatenateKVCache() for _ in lm.layers]
-    h_prompt = lm.model(inputs["input_ids"], inputs_embeds=feats.inputs_embeds, cache=cache,
-                        position_ids=feats.position_ids)
-    first = mx.repeat(gen.lm_head(lm, h_prompt[:, -1:, :]), g, axis=0)  # (G, 1, V)
-    if t > 1:
-        for c in cache:
-            c.keys, c.values = mx.repeat(c.keys, g, axis=0), mx.repeat(c.values, g, axis=0)
-        start = inputs["input_ids"].shape[1] + feats.rope_deltas.astype(mx.int32)  # (1, 1)
-        pos = start + mx.arange(t - 1)[None, :]
-        pos = mx.broadcast_to(pos[None], (3, g, t - 1))
-        h = lm.model(completion_ids[:, :-1], cache=cache, position_ids=pos)
-        logits = mx.concatenate([first, gen.lm_head(lm, h)], axis=1)
-    else:
-        logits = first
-    logits = logits.astype(mx.float32) / temperature
-    lse = mx.logsumexp(logits, axis=-1)
-    picked = mx.take_along_axis(logits, completion_ids[..., None], axis=-1)[..., 0]
-    return picked - lse
+    first, keys, values, start = prompt_state(model, inputs)
+    return logps_after_prompt(model, first, keys, values, start, completion_ids,
+                              temperature=temperature)

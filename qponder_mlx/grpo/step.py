@@ -14,14 +14,21 @@ from dataclasses import dataclass
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
-from mlx.utils import tree_map
+from mlx.utils import tree_flatten, tree_map, tree_map_with_path, tree_unflatten
 from PIL import Image
 
 from qponder_mlx import generate as gen
 from qponder_mlx.grpo.config import GRPOConfig
 from qponder_mlx.grpo.loss import group_advantages, per_token_terms, reduce_tokens
 from qponder_mlx.grpo.rewards import combine
-from qponder_mlx.grpo.rollout import Rollout, completion_logps, pad_completions, rollout
+from qponder_mlx.grpo.rollout import (
+    Rollout,
+    completion_logps,
+    logps_after_prompt,
+    pad_completions,
+    prompt_state,
+    rollout,
+)
 from qponder_mlx.prompts import ParsedResponse, parse_response
 from qponder_mlx.train.distributed import World
 from qponder_mlx.train.loop import guarded_update, zeros_like_tree
@@ -49,8 +56,9 @@ def default_reward_fn(cfg: GRPOConfig, group_size: int, judge) -> RewardFn:
     return fn
 
 
-def _image_loss(model, inputs, ids, mask, adv, old, ref, cfg: GRPOConfig, n_rows, n_tokens):
-    lp = completion_logps(model, inputs, ids, temperature=cfg.temperature)
+def _token_loss(lp, mask, adv, old, ref, cfg: GRPOConfig, n_rows, n_tokens):
+    """The loss of some completion rows (normalised by the whole batch's counts) and the masked
+    sums its metrics are made of."""
     old = mx.stop_gradient(lp) if old is None else old
     per_token, parts = per_token_terms(lp, old, ref, adv, beta=cfg.beta,
                                        epsilon_low=cfg.epsilon_low,
@@ -59,10 +67,76 @@ def _image_loss(model, inputs, ids, mask, adv, old, ref, cfg: GRPOConfig, n_rows
                          max_completion_length=cfg.max_completion_length)
     m = mask.astype(mx.float32)
     sums = {k: mx.stop_gradient((v * m).sum()) for k, v in parts.items()}
-    # -Σ p log p needs the full distribution; p(token) alone is the cheap proxy TRL also skips,
-    # so report the mean negative log-prob of the sampled tokens (an entropy estimate).
+    # -Σ p log p needs the full distribution; report the mean negative log-prob of the sampled
+    # tokens instead (an entropy estimate at no extra cost).
     sums["neg_logp"] = mx.stop_gradient((-lp * m).sum())
     return loss, sums
+
+
+def _image_loss(model, inputs, ids, mask, adv, old, ref, cfg: GRPOConfig, n_rows, n_tokens):
+    lp = completion_logps(model, inputs, ids, temperature=cfg.temperature)
+    return _token_loss(lp, mask, adv, old, ref, cfg, n_rows, n_tokens)
+
+
+def image_loss_and_grads(model, inputs, ids, mask, adv, old, ref, cfg: GRPOConfig, n_rows,
+                         n_tokens):
+    """One image's loss, metric sums and LoRA gradient.
+
+    With `cfg.loss_rows` >= G: one backward pass over the whole group. Smaller: the prompt runs
+    once without a graph, the completions are differentiated `loss_rows` rows at a time with
+    respect to the LoRA weights *and* the prompt's keys/values/last logits, and one vector-
+    Jacobian product through the prompt adds its share — the same gradient (tested) with only
+    `loss_rows` completions' activations alive at a time.
+    """
+    g = ids.shape[0]
+    if cfg.loss_rows >= g:
+        (loss, sums), grads = nn.value_and_grad(model, _image_loss)(
+            model, inputs, ids, mask, adv, old, ref, cfg, n_rows, n_tokens)
+        return loss.item(), sums, grads
+
+    names, params = map(list, zip(*tree_flatten(model.trainable_parameters())))
+
+    def set_params(p):
+        model.update(tree_unflatten(list(zip(names, p))))
+
+    def prompt_outputs(*p):
+        set_params(p)
+        first, keys, values, _ = prompt_state(model, inputs)
+        return [first, *keys, *values]
+
+    first, keys, values, start = prompt_state(model, inputs)  # no graph is kept
+    mx.eval(first, keys, values, start)
+
+    def chunk_loss(p, first, keys, values, sl_ids, sl_mask, sl_adv, sl_old, sl_ref):
+        set_params(p)
+        lp = logps_after_prompt(model, first, keys, values, start, sl_ids,
+                                temperature=cfg.temperature)
+        return _token_loss(lp, sl_mask, sl_adv, sl_old, sl_ref, cfg, n_rows, n_tokens)
+
+    vg = mx.value_and_grad(chunk_loss, argnums=(0, 1, 2, 3))
+    total, sums = 0.0, {}
+    gp = gf = gk = gv = None
+    for r0 in range(0, g, cfg.loss_rows):
+        sl = slice(r0, r0 + cfg.loss_rows)
+        (loss, s), (dp, df, dk, dv) = vg(
+            params, first, keys, values, ids[sl], mask[sl], adv[sl],
+            None if old is None else old[sl], None if ref is None else ref[sl])
+        gp = dp if gp is None else [a + b for a, b in zip(gp, dp)]
+        gk = dk if gk is None else [a + b for a, b in zip(gk, dk)]
+        gv = dv if gv is None else [a + b for a, b in zip(gv, dv)]
+        gf = df if gf is None else gf + df
+        mx.eval(loss, s, gp, gf, gk, gv)
+        total += loss.item()
+        for k, v in s.items():
+            sums[k] = sums.get(k, 0.0) + v
+    _, d_prompt = mx.vjp(prompt_outputs, params, [gf, *gk, *gv])
+    grads = [a + b for a, b in zip(gp, d_prompt)]
+    mx.eval(grads)
+    set_params(params)
+    flat = dict(zip(names, grads))
+    # Same tree shape as the one-pass gradient (modules without trainable weights included).
+    return total, sums, tree_map_with_path(lambda path, _: flat[path],
+                                           model.trainable_parameters())
 
 
 def grpo_step(model, processor, prompt: str, images: Sequence[Image.Image],
@@ -107,20 +181,19 @@ def grpo_step(model, processor, prompt: str, images: Sequence[Image.Image],
         with adapters_disabled(model):
             ref = [frozen_logps(i) for i in range(len(images))]
 
-    loss_and_grad = nn.value_and_grad(model, _image_loss)
     skipped = False
     totals: dict[str, float] = {}
     loss_value, norm = 0.0, 0.0
     for _ in range(cfg.num_iterations):
         grads, loss_value, totals = zeros_like_tree(model.trainable_parameters()), 0.0, {}
         for i in range(len(images)):
-            (loss, sums), gi = loss_and_grad(
+            loss, sums, gi = image_loss_and_grads(
                 model, ro.inputs[i], batch[i][0], batch[i][1], advs[i],
                 None if old is None else old[i], None if ref is None else ref[i],
                 cfg, n_rows, n_tokens)
             grads = tree_map(mx.add, grads, gi)
-            mx.eval(loss, grads, sums)
-            loss_value += loss.item()
+            mx.eval(grads, sums)
+            loss_value += loss
             for k, v in sums.items():
                 totals[k] = totals.get(k, 0.0) + v.item()
         grads = world.sum_tree(grads)
