@@ -170,9 +170,16 @@ def grpo_step(model, processor, prompt: str, images: Sequence[Image.Image],
     advs = [adv[i * g:(i + 1) * g] for i in range(len(images))]
 
     def frozen_logps(i):
-        lp = completion_logps(model, ro.inputs[i], batch[i][0], temperature=cfg.temperature)
-        mx.eval(lp)
-        return lp
+        # No gradient here, so the rows can go through in chunks of loss_rows (memory).
+        first, keys, values, start = prompt_state(model, ro.inputs[i])
+        ids = batch[i][0]
+        parts = []
+        for r0 in range(0, ids.shape[0], cfg.loss_rows):
+            lp = logps_after_prompt(model, first, keys, values, start,
+                                    ids[r0:r0 + cfg.loss_rows], temperature=cfg.temperature)
+            mx.eval(lp)
+            parts.append(lp)
+        return mx.concatenate(parts, axis=0)
 
     # μ > 1 reuses the rollout: the ratio is against the policy that sampled it.
     old = [frozen_logps(i) for i in range(len(images))] if cfg.num_iterations > 1 else None
