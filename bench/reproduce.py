@@ -1,0 +1,484 @@
+"""A miniature Q-Ponder reproduction on a CPU: distill → SFT → GRPO → eval, through our commands.
+
+    source scripts/blas_env.sh        # Linux: MLX's CPU wheel links the reference BLAS
+    .venv/bin/python bench/reproduce.py --out runs/repro
+
+What it does, each step a `qponder …` subprocess (the real commands, logged to OUT/logs/):
+
+1. `qponder dev synth-iqa OUT/data`: a KADID-style set (scikit-image CC0 photos × Gaussian blur,
+   white noise and JPEG at KADID-10k's 5 levels, labelled with KADID's mean MOS per level),
+   split by photo into train.jsonl and test.jsonl.
+2. A random tiny Qwen2.5-VL student in OUT/student_base (`qponder_mlx.testing`).
+3. `qponder distill --teacher synthetic`: the stand-in teacher writes reasoning from each train
+   image's known distortion and level, with noisy scores; blind filtering keeps the agreeing ones.
+4. `qponder train --stage sft` (bench/repro_sft.toml) → OUT/sft/adapters (Q-Ponder-CI).
+5. `qponder train --stage grpo` (bench/repro_grpo.toml) from the SFT adapter → OUT/grpo/adapters
+   (Q-Ponder); reward per component per step in OUT/grpo/metrics.jsonl and curves.html.
+6. `qponder eval` of both students on the held-out photos, reason and fast mode.
+7. BRISQUE (OpenCV contrib + Debian's opencv-data model) and PIQE (pypiqe) on the same test
+   images, if installed (`pip install 'qponder-mlx[bench]'`, `apt-get install opencv-data`).
+
+Then SRCC/PLCC pooled and per distortion type for every row, the reward curves as SVG, the
+table in OUT/results.md (+ .json), the time of every stage, and three lines:
+
+    RESULT repro_grpo_srcc <x> goal 0.93
+    RESULT repro_grpo_minus_sft_srcc <x> goal 0.03
+    RESULT repro_grpo_minus_brisque_srcc <x> goal 0.0
+
+Rerunning with the same --out resumes: finished stages are skipped, an interrupted training run
+continues from its checkpoint (`--resume`), distillation skips finished images.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import platform
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import numpy as np  # noqa: E402
+
+from qponder_mlx import metrics  # noqa: E402
+from qponder_mlx.io import atomic_write_json, atomic_write_text, read_jsonl  # noqa: E402
+from qponder_mlx.train.config import load_config  # noqa: E402
+
+BENCH = Path(__file__).resolve().parent
+BRISQUE_DIR = Path("/usr/share/opencv4/quality")  # Debian/Ubuntu `opencv-data`
+GOALS = {"srcc": 0.93, "grpo_minus_sft": 0.03, "grpo_minus_brisque": 0.0}
+
+
+# ---------------------------------------------------------------- settings
+
+
+@dataclass
+class DataSettings:
+    size: int = 112  # centre-crop side; the students see every image at exactly this size
+    photos: str = ""  # comma-separated scikit-image CC0 photos ("" = all ten)
+    test_photos: str = "coffee,rocket,grass"
+    seed: int = 0
+
+
+@dataclass
+class StudentSettings:
+    seed: int = 0
+    hidden_size: int = 128
+    num_layers: int = 2
+    vocab_size: int = 640
+    vision_hidden: int = 128
+    vision_depth: int = 4
+
+
+@dataclass
+class DistillSettings:
+    samples_per_image: int = 2
+    temperature: float = 0.7
+    max_score_error: float = 0.5
+
+
+@dataclass
+class EvalSettings:
+    batch_size: int = 16
+    max_tokens: int = 160
+
+
+@dataclass
+class ReproConfig:
+    data: DataSettings = field(default_factory=DataSettings)
+    student: StudentSettings = field(default_factory=StudentSettings)
+    distill: DistillSettings = field(default_factory=DistillSettings)
+    eval: EvalSettings = field(default_factory=EvalSettings)
+    sft_config: str = "repro_sft.toml"  # relative to the pipeline file
+    grpo_config: str = "repro_grpo.toml"
+
+
+# ---------------------------------------------------------------- running our commands
+
+
+class StageError(RuntimeError):
+    pass
+
+
+def blas_warning() -> str | None:
+    """MLX's Linux CPU wheel links the reference BLAS (~20× slower matmuls than OpenBLAS)."""
+    if platform.system() == "Linux" and "openblas" not in os.environ.get("LD_PRELOAD", ""):
+        return ("warning: LD_PRELOAD has no OpenBLAS — MLX falls back to the reference BLAS and "
+                "this run takes many times longer; `source scripts/blas_env.sh` first")
+    return None
+
+
+class Runner:
+    """Runs `qponder ARGV` as a subprocess (default) or in this process (fast smoke tests: the
+    same Typer command functions, without ~4 s of imports per command)."""
+
+    def __init__(self, out: Path, *, in_process: bool = False, echo=print):
+        self.out, self.in_process, self.echo = out, in_process, echo
+        self.logs = out / "logs"
+        self.logs.mkdir(parents=True, exist_ok=True)
+        self.commands_file = out / "commands.sh"
+
+    def record(self, line: str) -> None:
+        """Append to OUT/commands.sh: every command this output folder saw, resumes included."""
+        with self.commands_file.open("a", encoding="utf-8") as f:
+            f.write(line + "\n")
+
+    def __call__(self, name: str, argv: list[str]) -> None:
+        line = "qponder " + " ".join(shlex.quote(a) for a in argv)
+        self.record(line)
+        log = self.logs / f"{name}.log"
+        self.echo(f"  $ {line}")
+        with log.open("a", encoding="utf-8") as f:
+            f.write(f"$ {line}\n")
+            f.flush()
+            rc = self._inline(argv, f) if self.in_process else subprocess.call(
+                [sys.executable, "-m", "qponder_mlx.cli.main", *argv], stdout=f,
+                stderr=subprocess.STDOUT)
+        if rc:
+            tail = log.read_text(encoding="utf-8", errors="replace").strip().splitlines()[-5:]
+            raise StageError(f"{name}: `{line}` exited {rc}; last lines of {log}:\n    "
+                             + "\n    ".join(tail))
+
+    @staticmethod
+    def _inline(argv: list[str], f) -> int:
+        import click
+        from qponder_mlx.cli.main import app
+
+        with contextlib.redirect_stdout(f), contextlib.redirect_stderr(f):
+            try:
+                rc = app(args=argv, prog_name="qponder", standalone_mode=False)
+            except click.exceptions.Exit as e:
+                rc = e.exit_code
+            except click.ClickException as e:
+                e.show(file=f)
+                rc = e.exit_code
+            except SystemExit as e:
+                rc = e.code if isinstance(e.code, int) else 1
+        return rc if isinstance(rc, int) else 0
+
+
+# ---------------------------------------------------------------- classic metrics
+
+
+def classic_scores(images: list[Path]) -> dict[str, list[float] | str]:
+    """BRISQUE and PIQE per image (lower = better, as published), or why a metric is missing."""
+    out: dict[str, list[float] | str] = {}
+    try:
+        import cv2
+    except ImportError:
+        msg = "opencv not installed (pip install opencv-contrib-python-headless)"
+        return {"BRISQUE": msg, "PIQE": msg}
+    model, rng = BRISQUE_DIR / "brisque_model_live.yml", BRISQUE_DIR / "brisque_range_live.yml"
+    if not hasattr(getattr(cv2, "quality", None), "QualityBRISQUE_compute"):
+        out["BRISQUE"] = ("cv2.quality missing: another OpenCV wheel overwrote the contrib one — "
+                          "pip install --force-reinstall opencv-contrib-python-headless")
+    elif not (model.exists() and rng.exists()):
+        out["BRISQUE"] = f"no BRISQUE model files in {BRISQUE_DIR} (apt-get install opencv-data)"
+    else:
+        out["BRISQUE"] = [float(cv2.quality.QualityBRISQUE_compute(
+            cv2.imread(str(p)), str(model), str(rng))[0]) for p in images]
+    try:
+        from pypiqe import piqe
+    except ImportError:
+        out["PIQE"] = "pypiqe not installed (pip install pypiqe)"
+    else:
+        out["PIQE"] = [float(piqe(cv2.cvtColor(cv2.imread(str(p)), cv2.COLOR_BGR2GRAY))[0])
+                       for p in images]
+    return out
+
+
+# ---------------------------------------------------------------- metrics table
+
+
+def agreement(pred: list[float | None], mos: list[float], kinds: list[str]) -> dict:
+    """SRCC/PLCC pooled and per distortion type over the answered samples."""
+    def block(idx: list[int]) -> dict:
+        ok = [i for i in idx if pred[i] is not None]
+        if len(ok) < 3:
+            return {"n": len(ok), "srcc": None, "plcc": None}
+        p, m = [pred[i] for i in ok], [mos[i] for i in ok]
+        s, c = metrics.srcc(p, m), metrics.plcc(p, m)
+        return {"n": len(ok), "srcc": None if np.isnan(s) else round(s, 4),
+                "plcc": None if np.isnan(c) else round(c, 4)}
+
+    out = {"pooled": block(list(range(len(mos))))}
+    for kind in sorted(set(kinds)):
+        out[kind] = block([i for i, k in enumerate(kinds) if k == kind])
+    return out
+
+
+def eval_scores(report: Path, ids: list[str]) -> list[float | None]:
+    by_id = {r["id"]: r["score"] for r in json.loads(report.read_text())["samples"]}
+    return [by_id.get(i) for i in ids]
+
+
+def fmt(x: float | None) -> str:
+    return "–" if x is None else f"{x:.3f}"
+
+
+def results_table(rows: dict[str, dict], kinds: list[str]) -> str:
+    head = ("| method | photos | n scored | format | SRCC | PLCC | "
+            + " | ".join(f"SRCC {k}" for k in kinds) + " |")
+    lines = [head, "|" + "---|" * (6 + len(kinds))]
+    for name, r in rows.items():
+        if "skipped" in r:
+            lines.append(f"| {name} | {r['photos']} | – | – | skipped: {r['skipped']} |"
+                         + " |" * (1 + len(kinds)))
+            continue
+        a = r["agreement"]
+        lines.append(f"| {name} | {r['photos']} | {a['pooled']['n']} | "
+                     f"{fmt(r.get('format_rate'))} | {fmt(a['pooled']['srcc'])} | "
+                     f"{fmt(a['pooled']['plcc'])} | "
+                     + " | ".join(fmt(a.get(k, {}).get("srcc")) for k in kinds) + " |")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------- curves
+
+
+REWARD_KEYS = [("reward_mean", "total"), ("reward_format_mean", "format"),
+               ("reward_accuracy_mean", "accuracy"), ("reward_consistency_mean", "consistency")]
+
+
+def write_figures(out: Path, figures: Path) -> list[Path]:
+    """Reward per component and reward spread over GRPO steps, SFT loss: standalone SVGs."""
+    from qponder_mlx.train.runlog import svg_chart
+
+    def series(run: str, keys) -> list:
+        rows = [r for r in read_jsonl(out / run / "metrics.jsonl") if r.get("kind") == "train"]
+        return [(label, [(r["step"], r[k]) for r in rows if r.get(k) is not None])
+                for k, label in keys]
+
+    figures.mkdir(parents=True, exist_ok=True)
+    charts = {
+        "repro_grpo_rewards.svg": svg_chart("GRPO reward per component (train batch mean)",
+                                            series("grpo", REWARD_KEYS)),
+        "repro_grpo_signal.svg": svg_chart(
+            "GRPO: reward std within the batch, score MAE vs MOS, format rate",
+            series("grpo", [("reward_std", "reward std"), ("score_mae", "score MAE"),
+                            ("format_rate", "format rate")])),
+        "repro_sft_loss.svg": svg_chart("SFT loss (assistant tokens)",
+                                        series("sft", [("loss", "train loss")]), log_y=True),
+    }
+    paths = []
+    for name, svg in charts.items():
+        atomic_write_text(figures / name, svg)
+        paths.append(figures / name)
+    return paths
+
+
+# ---------------------------------------------------------------- the pipeline
+
+
+def _done(path: Path) -> bool:
+    return path.exists()
+
+
+def run_pipeline(cfg: ReproConfig, pipeline_dir: Path, out: Path, *, in_process: bool = False,
+                 figures: Path | None = None, echo=print) -> dict:
+    """Run (or resume) every stage; returns the results dict (also OUT/results.json)."""
+    out.mkdir(parents=True, exist_ok=True)
+    run = Runner(out, in_process=in_process, echo=echo)
+    timings_path = out / "timings.json"
+    timings: dict[str, float] = json.loads(timings_path.read_text()) \
+        if timings_path.exists() else {}
+    data, base = out / "data", out / "student_base"
+    sft_cfg = (pipeline_dir / cfg.sft_config).resolve()
+    grpo_cfg = (pipeline_dir / cfg.grpo_config).resolve()
+    pixels = cfg.data.size ** 2
+    px = ["--min-pixels", str(pixels), "--max-pixels", str(pixels)]
+
+    def stage(name: str, done: Path, work) -> None:
+        if _done(done):
+            echo(f"[{name}] done earlier ({timings.get(name, 0):.0f} s) — skipped")
+            return
+        echo(f"[{name}]")
+        t0 = time.perf_counter()
+        work()
+        timings[name] = round(timings.get(name, 0.0) + time.perf_counter() - t0, 2)
+        atomic_write_json(timings_path, timings)
+        echo(f"[{name}] {timings[name]:.0f} s")
+
+    def synth():
+        argv = ["dev", "synth-iqa", str(data), "--size", str(cfg.data.size),
+                "--test-photos", cfg.data.test_photos, "--seed", str(cfg.data.seed)]
+        if cfg.data.photos:
+            argv += ["--photos", cfg.data.photos]
+        run("synth", argv)
+
+    def student():
+        from qponder_mlx.testing import build_tiny_model
+
+        s = cfg.student
+        build_tiny_model(base, seed=s.seed, hidden_size=s.hidden_size, num_layers=s.num_layers,
+                         vocab_size=s.vocab_size, vision_hidden=s.vision_hidden,
+                         vision_depth=s.vision_depth)
+        run.record(f"# student base: qponder_mlx.testing.build_tiny_model({base}, {asdict(s)})")
+
+    def distill():
+        d = cfg.distill
+        run("distill", ["distill", "--data", str(data / "train.jsonl"),
+                        "--out", str(out / "distill" / "train.jsonl"), "--teacher", "synthetic",
+                        "--samples-per-image", str(d.samples_per_image),
+                        "--temperature", str(d.temperature),
+                        "--max-score-error", str(d.max_score_error)])
+
+    def train(stage_name: str, extra: list[str], config: Path):
+        run_dir = out / stage_name
+        resume = ["--resume"] if (run_dir / "checkpoints").exists() else []
+        run(stage_name, ["train", "--stage", stage_name, "--config", str(config),
+                         "--model", str(base), "--out", str(run_dir), *extra, *px,
+                         "--no-progress", *resume])
+
+    stage("synth", data / "test.jsonl", synth)
+    stage("student", base / "config.json", student)
+    stage("distill", out / "distill" / "train.summary.json", distill)
+    stage("sft", out / "sft" / "summary.json",
+          lambda: train("sft", ["--data", str(out / "distill" / "train.jsonl")], sft_cfg))
+    stage("grpo", out / "grpo" / "summary.json",
+          lambda: train("grpo", ["--data", str(data / "train.jsonl"),
+                                 "--adapter", str(out / "sft" / "adapters")], grpo_cfg))
+    # Held-out photos (the measure), plus the photos the students trained on (reason mode): the
+    # gap between the two tells memorising from learning.
+    evals = {"Q-Ponder-CI (SFT), reason": ("sft", "reason", "test"),
+             "Q-Ponder-CI (SFT), fast": ("sft", "fast", "test"),
+             "Q-Ponder (GRPO), reason": ("grpo", "reason", "test"),
+             "Q-Ponder (GRPO), fast": ("grpo", "fast", "test"),
+             "Q-Ponder-CI (SFT), reason, train photos": ("sft", "reason", "train"),
+             "Q-Ponder (GRPO), reason, train photos": ("grpo", "reason", "train")}
+
+    def report_path(run_name: str, mode: str, split: str) -> Path:
+        return out / "eval" / (f"{run_name}_{mode}.json" if split == "test"
+                               else f"{run_name}_{mode}_{split}.json")
+
+    for run_name, mode, split in evals.values():
+        report = report_path(run_name, mode, split)
+        stage(report.stem if split == "test" else f"{run_name}_{mode}_{split}", report,
+              lambda r=run_name, m=mode, p=report, sp=split: run(
+                  f"eval_{p.stem}", ["eval", "--data", str(data / f"{sp}.jsonl"),
+                                     "--model", str(base), "--adapter", str(out / r / "adapters"),
+                                     "--mode", m, "--batch-size", str(cfg.eval.batch_size),
+                                     "--max-tokens", str(cfg.eval.max_tokens), *px,
+                                     "--out", str(p)]))
+
+    # ---- the table
+    labels = {sp: list(read_jsonl(data / f"{sp}.jsonl")) for sp in ("test", "train")}
+    test = labels["test"]
+    mos, kinds = [float(r["mos"]) for r in test], [r["distortion"] for r in test]
+    t0 = time.perf_counter()
+    classic = classic_scores([data / r["image"] for r in test])
+    timings["classic"] = round(time.perf_counter() - t0, 2)
+    rows: dict[str, dict] = {}
+    for name, (run_name, mode, split) in evals.items():
+        path = report_path(run_name, mode, split)
+        report = json.loads(path.read_text())
+        rows_ = labels[split]
+        pred = eval_scores(path, [r["id"] for r in rows_])
+        rows[name] = {"photos": "seen" if split == "train" else "held-out",
+                      "agreement": agreement(pred, [float(r["mos"]) for r in rows_],
+                                             [r["distortion"] for r in rows_]),
+                      "format_rate": report.get("format_rate"), "seconds": report["seconds"]}
+    for name, scores in classic.items():
+        if isinstance(scores, str):
+            echo(f"{name}: skipped — {scores}")
+            rows[name] = {"photos": "held-out", "skipped": scores}
+        else:  # lower is better: negate so that every row's correlation is "higher = better"
+            rows[name] = {"photos": "held-out",
+                          "agreement": agreement([-s for s in scores], mos, kinds)}
+
+    kinds_sorted = sorted(set(kinds))
+    table = results_table(rows, kinds_sorted)
+    curves = write_figures(out, figures or out / "figures")
+    grpo_rows = [r for r in read_jsonl(out / "grpo" / "metrics.jsonl") if r.get("kind") == "train"]
+    reward_std = [r["reward_std"] for r in grpo_rows if r.get("reward_std") is not None]
+    total = round(sum(timings.values()), 1)
+    atomic_write_json(timings_path, timings)
+
+    def srcc(name: str) -> float | None:
+        r = rows.get(name, {})
+        return r.get("agreement", {}).get("pooled", {}).get("srcc")
+
+    grpo, sft = srcc("Q-Ponder (GRPO), reason"), srcc("Q-Ponder-CI (SFT), reason")
+    brisque = srcc("BRISQUE")
+    results = {
+        "rows": rows, "timings_s": timings, "total_s": total,
+        "commands": run.commands_file.read_text().splitlines() if run.commands_file.exists()
+        else [],
+        "distill": json.loads((out / "distill" / "train.summary.json").read_text()),
+        "grpo_reward_std_mean": float(np.mean(reward_std)) if reward_std else None,
+        "grpo_steps_with_signal": sum(s > 0 for s in reward_std),
+        "grpo_steps": len(grpo_rows), "figures": [str(p) for p in curves],
+        "config": asdict(cfg),
+        "headline": {"grpo_srcc": grpo,
+                     "grpo_minus_sft_srcc": None if grpo is None or sft is None else grpo - sft,
+                     "grpo_minus_brisque_srcc": None if grpo is None or brisque is None
+                     else grpo - brisque},
+    }
+    atomic_write_json(out / "results.json", results)
+    stages = ", ".join(f"{k} {v:.0f} s" for k, v in timings.items())
+    atomic_write_text(out / "results.md", f"{table}\n\nTime: {total:.0f} s ({stages})\n")
+    echo("\n" + table)
+    echo(f"\ntime: {total / 60:.1f} min ({stages})")
+    echo(f"GRPO reward std: mean {results['grpo_reward_std_mean']}, "
+         f"{results['grpo_steps_with_signal']}/{len(grpo_rows)} steps with signal")
+    return results
+
+
+def result_lines(results: dict) -> list[str]:
+    h = results["headline"]
+
+    def v(x: float | None) -> str:
+        return "nan" if x is None else f"{x:.4f}"
+
+    return [f"RESULT repro_grpo_srcc {v(h['grpo_srcc'])} goal {GOALS['srcc']}",
+            f"RESULT repro_grpo_minus_sft_srcc {v(h['grpo_minus_sft_srcc'])} "
+            f"goal {GOALS['grpo_minus_sft']}",
+            f"RESULT repro_grpo_minus_brisque_srcc {v(h['grpo_minus_brisque_srcc'])} "
+            f"goal {GOALS['grpo_minus_brisque']}"]
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--out", type=Path, default=Path("runs/repro"))
+    ap.add_argument("--config", type=Path, default=BENCH / "repro_pipeline.toml",
+                    help="pipeline TOML (data, student, distill, eval; names the train TOMLs)")
+    ap.add_argument("--figures", type=Path, default=None,
+                    help="where the SVG curves go (default OUT/figures)")
+    ap.add_argument("--in-process", action="store_true",
+                    help="run the qponder commands in this process (smoke tests)")
+    ap.add_argument("--fresh", action="store_true", help="delete OUT first")
+    args = ap.parse_args(argv)
+    warn = blas_warning()
+    if warn:
+        print(warn, file=sys.stderr)
+    cfg = load_config(ReproConfig, args.config)
+    if args.fresh and args.out.exists():
+        shutil.rmtree(args.out)
+    t0 = time.perf_counter()
+    try:
+        results = run_pipeline(cfg, args.config.resolve().parent, args.out,
+                               in_process=args.in_process, figures=args.figures)
+    except StageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"wall time of this invocation: {(time.perf_counter() - t0) / 60:.1f} min "
+          f"(all stages, resumes included: {results['total_s'] / 60:.1f} min)")
+    for line in result_lines(results):
+        print(line)
+    if warn:
+        print(warn, file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

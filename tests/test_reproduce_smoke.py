@@ -1,0 +1,124 @@
+"""bench/reproduce.py at toy scale: every stage runs through our commands, every artefact appears,
+the table's numbers are the eval reports' numbers, and a rerun resumes instead of redoing work.
+
+Whether the miniature reproduction *learns* is the bench's business (docs/reproduction.md), not
+this test's: two SFT steps and one GRPO step teach a random model nothing.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+from scipy import stats
+
+ROOT = Path(__file__).resolve().parents[1]
+
+PIPELINE = """
+sft_config = "sft.toml"
+grpo_config = "grpo.toml"
+[data]
+size = 56
+photos = "astronaut,camera,coffee"
+test_photos = "coffee"
+[student]
+hidden_size = 64
+vision_hidden = 32
+vision_depth = 1
+[distill]
+samples_per_image = 1
+[eval]
+batch_size = 16
+max_tokens = 8
+"""
+SFT = """
+iters = 2
+batch_size = 2
+warmup = 0
+steps_per_save = 2
+[lora]
+rank = 4
+target_modules = ["q_proj", "v_proj", "lm_head"]
+train_vision = true
+"""
+GRPO = """
+iters = 1
+batch_size = 1
+group_size = 2
+beta = 0.0
+max_completion_length = 8
+[rewards]
+consistency_weight = 0.5
+"""
+
+
+@pytest.fixture(scope="module")
+def reproduce():
+    spec = importlib.util.spec_from_file_location("reproduce", ROOT / "bench" / "reproduce.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["reproduce"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_toy_pipeline_writes_every_artefact_and_resumes(reproduce, tmp_path, capsys):
+    conf = tmp_path / "conf"
+    conf.mkdir()
+    (conf / "pipeline.toml").write_text(PIPELINE)
+    (conf / "sft.toml").write_text(SFT)
+    (conf / "grpo.toml").write_text(GRPO)
+    out = tmp_path / "repro"
+    argv = ["--out", str(out), "--config", str(conf / "pipeline.toml"), "--in-process"]
+    assert reproduce.main(argv) == 0
+    printed = capsys.readouterr().out
+
+    # The student base, both adapters, the GRPO curves, the four eval reports, the pictures.
+    for path in ["student_base/config.json", "distill/train.jsonl",
+                 "sft/adapters/adapters.safetensors", "grpo/adapters/adapters.safetensors",
+                 "grpo/metrics.jsonl", "grpo/curves.html",
+                 "eval/sft_reason.json", "eval/sft_fast.json", "eval/grpo_reason.json",
+                 "eval/grpo_fast.json", "eval/sft_reason_train.json",
+                 "eval/grpo_reason_train.json", "figures/repro_grpo_rewards.svg", "results.md",
+                 "commands.sh", "logs/sft.log"]:
+        assert (out / path).exists(), path
+    assert "<polyline" in (out / "figures" / "repro_grpo_rewards.svg").read_text() or \
+        "<circle" in (out / "figures" / "repro_grpo_rewards.svg").read_text()
+    commands = (out / "commands.sh").read_text()
+    for cmd in ["qponder dev synth-iqa", "qponder distill", "--teacher synthetic",
+                "qponder train --stage sft", "qponder train --stage grpo", "--mode fast",
+                "--mode reason"]:
+        assert cmd in commands
+
+    # The table's fast-mode SRCC is scipy's Spearman of the eval report's scores vs MOS, pooled
+    # and per distortion type (one test photo x 5 levels each).
+    results = json.loads((out / "results.json").read_text())
+    test = [json.loads(line) for line in (out / "data" / "test.jsonl").read_text().splitlines()]
+    report = json.loads((out / "eval" / "sft_fast.json").read_text())
+    score = {r["id"]: r["score"] for r in report["samples"]}
+    row = results["rows"]["Q-Ponder-CI (SFT), fast"]["agreement"]
+    pred, mos = [score[t["id"]] for t in test], [t["mos"] for t in test]
+    assert row["pooled"]["n"] == 15
+    assert row["pooled"]["srcc"] == pytest.approx(stats.spearmanr(pred, mos)[0], abs=1e-4)
+    blur = [i for i, t in enumerate(test) if t["distortion"] == "blur"]
+    assert row["blur"]["n"] == 5
+    assert row["blur"]["srcc"] == pytest.approx(
+        stats.spearmanr([pred[i] for i in blur], [mos[i] for i in blur])[0], abs=1e-4)
+    # Classic metrics: computed (lower-is-better negated) or skipped with a reason.
+    for name in ("BRISQUE", "PIQE"):
+        r = results["rows"][name]
+        assert "skipped" in r or r["agreement"]["pooled"]["n"] == 15
+    assert results["grpo_steps"] == 1
+    seen = results["rows"]["Q-Ponder (GRPO), reason, train photos"]
+    assert seen["photos"] == "seen" and seen["agreement"]["pooled"]["n"] <= 30
+    for measure in ("repro_grpo_srcc", "repro_grpo_minus_sft_srcc",
+                    "repro_grpo_minus_brisque_srcc"):
+        assert f"RESULT {measure} " in printed
+
+    # A rerun finds every stage done: no command runs again, the table is rebuilt.
+    assert reproduce.main(argv) == 0
+    again = capsys.readouterr().out
+    assert "done earlier" in again and "$ qponder" not in again
+    assert (out / "commands.sh").read_text() == commands
