@@ -31,7 +31,6 @@ from qponder_mlx.train.lora import (
     attach_lora,
     load_adapters,
     quantize_language_model,
-    save_adapters,
 )
 from qponder_mlx.train.runlog import METRICS_FILE, MetricsLog, write_curves
 
@@ -167,10 +166,9 @@ def run(cfg: GRPOConfig, *, resume: bool = False, loaded: LoadedModel | None = N
     def save(step: int) -> None:
         if not world.is_main:
             return
-        state = {"data": order.state(), "bad_steps": bad_steps}
-        ckpt_mod.save_checkpoint(run_dir, step, model, adapter_cfg, optimizer, state,
-                                 config_dict(cfg), keep=cfg.keep_checkpoints)
-        save_adapters(model, adapter_cfg, run_dir / ADAPTERS_DIR)
+        ckpt_mod.save_run(run_dir, step, model, adapter_cfg, optimizer,
+                          {"data": order.state(), "bad_steps": bad_steps}, config_dict(cfg),
+                          cfg.keep_checkpoints, ADAPTERS_DIR)
 
     bad_steps = int(ckpt.state.get("bad_steps", 0)) if ckpt else 0
     consecutive_bad = 0

@@ -126,6 +126,14 @@ def save_checkpoint(run_dir: str | Path, step: int, model: nn.Module, adapter_co
     return final
 
 
+def save_run(run_dir: str | Path, step: int, model: nn.Module, adapter_config: dict, optimizer,
+             state: dict[str, Any], config: dict[str, Any], keep: int,
+             adapters_dir: str = "adapters") -> None:
+    """Checkpoint `step` and refresh the run's current adapters (what eval/score/export load)."""
+    save_checkpoint(run_dir, step, model, adapter_config, optimizer, state, config, keep=keep)
+    save_adapters(model, adapter_config, Path(run_dir) / adapters_dir)
+
+
 def read_checkpoint(path: str | Path) -> Checkpoint:
     path = Path(path)
     try:

@@ -59,7 +59,7 @@ from qponder_mlx.train.loop import (
     stop_on_interrupt,
     zeros_like_tree,
 )
-from qponder_mlx.train.lora import attach_lora, save_adapters
+from qponder_mlx.train.lora import attach_lora
 from qponder_mlx.train.runlog import MetricsLog, write_curves
 
 PROBLEMS_FILE = "data_problems.jsonl"
@@ -278,10 +278,9 @@ def run_sft(cfg: SFTConfig, *, resume: bool = False, loaded: LoadedModel | None 
     def save(step: int) -> None:
         if not world.is_main:
             return
-        state = {"data": order.state(), "bad_steps": bad_steps}
-        ckpt_mod.save_checkpoint(run_dir, step, model, adapter_cfg, optimizer, state,
-                                 config_dict(cfg), keep=cfg.keep_checkpoints)
-        save_adapters(model, adapter_cfg, run_dir / ADAPTERS_DIR)
+        ckpt_mod.save_run(run_dir, step, model, adapter_cfg, optimizer,
+                          {"data": order.state(), "bad_steps": bad_steps}, config_dict(cfg),
+                          cfg.keep_checkpoints, ADAPTERS_DIR)
 
     model.train()
     mx.reset_peak_memory()
