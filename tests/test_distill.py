@@ -8,12 +8,9 @@ import os
 import random
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 from datetime import datetime, timedelta, timezone
 from email.utils import format_datetime
 from pathlib import Path
@@ -485,46 +482,15 @@ def test_kept_rows_load_in_mlx_vlm_sft_dataset(tmp_path, tiny_loaded):
 # Real servers and models
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def mlx_vlm_server(tiny_model_dir, tmp_path_factory):
     """The real `mlx_vlm.server` serving the tiny model, with an API key (from its env)."""
-    port, key = _free_port(), f"sk-server-{random.getrandbits(64):016x}"
+    from reliability.procs import mlx_vlm_server as serve
+
+    key = f"sk-server-{random.getrandbits(64):016x}"
     log_path = tmp_path_factory.mktemp("server") / "server.log"
-    log = log_path.open("w")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "mlx_vlm.server", "--model", str(tiny_model_dir),
-         "--host", "127.0.0.1", "--port", str(port), "--max-tokens", "32"],
-        stdout=log, stderr=subprocess.STDOUT,
-        env={**os.environ, "MLX_VLM_SERVER_API_KEY": key, "HF_HUB_OFFLINE": "1"})
-    try:
-        deadline = time.monotonic() + 90
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"mlx_vlm.server exited: {log_path.read_text()[-2000:]}")
-            try:
-                req = urllib.request.Request(f"http://127.0.0.1:{port}/health",
-                                             headers={"Authorization": f"Bearer {key}"})
-                urllib.request.urlopen(req, timeout=2).read()
-                break
-            except (urllib.error.URLError, ConnectionError, TimeoutError):
-                if time.monotonic() > deadline:
-                    raise RuntimeError("mlx_vlm.server did not start in 90 s") from None
-                time.sleep(0.25)
-        yield {"url": f"http://127.0.0.1:{port}/v1", "model": str(tiny_model_dir), "key": key}
-    finally:
-        proc.terminate()  # its own PID only
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)
-        log.close()
+    with serve(tiny_model_dir, log_path, key) as url:
+        yield {"url": url, "model": str(tiny_model_dir), "key": key}
 
 
 def test_real_mlx_vlm_server_end_to_end(mlx_vlm_server, cc0_labels, tmp_path):
