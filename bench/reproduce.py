@@ -52,7 +52,7 @@ import numpy as np  # noqa: E402
 
 from qponder_mlx import metrics  # noqa: E402
 from qponder_mlx.io import atomic_write_json, atomic_write_text, read_jsonl  # noqa: E402
-from qponder_mlx.train.config import load_config  # noqa: E402
+from qponder_mlx.train.config import ConfigError, load_config  # noqa: E402
 
 BENCH = Path(__file__).resolve().parent
 BRISQUE_DIR = Path("/usr/share/opencv4/quality")  # Debian/Ubuntu `opencv-data`
@@ -280,10 +280,6 @@ def write_figures(out: Path, figures: Path) -> list[Path]:
 # ---------------------------------------------------------------- the pipeline
 
 
-def _done(path: Path) -> bool:
-    return path.exists()
-
-
 def run_pipeline(cfg: ReproConfig, pipeline_dir: Path, out: Path, *, in_process: bool = False,
                  figures: Path | None = None, echo=print) -> dict:
     """Run (or resume) every stage; returns the results dict (also OUT/results.json)."""
@@ -299,7 +295,7 @@ def run_pipeline(cfg: ReproConfig, pipeline_dir: Path, out: Path, *, in_process:
     px = ["--min-pixels", str(pixels), "--max-pixels", str(pixels)]
 
     def stage(name: str, done: Path, work) -> None:
-        if _done(done):
+        if done.exists():
             echo(f"[{name}] done earlier ({timings.get(name, 0):.0f} s) — skipped")
             return
         echo(f"[{name}]")
@@ -340,8 +336,9 @@ def run_pipeline(cfg: ReproConfig, pipeline_dir: Path, out: Path, *, in_process:
                          "--model", str(base), "--out", str(run_dir), *extra, *px,
                          "--no-progress", *resume])
 
-    stage("synth", data / "test.jsonl", synth)
-    stage("student", base / "config.json", student)
+    # Each stage is done when the LAST file it writes exists.
+    stage("synth", data / "train.jsonl", synth)
+    stage("student", base / "generation_config.json", student)
     stage("distill", out / "distill" / "train.summary.json", distill)
     stage("sft", out / "sft" / "summary.json",
           lambda: train("sft", ["--data", str(out / "distill" / "train.jsonl")], sft_cfg))
@@ -419,6 +416,7 @@ def run_pipeline(cfg: ReproConfig, pipeline_dir: Path, out: Path, *, in_process:
         "grpo_steps_with_signal": sum(s > 0 for s in reward_std),
         "grpo_steps": len(grpo_rows), "figures": [str(p) for p in curves],
         "config": asdict(cfg),
+        "load_average_at_end": list(os.getloadavg()), "cpu_count": os.cpu_count(),
         "headline": {"grpo_srcc": grpo,
                      "grpo_minus_sft_srcc": None if grpo is None or sft is None else grpo - sft,
                      "grpo_minus_brisque_srcc": None if grpo is None or brisque is None
@@ -428,7 +426,8 @@ def run_pipeline(cfg: ReproConfig, pipeline_dir: Path, out: Path, *, in_process:
     stages = ", ".join(f"{k} {v:.0f} s" for k, v in timings.items())
     atomic_write_text(out / "results.md", f"{table}\n\nTime: {total:.0f} s ({stages})\n")
     echo("\n" + table)
-    echo(f"\ntime: {total / 60:.1f} min ({stages})")
+    echo(f"\ntime: {total / 60:.1f} min ({stages}); load average now "
+         f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
     echo(f"GRPO reward std: mean {results['grpo_reward_std_mean']}, "
          f"{results['grpo_steps_with_signal']}/{len(grpo_rows)} steps with signal")
     return results
@@ -461,7 +460,11 @@ def main(argv: list[str] | None = None) -> int:
     warn = blas_warning()
     if warn:
         print(warn, file=sys.stderr)
-    cfg = load_config(ReproConfig, args.config)
+    try:
+        cfg = load_config(ReproConfig, args.config)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     if args.fresh and args.out.exists():
         shutil.rmtree(args.out)
     t0 = time.perf_counter()
