@@ -36,7 +36,7 @@ class GRPOConfig:
     temperature: float = 1.0
     top_p: float = 1.0
     max_completion_length: int = 256
-    max_rows: int = 64  # decode at most this many rows at once (memory bound)
+    max_rows: int = 8  # decode at most this many rows at once (memory bound: one G=8 group)
     # Completions differentiated together; fewer = less memory, same gradient (>= G: one pass).
     loss_rows: int = 2
     rewards: RewardConfig = field(default_factory=RewardConfig)
