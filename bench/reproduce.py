@@ -68,6 +68,7 @@ class DataSettings:
     photos: str = ""  # comma-separated scikit-image CC0 photos ("" = all ten)
     test_photos: str = "coffee,rocket,grass"
     seed: int = 0
+    crops: int = 0  # extra random crops per TRAIN photo (qponder dev synth-iqa --crops)
 
 
 @dataclass
@@ -76,8 +77,9 @@ class StudentSettings:
     hidden_size: int = 128
     num_layers: int = 2
     vocab_size: int = 640
-    vision_hidden: int = 128
-    vision_depth: int = 4
+    vision_hidden: int = 256
+    vision_depth: int = 2
+    vision_stem: str = "dct"  # qponder_mlx.vision_stem; "random" = a plain random tower
 
 
 @dataclass
@@ -307,7 +309,8 @@ def run_pipeline(cfg: ReproConfig, pipeline_dir: Path, out: Path, *, in_process:
 
     def synth():
         argv = ["dev", "synth-iqa", str(data), "--size", str(cfg.data.size),
-                "--test-photos", cfg.data.test_photos, "--seed", str(cfg.data.seed)]
+                "--test-photos", cfg.data.test_photos, "--seed", str(cfg.data.seed),
+                "--crops", str(cfg.data.crops)]
         if cfg.data.photos:
             argv += ["--photos", cfg.data.photos]
         run("synth", argv)
@@ -318,7 +321,7 @@ def run_pipeline(cfg: ReproConfig, pipeline_dir: Path, out: Path, *, in_process:
         s = cfg.student
         build_tiny_model(base, seed=s.seed, hidden_size=s.hidden_size, num_layers=s.num_layers,
                          vocab_size=s.vocab_size, vision_hidden=s.vision_hidden,
-                         vision_depth=s.vision_depth)
+                         vision_depth=s.vision_depth, vision_stem=s.vision_stem)
         run.record(f"# student base: qponder_mlx.testing.build_tiny_model({base}, {asdict(s)})")
 
     def distill():

@@ -27,11 +27,21 @@ def tiny_model(
     seed: int = typer.Option(0, help="RNG seed: same seed, same weights."),
     hidden_size: int = typer.Option(64, help="Language-model width (multiple of 16)."),
     num_layers: int = typer.Option(2, help="Language-model layers."),
+    vocab_size: int = typer.Option(640, help="BPE vocabulary target."),
+    vision_hidden: int = typer.Option(64, help="Vision-tower width (multiple of 16)."),
+    vision_depth: int = typer.Option(2, help="Vision-tower blocks."),
+    vision_stem: str = typer.Option("random", help="random, or dct: the fixed DCT-energy stem "
+                                    "(needs --vision-hidden 256)."),
 ) -> None:
     """Write a tiny random Qwen2.5-VL that every command accepts, so you can try qponder offline."""
     from qponder_mlx.testing import build_tiny_model
 
-    out = build_tiny_model(path, seed=seed, hidden_size=hidden_size, num_layers=num_layers)
+    try:
+        out = build_tiny_model(path, seed=seed, hidden_size=hidden_size, num_layers=num_layers,
+                               vocab_size=vocab_size, vision_hidden=vision_hidden,
+                               vision_depth=vision_depth, vision_stem=vision_stem)
+    except ValueError as e:
+        fail(f"qponder dev tiny-model: {e}")
     size = sum(f.stat().st_size for f in out.iterdir()) / 1e6
     typer.echo(f"tiny Qwen2.5-VL written to {out} ({size:.1f} MB)")
 
@@ -44,11 +54,13 @@ def synth_iqa(
                                help="Comma-separated scikit-image CC0 photos to use."),
     test_photos: str = typer.Option("coffee,rocket,grass",
                                     help="Photos held out for test.jsonl (no photo in both)."),
-    seed: int = typer.Option(0, help="Noise seed."),
+    seed: int = typer.Option(0, help="Noise and crop seed."),
+    crops: int = typer.Option(0, min=0, help="Also N random crops (random scale, place and "
+                              "flip) of every TRAIN photo; test photos keep the centre crop."),
 ) -> None:
     """A KADID-style set: CC0 photos × blur/noise/JPEG × 5 KADID levels, labelled with KADID's
     mean MOS per (type, level). Writes labels.jsonl, train.jsonl and test.jsonl."""
-    from qponder_mlx.synth import center_crop, load_cc0_photo, write_set
+    from qponder_mlx.synth import center_crop, load_cc0_photo, random_crops, write_set
 
     names = [n.strip() for n in photos.split(",") if n.strip()]
     held = {n.strip() for n in test_photos.split(",") if n.strip()}
@@ -57,11 +69,18 @@ def synth_iqa(
         fail(f"--photos/--test-photos: unknown or unused photo(s) {unknown}; "
              f"choose from {sorted(CC0_PHOTOS)}")
     try:
-        refs = {n: center_crop(load_cc0_photo(n), size) for n in names}
+        photos_ = {n: load_cc0_photo(n) for n in names}
     except RuntimeError as e:
         fail(str(e))
+    refs = {n: center_crop(im, size) for n, im in photos_.items()}
+    photo_of = {n: n for n in names}
+    for i, n in enumerate(names):
+        if n not in held:
+            for c, im in enumerate(random_crops(photos_[n], size, crops, seed=seed * 1000 + i)):
+                refs[f"{n}_crop{c}"] = im
+                photo_of[f"{n}_crop{c}"] = n
     split = {n: "test" if n in held else "train" for n in names}
-    items = write_set(out, refs, split=split, seed=seed)
+    items = write_set(out, refs, split=split, seed=seed, photo_of=photo_of)
     n_test = sum(split[i.reference] == "test" for i in items)
     typer.echo(f"{len(items)} images in {out} ({len(items) - n_test} train, {n_test} test)")
 

@@ -77,6 +77,22 @@ def center_crop(img: Image.Image, size: int) -> Image.Image:
     return img.crop((left, top, left + size, top + size))
 
 
+def random_crops(img: Image.Image, size: int, n: int, *, seed: int = 0) -> list[Image.Image]:
+    """`n` random square crops resized to `size`: side uniform between the short side and
+    `size` pixels (from a whole-photo view down to native resolution), random place, random
+    horizontal flip. More content per photo is what keeps a small student from learning the
+    photo instead of its quality."""
+    rng = np.random.default_rng(seed)
+    w, h = img.size
+    out = []
+    for _ in range(n):
+        side = int(rng.integers(min(size, w, h), min(w, h) + 1))
+        x0, y0 = int(rng.integers(0, w - side + 1)), int(rng.integers(0, h - side + 1))
+        crop = img.crop((x0, y0, x0 + side, y0 + side)).resize((size, size), Image.BICUBIC)
+        out.append(crop.transpose(Image.FLIP_LEFT_RIGHT) if rng.random() < 0.5 else crop)
+    return out
+
+
 def load_cc0_photo(name: str) -> Image.Image:
     """A CC0 photo from scikit-image's bundled data (no network)."""
     try:
@@ -98,12 +114,17 @@ class SynthItem:
 
 def write_set(out: str | Path, references: dict[str, Image.Image], *,
               kinds: Iterable[str] = DISTORTIONS, levels: Iterable[int] = range(1, 6),
-              split: dict[str, str] | None = None, seed: int = 0) -> list[SynthItem]:
+              split: dict[str, str] | None = None, seed: int = 0,
+              photo_of: dict[str, str] | None = None) -> list[SynthItem]:
     """Write distorted images and `labels.jsonl`: JPEG-distorted ones as the .jpg the distortion
     itself produces (bit-exact), the others as lossless PNG.
 
-    `split` maps reference name -> split name; each split also gets `<split>.jsonl`.
+    `references` maps an image name to its undistorted image; `photo_of` maps that name to the
+    photo it was cut from (default: itself) — the `reference` field and the split follow the
+    photo, so crops of one photo never straddle train and test. `split` maps photo name ->
+    split name; each split also gets `<split>.jsonl`.
     """
+    photo_of = photo_of or {}
     out = Path(out)
     (out / "images").mkdir(parents=True, exist_ok=True)
     items: list[SynthItem] = []
@@ -115,7 +136,8 @@ def write_set(out: str | Path, references: dict[str, Image.Image], *,
                     ref.convert("RGB").save(out / fname, quality=LEVELS[kind][level - 1])
                 else:
                     distort(ref, kind, level, seed=seed * 1000 + r_i).save(out / fname)
-                items.append(SynthItem(fname, name, kind, level, LEVEL_MOS[kind][level - 1]))
+                items.append(SynthItem(fname, photo_of.get(name, name), kind, level,
+                                       LEVEL_MOS[kind][level - 1]))
 
     def dump(path: Path, rows: list[SynthItem]) -> None:
         with path.open("w") as f:

@@ -12,6 +12,7 @@ import json
 from pathlib import Path
 
 from qponder_mlx.prompts import SYSTEM_PROMPT, USER_PROMPT
+from qponder_mlx.vision_stem import STEM_MIN_INTERMEDIATE, dct_stem_weights
 
 # Qwen2.5-VL's own chat template (chat_template.json of the Qwen/Qwen2.5-VL-*-Instruct repos).
 QWEN25VL_CHAT_TEMPLATE = (
@@ -93,7 +94,8 @@ def _train_tokenizer(vocab_size: int):
 
 
 def tiny_config(vocab_size: int, ids: dict[str, int], *, hidden_size: int, num_layers: int,
-                vision_hidden: int = 64, vision_depth: int = 2) -> dict:
+                vision_hidden: int = 64, vision_depth: int = 2,
+                vision_intermediate: int | None = None) -> dict:
     """Flat HF-layout Qwen2.5-VL config (text keys at the root, as mlx-vlm expects)."""
     heads = max(1, hidden_size // 16)
     head_dim = hidden_size // heads
@@ -128,7 +130,7 @@ def tiny_config(vocab_size: int, ids: dict[str, int], *, hidden_size: int, num_l
             "model_type": "qwen2_5_vl",
             "depth": vision_depth,
             "hidden_size": vision_hidden,
-            "intermediate_size": vision_hidden * 2,
+            "intermediate_size": vision_intermediate or vision_hidden * 2,
             "out_hidden_size": hidden_size,
             "num_heads": max(1, vision_hidden // 16),
             "in_chans": 3,
@@ -163,13 +165,17 @@ PREPROCESSOR_CONFIG = {
 
 def build_tiny_model(out_dir: str | Path, *, seed: int = 0, hidden_size: int = 64,
                      num_layers: int = 2, vocab_size: int = 640, vision_hidden: int = 64,
-                     vision_depth: int = 2) -> Path:
+                     vision_depth: int = 2, vision_stem: str = "random") -> Path:
     """Write a deterministic random Qwen2.5-VL folder that stock `mlx_vlm.load` loads.
 
     Same arguments give byte-identical weights. `vocab_size` is the BPE target; the config's
     vocabulary equals the tokenizer's length (a padded vocabulary lets a random model emit ids that
-    decode to nothing).
+    decode to nothing). `vision_stem="dct"` writes the fixed DCT-energy stem of
+    `qponder_mlx.vision_stem` into the vision tower (needs vision_hidden >= 248, depth >= 2):
+    a stand-in for a pretrained tower that already sees blur, noise and blocking.
     """
+    if vision_stem not in ("random", "dct"):
+        raise ValueError(f"vision_stem={vision_stem!r}: use 'random' or 'dct'")
     import mlx.core as mx
     from mlx.utils import tree_flatten
     from mlx_vlm.models import qwen2_5_vl
@@ -183,7 +189,11 @@ def build_tiny_model(out_dir: str | Path, *, seed: int = 0, hidden_size: int = 6
     tok = _train_tokenizer(vocab_size)
     ids = {t: tok.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
     config = tiny_config(len(tok), ids, hidden_size=hidden_size, num_layers=num_layers,
-                         vision_hidden=vision_hidden, vision_depth=vision_depth)
+                         vision_hidden=vision_hidden, vision_depth=vision_depth,
+                         vision_intermediate=2 * vision_hidden if vision_stem == "random"
+                         else max(2 * vision_hidden, STEM_MIN_INTERMEDIATE))
+    if vision_stem == "dct":
+        stem = dct_stem_weights(config["vision_config"])  # checks the sizes before any work
 
     mx.random.seed(seed)
     cfg = json.loads(json.dumps(config))
@@ -192,6 +202,11 @@ def build_tiny_model(out_dir: str | Path, *, seed: int = 0, hidden_size: int = 6
     model = qwen2_5_vl.Model(model_config)
     mx.eval(model.parameters())
     weights = dict(tree_flatten(model.parameters()))
+    if vision_stem == "dct":
+        for k, v in stem.items():
+            if weights[k].shape != v.shape:
+                raise AssertionError(f"stem weight {k}: {v.shape} vs model {weights[k].shape}")
+            weights[k] = mx.array(v)
     mx.save_safetensors(str(out / "model.safetensors"), weights, metadata={"format": "mlx"})
 
     (out / "config.json").write_text(json.dumps(config, indent=2))

@@ -59,3 +59,25 @@ def test_synth_iqa_cli_splits_by_photo(tmp_path):
     assert len(samples) == 15 and samples[0].mos == pytest.approx(LEVEL_MOS["blur"][0])
     bad = CliRunner().invoke(app, ["dev", "synth-iqa", str(tmp_path / "x"), "--photos", "dog"])
     assert bad.exit_code == 2 and "dog" in bad.output
+
+
+def test_synth_iqa_crops_only_for_train_photos(tmp_path):
+    pytest.importorskip("skimage")
+    args = ["dev", "synth-iqa", "--size", "56", "--photos", "astronaut,chelsea",
+            "--test-photos", "chelsea", "--crops", "2", "--seed", "3"]
+    res = CliRunner().invoke(app, [*args[:2], str(tmp_path / "a"), *args[2:]])
+    assert res.exit_code == 0, res.output
+    rows = lambda d, s: [json.loads(x) for x in (tmp_path / d / f"{s}.jsonl").read_text().splitlines()]  # noqa: E731
+    train, test = rows("a", "train"), rows("a", "test")
+    assert len(train) == 3 * 15 and len(test) == 15          # centre + 2 crops; test: centre only
+    assert {r["reference"] for r in train} == {"astronaut"}  # crops keep their photo's name
+    assert {r["reference"] for r in test} == {"chelsea"}
+    stems = sorted({r["id"].rsplit("_", 2)[0] for r in train})
+    assert stems == ["astronaut", "astronaut_crop0", "astronaut_crop1"]
+    pngs = [np.asarray(Image.open(tmp_path / "a" / f"images/{s}_noise_1.png")) for s in stems]
+    assert all(p.shape == (56, 56, 3) for p in pngs)
+    assert not np.array_equal(pngs[0], pngs[1]) and not np.array_equal(pngs[1], pngs[2])
+    # The same seed gives the same crops.
+    assert CliRunner().invoke(app, [*args[:2], str(tmp_path / "b"), *args[2:]]).exit_code == 0
+    again = np.asarray(Image.open(tmp_path / "b" / "images/astronaut_crop1_noise_1.png"))
+    assert np.array_equal(again, pngs[2])

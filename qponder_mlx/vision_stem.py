@@ -1,0 +1,171 @@
+"""A fixed "DCT energy" stem for the random tiny Qwen2.5-VL's vision tower.
+
+A pretrained Qwen2.5-VL already sees blur, noise and blocking; a randomly initialised ViT does
+not, and from a handful of photos it learns to recognise the *photo* rather than its *quality*
+(docs/reproduction.md). Quality lives in second-order statistics (how much energy each spatial
+frequency carries), which a freshly initialised ViT — nearly linear in its pixels, then mean-pooled
+— hardly represents. This stem writes that prior into the stock weights, so the model stays the
+stock mlx-vlm class and every weight stays trainable:
+
+- patch embedding = the orthonormal 2-D DCT-II basis of each 14×14 patch's luma (AC terms only),
+- block 0 attention writes a constant channel (its output bias), which makes block 0's RMSNorm
+  nearly scale-preserving, and its gated MLP turns each coefficient c into a soft |c|
+  (silu(s·c) + silu(-s·c)) summed per radial frequency band u + v,
+- later blocks start as the identity (zero output projections, as in zero-init residual nets),
+- block 1's gated MLP takes a log of each band amplitude (a sum of saturating ramps),
+- the merger reads only the log-band channels.
+
+No label or image information goes into it: it is the same for every seed and data set.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+PATCH = 14
+N_AC = PATCH * PATCH - 1          # 195 AC coefficients per patch
+N_BANDS = 2 * PATCH - 2           # radial bands u + v = 1 .. 26
+CONST = 64.0                      # value of the constant channel written by block 0
+SOFTABS_GAIN = 160.0              # s in silu(s y) + silu(-s y) ≈ s |y| once |c| > ~0.05
+# Ramp starts of the log stage: each ramp rises by 1 from t to 4t, so their sum ≈ log4(x / 0.004)
+# over the band amplitudes seen on photos (0.004 .. 4; flat patches give 0).
+LOG_RAMPS = (0.004, 0.016, 0.064, 0.256, 1.024)
+STEM_MIN_INTERMEDIATE = max(2 * N_AC, 2 * N_BANDS * len(LOG_RAMPS))
+# Luma weights (BT.601) and Qwen2.5-VL's pixel normalisation (preprocessor_config.json): the
+# patch embedding sees (rgb - mean) / std, so luma AC = sum_c w_c std_c x_c.
+LUMA = np.array([0.299, 0.587, 0.114])
+PIXEL_STD = np.array([0.26862954, 0.26130258, 0.27577711])
+
+
+def dct_basis(n: int = PATCH) -> np.ndarray:
+    """Orthonormal DCT-II matrix D[k, i] (rows are basis functions)."""
+    k, i = np.arange(n)[:, None], np.arange(n)[None]
+    d = np.cos(np.pi * (2 * i + 1) * k / (2 * n)) * np.sqrt(2 / n)
+    d[0] /= np.sqrt(2)
+    return d
+
+
+def ac_frequencies(n: int = PATCH) -> list[tuple[int, int]]:
+    """The (u, v) of every AC coefficient, low to high radial frequency."""
+    return sorted(((u, v) for u in range(n) for v in range(n) if u or v),
+                  key=lambda f: (f[0] + f[1], f))
+
+
+def stem_layout(hidden: int) -> dict[str, int]:
+    """Channel layout of the residual stream: coefficients, band energies, the constant."""
+    need = N_AC + 2 * N_BANDS + 1
+    if hidden < need:
+        raise ValueError(f"the DCT stem needs vision hidden size >= {need} (got {hidden}); "
+                         f"use vision_hidden=256")
+    return {"bands": N_AC, "log": N_AC + N_BANDS, "const": hidden - 1}
+
+
+def dct_stem_weights(vision_cfg: dict) -> dict[str, np.ndarray]:
+    """Stem weights for `VisionModel` parameters, keyed like `model.parameters()` (vision_tower.*).
+
+    Only the stem's own parameters are returned; everything else keeps its random init.
+    """
+    h = int(vision_cfg["hidden_size"])
+    inter = int(vision_cfg["intermediate_size"])
+    depth = int(vision_cfg["depth"])
+    out_h = int(vision_cfg["out_hidden_size"])
+    if vision_cfg.get("patch_size") != PATCH or vision_cfg.get("temporal_patch_size") != 2:
+        raise ValueError("the DCT stem is written for 14x14 patches with temporal size 2")
+    if inter < STEM_MIN_INTERMEDIATE or depth < 2:
+        raise ValueError("the DCT stem needs vision depth >= 2 and intermediate size >= "
+                         f"{STEM_MIN_INTERMEDIATE} (got depth {depth}, intermediate {inter})")
+    lay = stem_layout(h)
+    d = dct_basis()
+    freqs = ac_frequencies()
+    w: dict[str, np.ndarray] = {}
+
+    # Patch embedding (MLX Conv3d layout: out, t, kh, kw, in). The two frames are the same image,
+    # so each gets half the basis: the output is the coefficient of the (single) frame's luma.
+    pe = np.zeros((h, 2, PATCH, PATCH, 3), np.float32)
+    chan = LUMA * PIXEL_STD
+    for o, (u, v) in enumerate(freqs):
+        pe[o] = 0.5 * np.outer(d[u], d[v])[None, :, :, None] * chan[None, None, None, :]
+    w["vision_tower.patch_embed.proj.weight"] = pe
+
+    # Block 0: attention adds a constant channel and nothing else.
+    b0 = "vision_tower.blocks.0."
+    w[b0 + "attn.qkv.weight"] = np.zeros((3 * h, h), np.float32)
+    w[b0 + "attn.qkv.bias"] = np.zeros((3 * h,), np.float32)
+    w[b0 + "attn.proj.weight"] = np.zeros((h, h), np.float32)
+    bias = np.zeros((h,), np.float32)
+    bias[lay["const"]] = CONST
+    w[b0 + "attn.proj.bias"] = bias
+    # RMSNorm(x) ≈ x * sqrt(h) / CONST while the patch's AC energy << CONST^2: scale-preserving.
+    y_const = np.sqrt(h)                 # the constant channel after the norm
+    y_gain = np.sqrt(h) / CONST          # coefficient c -> y = c * y_gain
+    gate = np.zeros((inter, h), np.float32)
+    up = np.zeros((inter, h), np.float32)
+    down = np.zeros((h, inter), np.float32)
+    s = SOFTABS_GAIN
+    for k, (u, v) in enumerate(freqs):
+        band = u + v - 1
+        n_band = sum(1 for f in freqs if f[0] + f[1] == u + v)
+        for j, sign in ((2 * k, 1.0), (2 * k + 1, -1.0)):
+            gate[j, k] = sign * s
+            up[j, lay["const"]] = 1.0 / y_const              # = 1: the gate's silu passes alone
+            # silu(s y) + silu(-s y) ≈ s |y| = s y_gain |c|; averaged over the band, then scaled
+            # by the band's radial frequency (natural images' amplitude falls ~ 1/f, so every
+            # band channel starts at a similar size).
+            down[lay["bands"] + band, j] = (u + v) / (s * y_gain * n_band)
+    w[b0 + "mlp.gate_proj.weight"] = gate
+    w[b0 + "mlp.gate_proj.bias"] = np.zeros((inter,), np.float32)
+    w[b0 + "mlp.up_proj.weight"] = up
+    w[b0 + "mlp.up_proj.bias"] = np.zeros((inter,), np.float32)
+    w[b0 + "mlp.down_proj.weight"] = down
+    w[b0 + "mlp.down_proj.bias"] = np.zeros((h,), np.float32)
+
+    # Block 1's MLP: a log of each band energy, as a sum of ramps over octave pairs — band
+    # amplitudes span ~3 decades across photos and distortions, and log energies are what
+    # classic quality models regress on (a linear read-out of log energies generalises best).
+    b1 = "vision_tower.blocks.1."
+    gate = np.zeros((inter, h), np.float32)
+    gbias = np.zeros((inter,), np.float32)
+    up = np.zeros((inter, h), np.float32)
+    down = np.zeros((h, inter), np.float32)
+    j = 0
+    for band in range(N_BANDS):
+        for t in LOG_RAMPS:
+            ty = t * y_gain                           # threshold in normalised units
+            sharp = 2.0 / ty
+            for start, sign in ((ty, 1.0), (4 * ty, -1.0)):
+                gate[j, lay["bands"] + band] = sharp
+                gbias[j] = -sharp * start
+                up[j, lay["const"]] = 1.0 / y_const
+                down[lay["log"] + band, j] = sign / (sharp * 3 * ty)
+                j += 1
+    w[b1 + "mlp.gate_proj.weight"] = gate
+    w[b1 + "mlp.gate_proj.bias"] = gbias
+    w[b1 + "mlp.up_proj.weight"] = up
+    w[b1 + "mlp.up_proj.bias"] = np.zeros((inter,), np.float32)
+    w[b1 + "mlp.down_proj.weight"] = down
+    w[b1 + "mlp.down_proj.bias"] = np.zeros((h,), np.float32)
+    w[b1 + "attn.proj.weight"] = np.zeros((h, h), np.float32)
+    w[b1 + "attn.proj.bias"] = np.zeros((h,), np.float32)
+
+    # Later blocks: identity at init (zero output projections); their inputs stay random.
+    for i in range(2, depth):
+        b = f"vision_tower.blocks.{i}."
+        w[b + "attn.proj.weight"] = np.zeros((h, h), np.float32)
+        w[b + "attn.proj.bias"] = np.zeros((h,), np.float32)
+        w[b + "mlp.down_proj.weight"] = np.zeros((h, inter), np.float32)
+        w[b + "mlp.down_proj.bias"] = np.zeros((h,), np.float32)
+
+    # Merger: its first linear reads only the log-band channels of the 4 merged patches (content coefficients would swamp the band energies), with a fixed random draw.
+    rng = np.random.default_rng(0)
+    m_in = 4 * h
+    keep = np.zeros((h,), bool)
+    keep[lay["log"]:lay["log"] + N_BANDS] = True
+    fan_in = 4 * (N_BANDS + 1)
+    w1 = rng.uniform(-1, 1, (m_in, m_in)).astype(np.float32) / np.sqrt(fan_in)
+    mask = np.tile(keep, 4)
+    w1[:, ~mask] = 0.0
+    w["vision_tower.merger.mlp.0.weight"] = w1
+    w["vision_tower.merger.mlp.0.bias"] = np.zeros((m_in,), np.float32)
+    w["vision_tower.merger.mlp.2.weight"] = (
+        rng.uniform(-1, 1, (out_h, m_in)).astype(np.float32) / np.sqrt(m_in))
+    return w

@@ -1,0 +1,126 @@
+"""The DCT-energy vision stem (`qponder_mlx.vision_stem`) against an independent DCT (scipy)."""
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from PIL import Image
+from scipy.fft import dctn
+
+from qponder_mlx.synth import distort
+from qponder_mlx.testing import build_tiny_model
+from qponder_mlx.vision_stem import (CONST, LOG_RAMPS, N_AC, N_BANDS, SOFTABS_GAIN,
+                                     ac_frequencies, stem_layout)
+
+
+@pytest.fixture(scope="module")
+def stem_model(tmp_path_factory):
+    from mlx_vlm import load
+
+    path = build_tiny_model(tmp_path_factory.mktemp("stem") / "m", hidden_size=64,
+                            vision_hidden=256, vision_depth=2, vision_stem="dct")
+    model, processor = load(str(path))
+    return model, processor
+
+
+def _photo(size: int = 112) -> Image.Image:
+    from qponder_mlx.synth import center_crop
+    from pathlib import Path
+    import qponder_mlx
+    assets = Path(qponder_mlx.__file__).parent / "assets" / "cc0_mini"
+    first = sorted(p for p in assets.rglob("*") if p.suffix.lower() in (".jpg", ".png"))[0]
+    return center_crop(Image.open(first).convert("RGB"), size)
+
+
+def _pixels(processor, img: Image.Image):
+    out = processor.image_processor(images=[img], return_tensors="np")
+    return mx.array(out["pixel_values"]), mx.array(out["image_grid_thw"])
+
+
+def _residual_after(model, pv, grid, blocks: int) -> np.ndarray:
+    """The vision residual stream after `blocks` blocks, in the processor's patch order."""
+    vt = model.vision_tower
+    x = vt.patch_embed(pv)
+    rot = vt.rot_pos_emb(grid)
+    cu = mx.array([0, x.shape[0]], dtype=mx.int32)
+    for blk in vt.blocks[:blocks]:
+        x = blk(x, cu_seqlens=cu, rotary_pos_emb=rot)
+    return np.array(x)
+
+
+def _luma_patches(img: Image.Image) -> np.ndarray:
+    """14x14 luma patches in Qwen's processor order (2x2 merge windows, row-major)."""
+    y = np.asarray(img, np.float64) / 255.0 @ np.array([0.299, 0.587, 0.114])
+    g = y.shape[0] // 14
+    p = y.reshape(g // 2, 2, 14, g // 2, 2, 14).transpose(0, 3, 1, 4, 2, 5)
+    return p.reshape(-1, 14, 14)
+
+
+def test_patch_embedding_is_the_luma_dct(stem_model):
+    model, processor = stem_model
+    img = _photo()
+    x = _residual_after(model, *_pixels(processor, img), blocks=0)
+    ref = np.stack([dctn(p, norm="ortho") for p in _luma_patches(img)])
+    want = np.stack([ref[:, u, v] for u, v in ac_frequencies()], 1)
+    assert x.shape == (64, 256)
+    np.testing.assert_allclose(x[:, :N_AC], want, atol=2e-4)  # float32 + processor rounding
+    assert np.abs(x[:, N_AC:]).max() == 0.0                    # nothing else yet
+
+
+def test_block0_writes_band_soft_abs_and_a_constant(stem_model):
+    model, processor = stem_model
+    img = _photo()
+    x0 = _residual_after(model, *_pixels(processor, img), blocks=0)
+    x1 = _residual_after(model, *_pixels(processor, img), blocks=1)
+    lay = stem_layout(256)
+    c = x0[:, :N_AC]
+    rms = np.sqrt((np.sum(c ** 2, 1, keepdims=True) + CONST ** 2) / 256 + 1e-6)
+    z = SOFTABS_GAIN * c / rms
+    up = CONST / rms / np.sqrt(256)              # the constant channel read by up_proj (≈ 1)
+    soft = z * np.tanh(z / 2) * up               # (silu(z) + silu(-z)) * up, written differently
+    gain = SOFTABS_GAIN * np.sqrt(256) / CONST
+    freqs = ac_frequencies()
+    want = np.zeros((len(c), N_BANDS))
+    for k, (u, v) in enumerate(freqs):
+        n = sum(1 for f in freqs if sum(f) == u + v)
+        want[:, u + v - 1] += (u + v) * soft[:, k] / (gain * n)
+    np.testing.assert_allclose(x1[:, lay["bands"]:lay["bands"] + N_BANDS], want,
+                               rtol=1e-3, atol=1e-5)
+    assert np.allclose(x1[:, lay["const"]], CONST)
+    np.testing.assert_allclose(x1[:, :N_AC], c, atol=1e-6)      # coefficients pass unchanged
+
+
+def test_block1_log_stage_is_log4_of_the_band_amplitude(stem_model):
+    model, _ = stem_model
+    lay = stem_layout(256)
+    blk = model.vision_tower.blocks[1]
+    amps = np.geomspace(LOG_RAMPS[0] * 2, LOG_RAMPS[-1] * 2, 40)
+    x = np.zeros((len(amps), 256), np.float32)
+    x[:, lay["bands"] + 5] = amps
+    x[:, lay["const"]] = CONST
+    out = np.array(blk.mlp(blk.norm2(mx.array(x))))[:, lay["log"] + 5]
+    assert np.all(np.diff(out) > 0)                                   # monotone
+    slope = np.polyfit(np.log(amps) / np.log(4), out, 1)[0]
+    assert slope == pytest.approx(1.0, abs=0.1)                       # one unit per factor 4
+    resid = out - np.polyval(np.polyfit(np.log(amps), out, 1), np.log(amps))
+    assert np.abs(resid).max() < 0.15
+
+
+@pytest.mark.parametrize("kind", ["blur", "noise"])
+def test_stem_sees_blur_and_noise_levels(stem_model, kind):
+    """The mean log band amplitude falls with blur and rises with noise, level by level."""
+    model, processor = stem_model
+    lay = stem_layout(256)
+    img = _photo()
+    top = []
+    for level in range(1, 6):
+        x = _residual_after(model, *_pixels(processor, distort(img, kind, level)), blocks=2)
+        top.append(x[:, lay["log"]:lay["log"] + N_BANDS].mean())
+    steps = np.diff(top)
+    assert np.all(steps < 0) if kind == "blur" else np.all(steps > 0), top
+
+
+def test_stem_refuses_sizes_it_cannot_hold(tmp_path):
+    with pytest.raises(ValueError, match="vision hidden size"):
+        build_tiny_model(tmp_path / "m", vision_hidden=128, vision_stem="dct")
+    with pytest.raises(ValueError, match="vision_stem"):
+        build_tiny_model(tmp_path / "m", vision_stem="pretrained")
