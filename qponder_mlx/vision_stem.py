@@ -155,7 +155,8 @@ def dct_stem_weights(vision_cfg: dict) -> dict[str, np.ndarray]:
         w[b + "mlp.down_proj.weight"] = np.zeros((h, inter), np.float32)
         w[b + "mlp.down_proj.bias"] = np.zeros((h,), np.float32)
 
-    # Merger: its first linear reads only the log-band channels of the 4 merged patches (content coefficients would swamp the band energies), with a fixed random draw.
+    # Merger: its first linear reads only the log-band channels of the 4 merged patches
+    # (content coefficients would swamp them), with a fixed random draw.
     rng = np.random.default_rng(0)
     m_in = 4 * h
     keep = np.zeros((h,), bool)

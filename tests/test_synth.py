@@ -67,8 +67,10 @@ def test_synth_iqa_crops_only_for_train_photos(tmp_path):
             "--test-photos", "chelsea", "--crops", "2", "--seed", "3"]
     res = CliRunner().invoke(app, [*args[:2], str(tmp_path / "a"), *args[2:]])
     assert res.exit_code == 0, res.output
-    rows = lambda d, s: [json.loads(x) for x in (tmp_path / d / f"{s}.jsonl").read_text().splitlines()]  # noqa: E731
-    train, test = rows("a", "train"), rows("a", "test")
+    def rows(split):
+        return [json.loads(x) for x in (tmp_path / "a" / f"{split}.jsonl").read_text().splitlines()]
+
+    train, test = rows("train"), rows("test")
     assert len(train) == 3 * 15 and len(test) == 15          # centre + 2 crops; test: centre only
     assert {r["reference"] for r in train} == {"astronaut"}  # crops keep their photo's name
     assert {r["reference"] for r in test} == {"chelsea"}

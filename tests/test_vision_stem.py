@@ -1,15 +1,25 @@
 """The DCT-energy vision stem (`qponder_mlx.vision_stem`) against an independent DCT (scipy)."""
 
+from pathlib import Path
+
 import mlx.core as mx
 import numpy as np
 import pytest
 from PIL import Image
 from scipy.fft import dctn
 
-from qponder_mlx.synth import distort
+import qponder_mlx
+from qponder_mlx.synth import center_crop, distort
 from qponder_mlx.testing import build_tiny_model
-from qponder_mlx.vision_stem import (CONST, LOG_RAMPS, N_AC, N_BANDS, SOFTABS_GAIN,
-                                     ac_frequencies, stem_layout)
+from qponder_mlx.vision_stem import (
+    CONST,
+    LOG_RAMPS,
+    N_AC,
+    N_BANDS,
+    SOFTABS_GAIN,
+    ac_frequencies,
+    stem_layout,
+)
 
 
 @pytest.fixture(scope="module")
@@ -23,9 +33,6 @@ def stem_model(tmp_path_factory):
 
 
 def _photo(size: int = 112) -> Image.Image:
-    from qponder_mlx.synth import center_crop
-    from pathlib import Path
-    import qponder_mlx
     assets = Path(qponder_mlx.__file__).parent / "assets" / "cc0_mini"
     first = sorted(p for p in assets.rglob("*") if p.suffix.lower() in (".jpg", ".png"))[0]
     return center_crop(Image.open(first).convert("RGB"), size)
