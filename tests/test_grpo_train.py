@@ -85,3 +85,27 @@ def test_grpo_bad_config_and_data_are_one_line_errors(tiny_model_dir, tmp_path):
     res = r.invoke(app, ["train", "--stage", "grpo", "--model", str(tiny_model_dir), "--data",
                          str(labels), "--out", str(tmp_path / "o"), "--set", "group_size=1"])
     assert res.exit_code != 0 and "group_size" in res.output
+
+
+def test_reference_is_the_starting_adapter_also_after_resume(tiny_model_dir, cc0_labels,
+                                                              tmp_path):
+    """Continuing an adapter (the cold-start path): KL is measured against that adapter —
+    0 at the first step — not against the bare base, and resuming keeps that reference."""
+    start = run(_cfg(tiny_model_dir, cc0_labels, tmp_path / "sft", 2), reward_fn=_low_ids)
+
+    def cfg(out, iters, reference="initial"):
+        c = _cfg(tiny_model_dir, cc0_labels, out, iters)
+        c.adapter, c.reference = str(start / "adapters"), reference
+        return c
+
+    straight = run(cfg(tmp_path / "a", 4), reward_fn=_low_ids)
+    kl = metric_curve(straight, "kl")
+    assert abs(kl[0]) < 1e-6 and kl[1:].max() > 1e-6      # policy == reference, then it moves
+    base_kl = metric_curve(run(cfg(tmp_path / "base", 1, "base"), reward_fn=_low_ids), "kl")
+    assert base_kl[0] > 1e-4                              # the base is not the starting policy
+    run(cfg(tmp_path / "b", 2), reward_fn=_low_ids)
+    resumed = run(cfg(tmp_path / "b", 4), resume=True, reward_fn=_low_ids)
+    a, b = _adapters(straight), _adapters(resumed)
+    for k in a:
+        np.testing.assert_allclose(a[k], b[k], atol=1e-5)
+    np.testing.assert_allclose(metric_curve(resumed, "kl"), kl, atol=1e-6)

@@ -23,6 +23,8 @@ from qponder_mlx.train.lora import (
     load_adapters,
     lora_layers,
     save_adapters,
+    trainable_snapshot,
+    weights_swapped,
 )
 from qponder_mlx.train.testing import CC0_IMAGES
 
@@ -89,6 +91,24 @@ def test_adapters_disabled_equals_a_fresh_base(tiny_model_dir, inputs):
     with pytest.raises(RuntimeError), adapters_disabled(model):
         raise RuntimeError("boom")
     np.testing.assert_array_equal(_logits(model, inputs), with_lora)  # also after an error
+
+
+def test_weights_swapped_is_the_snapshot_policy(tiny_model_dir, inputs):
+    """GRPO's "initial" reference: the policy as the run started, not the bare base."""
+    model, _ = _lora_model(tiny_model_dir)
+    start = _logits(model, inputs)
+    snap = trainable_snapshot(model)
+    _perturb(model, seed=11)                                  # "training" moves the adapter
+    moved = _logits(model, inputs)
+    assert np.abs(moved - start).max() > 1e-3
+    with weights_swapped(model, snap):
+        np.testing.assert_array_equal(_logits(model, inputs), start)
+    np.testing.assert_array_equal(_logits(model, inputs), moved)  # current weights restored
+    with pytest.raises(RuntimeError), weights_swapped(model, snap):
+        raise RuntimeError("boom")
+    np.testing.assert_array_equal(_logits(model, inputs), moved)  # also after an error
+    with pytest.raises(ValueError, match="snapshot"), weights_swapped(model, {"x": mx.zeros(1)}):
+        pass
 
 
 def test_stock_mlx_vlm_load_reproduces_our_logits(tmp_path, tiny_model_dir, inputs):

@@ -28,7 +28,10 @@ class GRPOConfig:
     lr_schedule: str = "cosine"  # cosine | constant
     weight_decay: float = 0.0
     grad_clip: float | None = 1.0
-    beta: float = 0.04  # KL to the reference (the same weights with adapters off)
+    beta: float = 0.04  # KL to the reference policy
+    # The reference: "initial" = the policy as this run started (the --adapter's weights after a
+    # cold start; TRL's choice), "base" = the same weights with adapters off.
+    reference: str = "initial"
     epsilon_low: float = 0.2
     epsilon_high: float = 0.2
     loss_type: str = "dapo"  # grpo | bnpo | dapo | dr_grpo (TRL's definitions)
@@ -76,6 +79,8 @@ class GRPOConfig:
             raise ConfigError(f"temperature must be > 0 for sampling, got {self.temperature}")
         if not 0 < self.top_p <= 1:
             raise ConfigError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.reference not in ("initial", "base"):
+            raise ConfigError(f"reference must be 'initial' or 'base', got {self.reference!r}")
         if self.beta < 0 or self.epsilon_low < 0 or self.epsilon_high < 0:
             raise ConfigError("beta, epsilon_low and epsilon_high must be >= 0")
         if self.quantize_base not in (None, 4, 8):

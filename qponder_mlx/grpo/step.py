@@ -141,8 +141,10 @@ def image_loss_and_grads(model, inputs, ids, mask, adv, old, ref, cfg: GRPOConfi
 
 def grpo_step(model, processor, prompt: str, images: Sequence[Image.Image],
               mos: Sequence[float], cfg: GRPOConfig, optimizer, reward_fn: RewardFn,
-              world: World | None = None) -> StepResult:
+              world: World | None = None, reference=adapters_disabled) -> StepResult:
     """Rollout B images × G samples, score them, and update the model μ times.
+
+    `reference(model)` is a context manager under which the model is the KL reference policy.
 
     Under data parallelism `images` is this rank's share of the global batch (groups are never
     split, so rewards and advantages stay local); token counts, gradients and metrics are summed
@@ -185,7 +187,7 @@ def grpo_step(model, processor, prompt: str, images: Sequence[Image.Image],
     old = [frozen_logps(i) for i in range(len(images))] if cfg.num_iterations > 1 else None
     ref = None
     if cfg.beta:
-        with adapters_disabled(model):
+        with reference(model):
             ref = [frozen_logps(i) for i in range(len(images))]
 
     skipped = False

@@ -31,6 +31,8 @@ from qponder_mlx.train.lora import (
     attach_lora,
     load_adapters,
     quantize_language_model,
+    trainable_snapshot,
+    weights_swapped,
 )
 from qponder_mlx.train.runlog import METRICS_FILE, MetricsLog, write_curves
 
@@ -63,6 +65,15 @@ def _prepare_model(cfg: GRPOConfig, loaded: LoadedModel | None) -> tuple[LoadedM
         adapter_cfg = attach_lora(model, cfg.lora, quantize_bits=cfg.quantize_base,
                                   group_size=cfg.quantize_group_size)
     return loaded, adapter_cfg
+
+
+def _reference(cfg: GRPOConfig, model):
+    """The KL reference / reference judge as a context manager factory."""
+    if cfg.reference == "base" or not cfg.adapter:
+        # A fresh LoRA starts with B = 0, so "adapters off" IS the initial policy, bit for bit.
+        return adapters_disabled
+    snapshot = trainable_snapshot(model)  # taken before a resumed checkpoint is restored
+    return lambda m: weights_swapped(m, snapshot)
 
 
 def _token_count(pixels: PixelPolicy, s: Sample) -> int:
@@ -141,6 +152,7 @@ def run(cfg: GRPOConfig, *, resume: bool = False, loaded: LoadedModel | None = N
 
     loaded, adapter_cfg = _prepare_model(cfg, loaded)
     model, processor = loaded.model, loaded.processor
+    reference = _reference(cfg, model)  # before a checkpoint is restored: the run's start
     tok = processor.tokenizer
     prompt = tok.apply_chat_template(chat_messages(), tokenize=False, add_generation_prompt=True)
     optimizer = make_optimizer(cfg.learning_rate, cfg.iters * cfg.num_iterations,
@@ -160,7 +172,7 @@ def run(cfg: GRPOConfig, *, resume: bool = False, loaded: LoadedModel | None = N
         save_config(cfg, run_dir)
     log = MetricsLog(run_dir, resume_step=start if ckpt is not None else None,
                      enabled=world.is_main)
-    judge = make_judge(cfg.rewards.judge, model, tok, adapters_off=adapters_disabled)
+    judge = make_judge(cfg.rewards.judge, model, tok, adapters_off=reference)
     reward_fn = reward_fn or default_reward_fn(cfg, cfg.group_size, judge)
 
     def save(step: int) -> None:
@@ -182,7 +194,7 @@ def run(cfg: GRPOConfig, *, resume: bool = False, loaded: LoadedModel | None = N
             mx.random.seed(ckpt_mod.step_seed(cfg.seed, step))  # sampling, resumable
             imgs, mos = _next_images(samples, order, pixels, problems_path, world)
             res = grpo_step(model, processor, prompt, imgs, mos, cfg, optimizer, reward_fn,
-                            world)
+                            world, reference=reference)
             m = res.metrics
             if res.skipped:
                 bad_steps += 1

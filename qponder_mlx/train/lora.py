@@ -234,3 +234,27 @@ def adapters_disabled(model: nn.Module) -> Iterator[nn.Module]:
     finally:
         for (_, m), s in zip(layers, saved):
             m.scale = s
+
+
+@contextmanager
+def weights_swapped(model: nn.Module, weights: dict[str, mx.array]) -> Iterator[nn.Module]:
+    """Inside the block the model's trainable weights are `weights` (a snapshot taken with
+    `trainable_snapshot`); the current ones come back on exit, also after an exception.
+
+    GRPO's KL reference is the policy as the run started (TRL's reference model). After a cold
+    start that is the SFT adapter, which `adapters_disabled` (the bare base) is not; swapping a
+    few MB of adapter weights costs nothing next to a second model copy.
+    """
+    current = dict(tree_flatten(model.trainable_parameters()))
+    if current.keys() != weights.keys():
+        raise ValueError("weight snapshot does not match the model's trainable parameters")
+    try:
+        model.update(tree_unflatten(list(weights.items())))
+        yield model
+    finally:
+        model.update(tree_unflatten(list(current.items())))
+
+
+def trainable_snapshot(model: nn.Module) -> dict[str, mx.array]:
+    """The trainable weights as they are now (MLX arrays are immutable: no copy is needed)."""
+    return dict(tree_flatten(model.trainable_parameters()))
