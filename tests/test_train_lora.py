@@ -6,7 +6,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 import pytest
-from mlx.utils import tree_flatten
+from mlx.utils import tree_flatten, tree_map
 
 from qponder_mlx import generate as gen
 from qponder_mlx.images import PixelPolicy, load_image
@@ -78,6 +78,24 @@ def test_train_vision_unfreezes_the_tower(tiny_model_dir):
     trainable = [k for k, _ in tree_flatten(model.trainable_parameters())]
     assert any(k.startswith("vision_tower.") for k in trainable)
     assert cfg["train_vision"] is True
+
+
+def test_train_merger_unfreezes_the_projector_only_and_reloads(tmp_path, tiny_model_dir,
+                                                               inputs):
+    model, cfg = _lora_model(tiny_model_dir, lora={"train_merger": True})
+    vision = [k for k, _ in tree_flatten(model.trainable_parameters())
+              if k.startswith("vision_tower.")]
+    assert vision and all(k.startswith("vision_tower.merger.") for k in vision)
+    assert cfg["train_merger"] is True and "train_vision" not in cfg
+    model.vision_tower.merger.update(tree_map(lambda p: p + 0.01,
+                                              model.vision_tower.merger.trainable_parameters()))
+    want = _logits(model, inputs)
+    save_adapters(model, cfg, tmp_path / "ad")
+    again = load_model(str(tiny_model_dir)).model
+    load_adapters(again, tmp_path / "ad")               # the projector comes back, trainable
+    np.testing.assert_allclose(_logits(again, inputs), want, atol=1e-5)
+    assert [k for k, _ in tree_flatten(again.trainable_parameters())
+            if k.startswith("vision_tower.")] == vision
 
 
 def test_adapters_disabled_equals_a_fresh_base(tiny_model_dir, inputs):

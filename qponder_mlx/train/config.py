@@ -46,6 +46,9 @@ class LoraConfig:
     # Suffixes of the language model's linear layers (mlx-vlm resolves them to full names).
     target_modules: list[str] = field(default_factory=lambda: list(DEFAULT_LORA_TARGETS))
     train_vision: bool = False  # also train the whole vision tower (full weights, not LoRA)
+    # Also train the vision->language merger (the projector) in full, the rest of the tower
+    # frozen: LLaVA-style projector training, for a base whose projector has not learned yet.
+    train_merger: bool = False
 
     def validate(self) -> None:
         if self.rank < 1:

@@ -118,6 +118,9 @@ def attach_lora(model: nn.Module, lora: LoraConfig, *, quantize_bits: int | None
     if lora.train_vision:
         model.vision_tower.unfreeze()
         config["train_vision"] = True
+    elif lora.train_merger:
+        model.vision_tower.merger.unfreeze()
+        config["train_merger"] = True
     _record(model, config)
     return config
 
@@ -143,6 +146,8 @@ def load_adapters(model: nn.Module, adapter_dir: str | Path, *,
     config = dict(model._vlm_adapter_config)
     if train_vision or config.get("train_vision"):
         model.vision_tower.unfreeze()
+    elif config.get("train_merger"):
+        model.vision_tower.merger.unfreeze()
     _record(model, config)
     return config
 
