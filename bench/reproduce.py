@@ -77,8 +77,8 @@ class StudentSettings:
     hidden_size: int = 128
     num_layers: int = 2
     vocab_size: int = 640
-    vision_hidden: int = 256
-    vision_depth: int = 2
+    vision_hidden: int = 288
+    vision_depth: int = 3
     vision_stem: str = "dct"  # qponder_mlx.vision_stem; "random" = a plain random tower
 
 

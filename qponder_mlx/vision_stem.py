@@ -13,7 +13,8 @@ stock mlx-vlm class and every weight stays trainable:
   (silu(s·c) + silu(-s·c)) summed per radial frequency band u + v,
 - later blocks start as the identity (zero output projections, as in zero-init residual nets),
 - block 1's gated MLP takes a log of each band amplitude (a sum of saturating ramps),
-- the merger reads only the log-band channels.
+- block 2's attention averages the log bands over the image (uniform attention),
+- the merger reads only those image-mean log bands.
 
 No label or image information goes into it: it is the same for every seed and data set.
 """
@@ -30,6 +31,7 @@ SOFTABS_GAIN = 160.0              # s in silu(s y) + silu(-s y) ≈ s |y| once |
 # Ramp starts of the log stage: each ramp rises by 1 from t to 4t, so their sum ≈ log4(x / 0.004)
 # over the band amplitudes seen on photos (0.004 .. 4; flat patches give 0).
 LOG_RAMPS = (0.004, 0.016, 0.064, 0.256, 1.024)
+STEM_HIDDEN = 288                 # 195 + 3 x 26 + 1 = 274 channels used, 18 heads of 16
 STEM_MIN_INTERMEDIATE = max(2 * N_AC, 2 * N_BANDS * len(LOG_RAMPS))
 # Luma weights (BT.601) and Qwen2.5-VL's pixel normalisation (preprocessor_config.json): the
 # patch embedding sees (rgb - mean) / std, so luma AC = sum_c w_c std_c x_c.
@@ -53,11 +55,12 @@ def ac_frequencies(n: int = PATCH) -> list[tuple[int, int]]:
 
 def stem_layout(hidden: int) -> dict[str, int]:
     """Channel layout of the residual stream: coefficients, band energies, the constant."""
-    need = N_AC + 2 * N_BANDS + 1
+    need = N_AC + 3 * N_BANDS + 1
     if hidden < need:
         raise ValueError(f"the DCT stem needs vision hidden size >= {need} (got {hidden}); "
-                         f"use vision_hidden=256")
-    return {"bands": N_AC, "log": N_AC + N_BANDS, "const": hidden - 1}
+                         f"use vision_hidden={STEM_HIDDEN}")
+    return {"bands": N_AC, "log": N_AC + N_BANDS, "global": N_AC + 2 * N_BANDS,
+            "const": hidden - 1}
 
 
 def dct_stem_weights(vision_cfg: dict) -> dict[str, np.ndarray]:
@@ -71,8 +74,8 @@ def dct_stem_weights(vision_cfg: dict) -> dict[str, np.ndarray]:
     out_h = int(vision_cfg["out_hidden_size"])
     if vision_cfg.get("patch_size") != PATCH or vision_cfg.get("temporal_patch_size") != 2:
         raise ValueError("the DCT stem is written for 14x14 patches with temporal size 2")
-    if inter < STEM_MIN_INTERMEDIATE or depth < 2:
-        raise ValueError("the DCT stem needs vision depth >= 2 and intermediate size >= "
+    if inter < STEM_MIN_INTERMEDIATE or depth < 3:
+        raise ValueError("the DCT stem needs vision depth >= 3 and intermediate size >= "
                          f"{STEM_MIN_INTERMEDIATE} (got depth {depth}, intermediate {inter})")
     lay = stem_layout(h)
     d = dct_basis()
@@ -147,20 +150,38 @@ def dct_stem_weights(vision_cfg: dict) -> dict[str, np.ndarray]:
     w[b1 + "attn.proj.weight"] = np.zeros((h, h), np.float32)
     w[b1 + "attn.proj.bias"] = np.zeros((h,), np.float32)
 
+    # Block 2's attention: every patch gets the image's mean log-band amplitudes (q = k = 0 makes
+    # attention uniform over the image). One patch's spectrum mostly reflects its content; the
+    # mean over the image is the quality statistic, and the language model need not learn to
+    # pool it from 16 noisy tokens.
+    b2 = "vision_tower.blocks.2."
+    qkv = np.zeros((3 * h, h), np.float32)
+    proj = np.zeros((h, h), np.float32)
+    for band in range(N_BANDS):
+        # v = the log channel as the block's norm1 sees it; proj undoes the norm's gain
+        qkv[2 * h + band, lay["log"] + band] = 1.0
+        proj[lay["global"] + band, band] = 1.0 / y_gain
+    w[b2 + "attn.qkv.weight"] = qkv
+    w[b2 + "attn.qkv.bias"] = np.zeros((3 * h,), np.float32)
+    w[b2 + "attn.proj.weight"] = proj
+    w[b2 + "attn.proj.bias"] = np.zeros((h,), np.float32)
+    w[b2 + "mlp.down_proj.weight"] = np.zeros((h, inter), np.float32)
+    w[b2 + "mlp.down_proj.bias"] = np.zeros((h,), np.float32)
+
     # Later blocks: identity at init (zero output projections); their inputs stay random.
-    for i in range(2, depth):
+    for i in range(3, depth):
         b = f"vision_tower.blocks.{i}."
         w[b + "attn.proj.weight"] = np.zeros((h, h), np.float32)
         w[b + "attn.proj.bias"] = np.zeros((h,), np.float32)
         w[b + "mlp.down_proj.weight"] = np.zeros((h, inter), np.float32)
         w[b + "mlp.down_proj.bias"] = np.zeros((h,), np.float32)
 
-    # Merger: its first linear reads only the log-band channels of the 4 merged patches
-    # (content coefficients would swamp them), with a fixed random draw.
+    # Merger: its first linear reads only the image-mean log-band channels (content
+    # coefficients would swamp them), with a fixed random draw.
     rng = np.random.default_rng(0)
     m_in = 4 * h
     keep = np.zeros((h,), bool)
-    keep[lay["log"]:lay["log"] + N_BANDS] = True
+    keep[lay["global"]:lay["global"] + N_BANDS] = True
     fan_in = 4 * (N_BANDS + 1)
     w1 = rng.uniform(-1, 1, (m_in, m_in)).astype(np.float32) / np.sqrt(fan_in)
     mask = np.tile(keep, 4)

@@ -17,9 +17,12 @@ from qponder_mlx.vision_stem import (
     N_AC,
     N_BANDS,
     SOFTABS_GAIN,
+    STEM_HIDDEN,
     ac_frequencies,
     stem_layout,
 )
+
+H = STEM_HIDDEN
 
 
 @pytest.fixture(scope="module")
@@ -27,7 +30,7 @@ def stem_model(tmp_path_factory):
     from mlx_vlm import load
 
     path = build_tiny_model(tmp_path_factory.mktemp("stem") / "m", hidden_size=64,
-                            vision_hidden=256, vision_depth=2, vision_stem="dct")
+                            vision_hidden=H, vision_depth=3, vision_stem="dct")
     model, processor = load(str(path))
     return model, processor
 
@@ -68,7 +71,7 @@ def test_patch_embedding_is_the_luma_dct(stem_model):
     x = _residual_after(model, *_pixels(processor, img), blocks=0)
     ref = np.stack([dctn(p, norm="ortho") for p in _luma_patches(img)])
     want = np.stack([ref[:, u, v] for u, v in ac_frequencies()], 1)
-    assert x.shape == (64, 256)
+    assert x.shape == (64, H)
     np.testing.assert_allclose(x[:, :N_AC], want, atol=2e-4)  # float32 + processor rounding
     assert np.abs(x[:, N_AC:]).max() == 0.0                    # nothing else yet
 
@@ -78,13 +81,13 @@ def test_block0_writes_band_soft_abs_and_a_constant(stem_model):
     img = _photo()
     x0 = _residual_after(model, *_pixels(processor, img), blocks=0)
     x1 = _residual_after(model, *_pixels(processor, img), blocks=1)
-    lay = stem_layout(256)
+    lay = stem_layout(H)
     c = x0[:, :N_AC]
-    rms = np.sqrt((np.sum(c ** 2, 1, keepdims=True) + CONST ** 2) / 256 + 1e-6)
+    rms = np.sqrt((np.sum(c ** 2, 1, keepdims=True) + CONST ** 2) / H + 1e-6)
     z = SOFTABS_GAIN * c / rms
-    up = CONST / rms / np.sqrt(256)              # the constant channel read by up_proj (≈ 1)
+    up = CONST / rms / np.sqrt(H)              # the constant channel read by up_proj (≈ 1)
     soft = z * np.tanh(z / 2) * up               # (silu(z) + silu(-z)) * up, written differently
-    gain = SOFTABS_GAIN * np.sqrt(256) / CONST
+    gain = SOFTABS_GAIN * np.sqrt(H) / CONST
     freqs = ac_frequencies()
     want = np.zeros((len(c), N_BANDS))
     for k, (u, v) in enumerate(freqs):
@@ -98,10 +101,10 @@ def test_block0_writes_band_soft_abs_and_a_constant(stem_model):
 
 def test_block1_log_stage_is_log4_of_the_band_amplitude(stem_model):
     model, _ = stem_model
-    lay = stem_layout(256)
+    lay = stem_layout(H)
     blk = model.vision_tower.blocks[1]
     amps = np.geomspace(LOG_RAMPS[0] * 2, LOG_RAMPS[-1] * 2, 40)
-    x = np.zeros((len(amps), 256), np.float32)
+    x = np.zeros((len(amps), H), np.float32)
     x[:, lay["bands"] + 5] = amps
     x[:, lay["const"]] = CONST
     out = np.array(blk.mlp(blk.norm2(mx.array(x))))[:, lay["log"] + 5]
@@ -112,22 +115,43 @@ def test_block1_log_stage_is_log4_of_the_band_amplitude(stem_model):
     assert np.abs(resid).max() < 0.15
 
 
+def test_block2_gives_every_patch_the_image_mean_log_bands(stem_model):
+    model, processor = stem_model
+    lay = stem_layout(H)
+    px = _pixels(processor, _photo())
+    x2, x3 = (_residual_after(model, *px, blocks=b) for b in (2, 3))
+    logs = x2[:, lay["log"]:lay["log"] + N_BANDS]
+    glob = x3[:, lay["global"]:lay["global"] + N_BANDS]
+    assert logs.std(0).max() > 0.1                             # patches differ ...
+    # ... and their mean reaches all: v = norm1(x) = x / rms(x) per patch, proj = CONST/sqrt(H)
+    rms = np.sqrt((x2 ** 2).mean(1, keepdims=True) + 1e-6)
+    want = (logs / rms).mean(0) * CONST / np.sqrt(H)
+    np.testing.assert_allclose(glob, np.broadcast_to(want, glob.shape), rtol=1e-3, atol=1e-4)
+    np.testing.assert_allclose(want, logs.mean(0), rtol=0.06)  # ≈ the plain mean
+    # and the merger reads nothing else: its 16 image tokens are one vector up to ln_q's per-patch
+    # scale (a few %)
+    feats = np.array(model.vision_tower(*px))
+    assert feats.shape[0] == 16 and np.abs(feats - feats[0]).max() < 0.1 * np.abs(feats).max()
+
+
 @pytest.mark.parametrize("kind", ["blur", "noise"])
 def test_stem_sees_blur_and_noise_levels(stem_model, kind):
     """The mean log band amplitude falls with blur and rises with noise, level by level."""
     model, processor = stem_model
-    lay = stem_layout(256)
+    lay = stem_layout(H)
     img = _photo()
     top = []
     for level in range(1, 6):
-        x = _residual_after(model, *_pixels(processor, distort(img, kind, level)), blocks=2)
-        top.append(x[:, lay["log"]:lay["log"] + N_BANDS].mean())
+        x = _residual_after(model, *_pixels(processor, distort(img, kind, level)), blocks=3)
+        top.append(x[0, lay["global"]:lay["global"] + N_BANDS].mean())
     steps = np.diff(top)
     assert np.all(steps < 0) if kind == "blur" else np.all(steps > 0), top
 
 
 def test_stem_refuses_sizes_it_cannot_hold(tmp_path):
     with pytest.raises(ValueError, match="vision hidden size"):
-        build_tiny_model(tmp_path / "m", vision_hidden=128, vision_stem="dct")
+        build_tiny_model(tmp_path / "m", vision_hidden=128, vision_depth=3, vision_stem="dct")
+    with pytest.raises(ValueError, match="depth >= 3"):
+        build_tiny_model(tmp_path / "m", vision_hidden=H, vision_depth=2, vision_stem="dct")
     with pytest.raises(ValueError, match="vision_stem"):
         build_tiny_model(tmp_path / "m", vision_stem="pretrained")
