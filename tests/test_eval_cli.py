@@ -22,6 +22,25 @@ def test_dev_tiny_model_is_deterministic(tmp_path):
     assert cfg["model_type"] == "qwen2_5_vl"
 
 
+def test_dev_tiny_model_sizes_and_stem_flags(tmp_path):
+    r = CliRunner()
+    res = r.invoke(app, ["dev", "tiny-model", str(tmp_path / "s"), "--hidden-size", "32",
+                         "--vision-hidden", "288", "--vision-depth", "3", "--vision-stem", "dct"])
+    assert res.exit_code == 0, res.output
+    cfg = json.loads((tmp_path / "s" / "config.json").read_text())
+    assert cfg["hidden_size"] == 32
+    assert (cfg["vision_config"]["hidden_size"], cfg["vision_config"]["depth"]) == (288, 3)
+    from mlx.core import load
+
+    from qponder_mlx.vision_stem import dct_stem_weights
+    w = load(str(tmp_path / "s" / "model.safetensors"))
+    stem = dct_stem_weights(cfg["vision_config"])
+    k = "vision_tower.patch_embed.proj.weight"
+    assert (w[k] == stem[k]).all().item()                  # the stem is in the file
+    bad = r.invoke(app, ["dev", "tiny-model", str(tmp_path / "x"), "--vision-stem", "dct"])
+    assert bad.exit_code == 2 and "DCT stem needs" in bad.output
+
+
 def test_eval_reason_mode_writes_a_full_report(tiny_model_dir, cc0_labels, tmp_path):
     out = tmp_path / "report.json"
     # The real console script, as a user runs it (a subprocess, offline env inherited).
