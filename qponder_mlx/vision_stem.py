@@ -10,11 +10,13 @@ stock mlx-vlm class and every weight stays trainable:
 - patch embedding = the orthonormal 2-D DCT-II basis of each 14×14 patch's luma (AC terms only),
 - block 0 attention writes a constant channel (its output bias), which makes block 0's RMSNorm
   nearly scale-preserving, and its gated MLP turns each coefficient c into a soft |c|
-  (silu(s·c) + silu(-s·c)) summed per radial frequency band u + v,
+  (silu(s·c) + silu(-s·c)) summed per radial frequency band u + v, and the same soft |·| of
+  neighbouring-pixel differences, split into pairs that can straddle an 8-pixel JPEG block
+  boundary and pairs that cannot (blockiness),
 - later blocks start as the identity (zero output projections, as in zero-init residual nets),
-- block 1's gated MLP takes a log of each band amplitude (a sum of saturating ramps),
-- block 2's attention averages the log bands over the image (uniform attention),
-- the merger reads only those image-mean log bands.
+- block 1's gated MLP takes a log of each of these 28 features (a sum of saturating ramps),
+- block 2's attention averages the logs over the image (uniform attention),
+- the merger reads only those image means.
 
 No label or image information goes into it: it is the same for every seed and data set.
 """
@@ -26,13 +28,21 @@ import numpy as np
 PATCH = 14
 N_AC = PATCH * PATCH - 1          # 195 AC coefficients per patch
 N_BANDS = 2 * PATCH - 2           # radial bands u + v = 1 .. 26
+# Feature channels: the 26 band amplitudes, then mean |neighbour difference| across the pairs
+# that can hold a JPEG block boundary and across those that cannot (a Wang-Bovik-style
+# blockiness pair: their ratio is 1 on natural images and grows with blocking).
+N_FEAT = N_BANDS + 2
+BOUNDARY, INTERIOR = N_BANDS, N_BANDS + 1
 CONST = 64.0                      # value of the constant channel written by block 0
 SOFTABS_GAIN = 160.0              # s in silu(s y) + silu(-s y) ≈ s |y| once |c| > ~0.05
 # Ramp starts of the log stage: each ramp rises by 1 from t to 4t, so their sum ≈ log4(x / 0.004)
 # over the band amplitudes seen on photos (0.004 .. 4; flat patches give 0).
 LOG_RAMPS = (0.004, 0.016, 0.064, 0.256, 1.024)
-STEM_HIDDEN = 288                 # 195 + 3 x 26 + 1 = 274 channels used, 18 heads of 16
-STEM_MIN_INTERMEDIATE = max(2 * N_AC, 2 * N_BANDS * len(LOG_RAMPS))
+STEM_HIDDEN = 288                 # 195 + 3 x 28 + 1 = 280 channels used, 18 heads of 16
+# block 0: soft |c| of every coefficient (2 units each) and of every neighbour difference, both
+# axes (2 units each); block 1: two units per ramp per feature
+_N_PAIRS = 2 * PATCH * (PATCH - 1)    # 14 rows x 13 pairs, both axes
+STEM_MIN_INTERMEDIATE = max(2 * N_AC + 2 * _N_PAIRS, 2 * N_FEAT * len(LOG_RAMPS))
 # Luma weights (BT.601) and Qwen2.5-VL's pixel normalisation (preprocessor_config.json): the
 # patch embedding sees (rgb - mean) / std, so luma AC = sum_c w_c std_c x_c.
 LUMA = np.array([0.299, 0.587, 0.114])
@@ -55,12 +65,24 @@ def ac_frequencies(n: int = PATCH) -> list[tuple[int, int]]:
 
 def stem_layout(hidden: int) -> dict[str, int]:
     """Channel layout of the residual stream: coefficients, band energies, the constant."""
-    need = N_AC + 3 * N_BANDS + 1
+    need = N_AC + 3 * N_FEAT + 1
     if hidden < need:
         raise ValueError(f"the DCT stem needs vision hidden size >= {need} (got {hidden}); "
                          f"use vision_hidden={STEM_HIDDEN}")
-    return {"bands": N_AC, "log": N_AC + N_BANDS, "global": N_AC + 2 * N_BANDS,
+    return {"bands": N_AC, "log": N_AC + N_FEAT, "global": N_AC + 2 * N_FEAT,
             "const": hidden - 1}
+
+
+def grid_pairs(n: int = PATCH) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
+    """Neighbour pairs (a, b) along one axis of a patch: (odd, even) pairs, which hold every
+    8-pixel JPEG block boundary, and (even, odd) pairs, which never do.
+
+    Patches start at multiples of 14 ≡ 6 (mod 8), so a boundary between pixels 8m-1 and 8m lands
+    between local positions c-1 and c with c = 8m - 14i even — whatever the patch.
+    """
+    boundary = [(c - 1, c) for c in range(2, n, 2)]
+    interior = [(c, c + 1) for c in range(0, n - 1, 2)]
+    return boundary, interior
 
 
 def dct_stem_weights(vision_cfg: dict) -> dict[str, np.ndarray]:
@@ -115,6 +137,24 @@ def dct_stem_weights(vision_cfg: dict) -> dict[str, np.ndarray]:
             # by the band's radial frequency (natural images' amplitude falls ~ 1/f, so every
             # band channel starts at a similar size).
             down[lay["bands"] + band, j] = (u + v) / (s * y_gain * n_band)
+    # Neighbour differences are linear in the AC coefficients (the DC cancels):
+    # y[r, a] - y[r, b] = sum_k c_k d[u_k, r] (d[v_k, a] - d[v_k, b]), and the same down columns.
+    j = 2 * N_AC
+    boundary, interior = grid_pairs()
+    for feat, pairs in ((BOUNDARY, boundary), (INTERIOR, interior)):
+        n_diffs = 2 * PATCH * len(pairs)
+        for axis in (0, 1):
+            for r in range(PATCH):
+                for a, b in pairs:
+                    row = np.zeros((h,), np.float32)
+                    for k, (u, v) in enumerate(freqs):
+                        row[k] = (d[u, r] * (d[v, a] - d[v, b]) if axis == 0
+                                  else d[v, r] * (d[u, a] - d[u, b]))
+                    for sign in (1.0, -1.0):
+                        gate[j] = sign * s * row
+                        up[j, lay["const"]] = 1.0 / y_const
+                        down[lay["bands"] + feat, j] = 1.0 / (s * y_gain * n_diffs)
+                        j += 1
     w[b0 + "mlp.gate_proj.weight"] = gate
     w[b0 + "mlp.gate_proj.bias"] = np.zeros((inter,), np.float32)
     w[b0 + "mlp.up_proj.weight"] = up
@@ -131,7 +171,7 @@ def dct_stem_weights(vision_cfg: dict) -> dict[str, np.ndarray]:
     up = np.zeros((inter, h), np.float32)
     down = np.zeros((h, inter), np.float32)
     j = 0
-    for band in range(N_BANDS):
+    for band in range(N_FEAT):
         for t in LOG_RAMPS:
             ty = t * y_gain                           # threshold in normalised units
             sharp = 2.0 / ty
@@ -157,7 +197,7 @@ def dct_stem_weights(vision_cfg: dict) -> dict[str, np.ndarray]:
     b2 = "vision_tower.blocks.2."
     qkv = np.zeros((3 * h, h), np.float32)
     proj = np.zeros((h, h), np.float32)
-    for band in range(N_BANDS):
+    for band in range(N_FEAT):
         # v = the log channel as the block's norm1 sees it; proj undoes the norm's gain
         qkv[2 * h + band, lay["log"] + band] = 1.0
         proj[lay["global"] + band, band] = 1.0 / y_gain
@@ -181,8 +221,8 @@ def dct_stem_weights(vision_cfg: dict) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(0)
     m_in = 4 * h
     keep = np.zeros((h,), bool)
-    keep[lay["global"]:lay["global"] + N_BANDS] = True
-    fan_in = 4 * (N_BANDS + 1)
+    keep[lay["global"]:lay["global"] + N_FEAT] = True
+    fan_in = 4 * N_FEAT
     w1 = rng.uniform(-1, 1, (m_in, m_in)).astype(np.float32) / np.sqrt(fan_in)
     mask = np.tile(keep, 4)
     w1[:, ~mask] = 0.0
