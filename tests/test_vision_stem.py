@@ -12,13 +12,16 @@ import qponder_mlx
 from qponder_mlx.synth import center_crop, distort
 from qponder_mlx.testing import build_tiny_model
 from qponder_mlx.vision_stem import (
+    BOUNDARY,
     CONST,
+    INTERIOR,
     LOG_RAMPS,
     N_AC,
     N_BANDS,
     SOFTABS_GAIN,
     STEM_HIDDEN,
     ac_frequencies,
+    grid_pairs,
     stem_layout,
 )
 
@@ -97,6 +100,49 @@ def test_block0_writes_band_soft_abs_and_a_constant(stem_model):
                                rtol=1e-3, atol=1e-5)
     assert np.allclose(x1[:, lay["const"]], CONST)
     np.testing.assert_allclose(x1[:, :N_AC], c, atol=1e-6)      # coefficients pass unchanged
+
+
+def test_block0_blockiness_pair_is_the_soft_abs_of_pixel_differences(stem_model):
+    """Reference from the pixels themselves (not from DCT coefficients): the mean soft |·| of
+    neighbour differences over boundary-capable and interior pairs, both axes."""
+    model, processor = stem_model
+    img = _photo()
+    x0 = _residual_after(model, *_pixels(processor, img), blocks=0)
+    x1 = _residual_after(model, *_pixels(processor, img), blocks=1)
+    lay = stem_layout(H)
+    rms = np.sqrt((np.sum(x0[:, :N_AC] ** 2, 1) + CONST ** 2) / H + 1e-6)[:, None]
+    y = _luma_patches(img)
+    boundary, interior = grid_pairs()
+    for feat, pairs in ((BOUNDARY, boundary), (INTERIOR, interior)):
+        diffs = np.concatenate([np.stack([y[:, :, a] - y[:, :, b] for a, b in pairs], -1)
+                                .reshape(len(y), -1),
+                                np.stack([y[:, a, :] - y[:, b, :] for a, b in pairs], -1)
+                                .reshape(len(y), -1)], 1)
+        z = SOFTABS_GAIN * diffs / rms
+        up = CONST / rms / np.sqrt(H)
+        want = (z * np.tanh(z / 2) * up).mean(1) / (SOFTABS_GAIN * np.sqrt(H) / CONST)
+        np.testing.assert_allclose(x1[:, lay["bands"] + feat], want, rtol=2e-3, atol=1e-6)
+    # the pairs: every 8-px boundary of a patch at 14*i is an (odd, even) pair, never (even, odd)
+    for i in range(8):
+        cuts = {8 * m - 14 * i for m in range(64)} & set(range(1, 14))
+        assert {(c - 1, c) for c in cuts} <= set(boundary)
+        assert not {(c - 1, c) for c in cuts} & set(interior)
+
+
+def test_blockiness_rises_with_jpeg_level_only(stem_model):
+    model, processor = stem_model
+    lay = stem_layout(H)
+    img = _photo()
+
+    def ratio(im):
+        x = _residual_after(model, *_pixels(processor, im), blocks=3)[0]
+        return x[lay["global"] + BOUNDARY] - x[lay["global"] + INTERIOR]  # log4(B / I)
+
+    jpeg = [ratio(distort(img, "jpeg", level)) for level in range(1, 6)]
+    assert jpeg[4] > jpeg[2] > jpeg[0] > ratio(img) - 0.02, jpeg
+    assert jpeg[4] - ratio(img) > 0.2
+    for kind in ("blur", "noise"):
+        assert abs(ratio(distort(img, kind, 5)) - ratio(img)) < 0.5 * (jpeg[4] - ratio(img))
 
 
 def test_block1_log_stage_is_log4_of_the_band_amplitude(stem_model):
