@@ -24,10 +24,12 @@ grpo_config = "grpo.toml"
 size = 56
 photos = "astronaut,camera,coffee"
 test_photos = "coffee"
+crops = 1
 [student]
 hidden_size = 64
-vision_hidden = 32
-vision_depth = 1
+vision_hidden = 288
+vision_depth = 3
+vision_stem = "dct"
 [distill]
 samples_per_image = 1
 [eval]
@@ -112,7 +114,7 @@ def test_toy_pipeline_writes_every_artefact_and_resumes(reproduce, tmp_path, cap
         assert "skipped" in r or r["agreement"]["pooled"]["n"] == 15
     assert results["grpo_steps"] == 1
     seen = results["rows"]["Q-Ponder (GRPO), reason, train photos"]
-    assert seen["photos"] == "seen" and seen["agreement"]["pooled"]["n"] <= 30
+    assert seen["photos"] == "seen" and seen["agreement"]["pooled"]["n"] <= 60
     for measure in ("repro_grpo_srcc", "repro_grpo_minus_sft_srcc",
                     "repro_grpo_minus_brisque_srcc"):
         assert f"RESULT {measure} " in printed
