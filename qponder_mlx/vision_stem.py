@@ -15,7 +15,8 @@ stock mlx-vlm class and every weight stays trainable:
   boundary and pairs that cannot (blockiness),
 - later blocks start as the identity (zero output projections, as in zero-init residual nets),
 - block 1's gated MLP takes a log of each of these 28 features (a sum of saturating ramps),
-- block 2's attention averages the logs over the image (uniform attention),
+- block 2's attention averages the logs over the image (uniform attention), centred, with the
+  blockiness pair as one amplified log ratio,
 - the merger reads only those image means.
 
 No label or image information goes into it: it is the same for every seed and data set.
@@ -38,6 +39,8 @@ SOFTABS_GAIN = 160.0              # s in silu(s y) + silu(-s y) ≈ s |y| once |
 # Ramp starts of the log stage: each ramp rises by 1 from t to 4t, so their sum ≈ log4(x / 0.004)
 # over the band amplitudes seen on photos (0.004 .. 4; flat patches give 0).
 LOG_RAMPS = (0.004, 0.016, 0.064, 0.256, 1.024)
+LOG_CENTRE = 2.5                  # middle of the ramps' 0..5 output range
+BLOCK_GAIN = 4.0                  # log4(B / I) is ~0 on natural images and ~0.1-0.5 when blocky
 STEM_HIDDEN = 288                 # 195 + 3 x 28 + 1 = 280 channels used, 18 heads of 16
 # block 0: soft |c| of every coefficient (2 units each) and of every neighbour difference, both
 # axes (2 units each); block 1: two units per ramp per feature
@@ -197,14 +200,23 @@ def dct_stem_weights(vision_cfg: dict) -> dict[str, np.ndarray]:
     b2 = "vision_tower.blocks.2."
     qkv = np.zeros((3 * h, h), np.float32)
     proj = np.zeros((h, h), np.float32)
+    # The outputs are centred (the ramps' mid-range, a design constant) so that what varies
+    # between images is not a small ripple on a large common vector, and the blockiness pair is
+    # given as its log ratio log(B / I) — the part that is specific to blocking — amplified.
+    pbias = np.zeros((h,), np.float32)
     for band in range(N_FEAT):
         # v = the log channel as the block's norm1 sees it; proj undoes the norm's gain
         qkv[2 * h + band, lay["log"] + band] = 1.0
-        proj[lay["global"] + band, band] = 1.0 / y_gain
+        if band == BOUNDARY:
+            proj[lay["global"] + band, BOUNDARY] = BLOCK_GAIN / y_gain
+            proj[lay["global"] + band, INTERIOR] = -BLOCK_GAIN / y_gain
+        else:
+            proj[lay["global"] + band, band] = 1.0 / y_gain
+            pbias[lay["global"] + band] = -LOG_CENTRE
     w[b2 + "attn.qkv.weight"] = qkv
     w[b2 + "attn.qkv.bias"] = np.zeros((3 * h,), np.float32)
     w[b2 + "attn.proj.weight"] = proj
-    w[b2 + "attn.proj.bias"] = np.zeros((h,), np.float32)
+    w[b2 + "attn.proj.bias"] = pbias
     w[b2 + "mlp.down_proj.weight"] = np.zeros((h, inter), np.float32)
     w[b2 + "mlp.down_proj.bias"] = np.zeros((h,), np.float32)
 

@@ -12,12 +12,15 @@ import qponder_mlx
 from qponder_mlx.synth import center_crop, distort
 from qponder_mlx.testing import build_tiny_model
 from qponder_mlx.vision_stem import (
+    BLOCK_GAIN,
     BOUNDARY,
     CONST,
     INTERIOR,
+    LOG_CENTRE,
     LOG_RAMPS,
     N_AC,
     N_BANDS,
+    N_FEAT,
     SOFTABS_GAIN,
     STEM_HIDDEN,
     ac_frequencies,
@@ -136,7 +139,7 @@ def test_blockiness_rises_with_jpeg_level_only(stem_model):
 
     def ratio(im):
         x = _residual_after(model, *_pixels(processor, im), blocks=3)[0]
-        return x[lay["global"] + BOUNDARY] - x[lay["global"] + INTERIOR]  # log4(B / I)
+        return x[lay["global"] + BOUNDARY] / BLOCK_GAIN  # log4(B / I)
 
     jpeg = [ratio(distort(img, "jpeg", level)) for level in range(1, 6)]
     assert jpeg[4] > jpeg[2] > jpeg[0] > ratio(img) - 0.02, jpeg
@@ -166,14 +169,16 @@ def test_block2_gives_every_patch_the_image_mean_log_bands(stem_model):
     lay = stem_layout(H)
     px = _pixels(processor, _photo())
     x2, x3 = (_residual_after(model, *px, blocks=b) for b in (2, 3))
-    logs = x2[:, lay["log"]:lay["log"] + N_BANDS]
-    glob = x3[:, lay["global"]:lay["global"] + N_BANDS]
+    logs = x2[:, lay["log"]:lay["log"] + N_FEAT]
+    glob = x3[:, lay["global"]:lay["global"] + N_FEAT]
     assert logs.std(0).max() > 0.1                             # patches differ ...
     # ... and their mean reaches all: v = norm1(x) = x / rms(x) per patch, proj = CONST/sqrt(H)
     rms = np.sqrt((x2 ** 2).mean(1, keepdims=True) + 1e-6)
     want = (logs / rms).mean(0) * CONST / np.sqrt(H)
-    np.testing.assert_allclose(glob, np.broadcast_to(want, glob.shape), rtol=1e-3, atol=1e-4)
     np.testing.assert_allclose(want, logs.mean(0), rtol=0.06)  # ≈ the plain mean
+    want = want - LOG_CENTRE                                   # centred, and blockiness as
+    want[BOUNDARY] = BLOCK_GAIN * (want[BOUNDARY] - want[INTERIOR])   # an amplified log ratio
+    np.testing.assert_allclose(glob, np.broadcast_to(want, glob.shape), rtol=1e-3, atol=1e-4)
     # and the merger reads nothing else: its 16 image tokens are one vector up to ln_q's per-patch
     # scale (a few %)
     feats = np.array(model.vision_tower(*px))
