@@ -249,7 +249,8 @@ def results_table(rows: dict[str, dict], kinds: list[str]) -> str:
 
 
 REWARD_KEYS = [("reward_mean", "total"), ("reward_format_mean", "format"),
-               ("reward_accuracy_mean", "accuracy"), ("reward_consistency_mean", "consistency")]
+               ("reward_accuracy_mean", "accuracy"), ("reward_consistency_mean", "consistency"),
+               ("reward_rank_mean", "rank")]
 
 
 def write_figures(out: Path, figures: Path) -> list[Path]:
@@ -258,8 +259,9 @@ def write_figures(out: Path, figures: Path) -> list[Path]:
 
     def series(run: str, keys) -> list:
         rows = [r for r in read_jsonl(out / run / "metrics.jsonl") if r.get("kind") == "train"]
-        return [(label, [(r["step"], r[k]) for r in rows if r.get(k) is not None])
+        out_ = [(label, [(r["step"], r[k]) for r in rows if r.get(k) is not None])
                 for k, label in keys]
+        return [(label, pts) for label, pts in out_ if pts]  # e.g. no rank reward configured
 
     figures.mkdir(parents=True, exist_ok=True)
     charts = {
