@@ -7,8 +7,9 @@ What it does, each step a `qponder …` subprocess (the real commands, logged to
 
 1. `qponder dev synth-iqa OUT/data`: a KADID-style set (scikit-image CC0 photos × Gaussian blur,
    white noise and JPEG at KADID-10k's 5 levels, labelled with KADID's mean MOS per level),
-   split by photo into train.jsonl and test.jsonl.
-2. A random tiny Qwen2.5-VL student in OUT/student_base (`qponder_mlx.testing`).
+   split by photo into train.jsonl and test.jsonl; train photos also as random crops (--crops).
+2. A tiny Qwen2.5-VL student in OUT/student_base (`qponder_mlx.testing`): random language model,
+   vision tower holding the fixed DCT-energy stem (`qponder_mlx.vision_stem`).
 3. `qponder distill --teacher synthetic`: the stand-in teacher writes reasoning from each train
    image's known distortion and level, with noisy scores; blind filtering keeps the agreeing ones.
 4. `qponder train --stage sft` (bench/repro_sft.toml) → OUT/sft/adapters (Q-Ponder-CI).
