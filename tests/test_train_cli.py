@@ -44,7 +44,8 @@ def test_toml_flags_and_set_reach_the_run(tmp_path, app, tiny_model_dir):
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["iters"] == 2  # flag over file
     assert cfg["lora"] == {"rank": 8, "alpha": 4.0, "dropout": 0.0,
-                           "target_modules": ["q_proj", "v_proj"], "train_vision": False}
+                           "target_modules": ["q_proj", "v_proj"], "train_vision": False,
+                           "train_merger": False}
     adapter = json.loads((out / "adapters" / "adapter_config.json").read_text())
     assert adapter["lora_parameters"]["rank"] == 8
     assert adapter["lora_parameters"]["scale"] == 0.5
