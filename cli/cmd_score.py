@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import typer
-from qponder_mlx.cli.common import fail, load_scorer
+from qponder_mlx.cli.common import fail, load_scorer, pixel_policy
 
 # PixelPolicy's defaults, repeated here so `--help` shows them without importing the model stack.
 DEFAULT_MIN_PIXELS = 128 * 28 * 28
@@ -26,13 +26,16 @@ def score_cmd(
     mode: str = typer.Option("reason", help="reason (full reasoning) or fast (one forward pass)."),
     batch_size: int = typer.Option(8, help="Images per model call."),
     max_tokens: int = typer.Option(512, help="Token budget of a reasoning answer."),
-    min_pixels: int = typer.Option(DEFAULT_MIN_PIXELS, help="Smallest pixel count the model sees."),
-    max_pixels: int = typer.Option(DEFAULT_MAX_PIXELS, help="Largest pixel count the model sees."),
+    min_pixels: int | None = typer.Option(
+        None, help=f"Smallest pixel count the model sees [default: the bundle's, else "
+                   f"{DEFAULT_MIN_PIXELS}]."),
+    max_pixels: int | None = typer.Option(
+        None, help=f"Largest pixel count the model sees [default: the bundle's, else "
+                   f"{DEFAULT_MAX_PIXELS}]."),
     recursive: bool = typer.Option(True, "--recursive/--no-recursive", help="Walk sub-folders."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show progress bars."),
 ) -> None:
     """Score every photo under PATHS; results go to --db and rerunning skips what is done."""
-    from qponder_mlx.images import PixelPolicy
     from qponder_mlx.library import (
         IMAGE_SUFFIXES,
         ResultStore,
@@ -51,10 +54,8 @@ def score_cmd(
         fail("--bundle already holds the model and adapter — pass --bundle or --model/--adapter")
     if mode not in ("reason", "fast"):
         fail(f"--mode {mode!r}: expected reason or fast")
-    try:
-        pixels = PixelPolicy(min_pixels=min_pixels, max_pixels=max_pixels)
-    except ValueError as e:
-        fail(f"--min-pixels/--max-pixels: {e}")
+    # A bundle carries the pixel policy it was exported (and checked) with: use it unless told.
+    pixels = pixel_policy(min_pixels, max_pixels, bundle)
 
     found = discover(paths, recursive=recursive)
     for p in found.problems[:20]:

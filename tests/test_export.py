@@ -495,3 +495,27 @@ def test_stock_mlx_vlm_server_answers_from_the_bundle(q4_bundle, cc0_labels):
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+def test_score_takes_the_bundle_pixel_policy_unless_told(copy_of, tmp_path):
+    """`qponder score --bundle` scores at the pixels the bundle was exported and checked with."""
+    import sqlite3
+
+    from qponder_mlx.train.testing import CC0_IMAGES
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for p in sorted(CC0_IMAGES.iterdir())[:2]:
+        shutil.copyfile(p, photos / p.name)
+
+    def identities(db, *flags):
+        res = CliRunner().invoke(app, ["score", str(photos), "--bundle", str(copy_of), "--db",
+                                       str(db), "--mode", "fast", "--no-progress", *flags])
+        assert res.exit_code == 0, res.output
+        with sqlite3.connect(db) as con:
+            return {r[0] for r in con.execute("SELECT identity FROM results")}
+
+    assert {i.split(":")[-1] for i in identities(tmp_path / "a.db")} == {f"px{56 * 56}-{112 * 112}"}
+    told = identities(tmp_path / "b.db", "--min-pixels", str(28 * 28), "--max-pixels",
+                      str(56 * 56))
+    assert {i.split(":")[-1] for i in told} == {f"px{28 * 28}-{56 * 56}"}
