@@ -95,7 +95,30 @@ class Seen:
     body: dict
 
 
-class ScriptedServer:
+class LocalServer:
+    """A threaded HTTP server on 127.0.0.1:<free port> answering with the subclass's
+    `_handler()`; `with` starts and stops it, `url` is its OpenAI-style base URL."""
+
+    def _listen(self) -> None:
+        self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
+        self._httpd.daemon_threads = True
+        self._httpd.handle_error = lambda request, address: None  # clients hang up: expected
+        self._thread = threading.Thread(target=self._httpd.serve_forever, daemon=True)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self._httpd.server_address[1]}/v1"
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._httpd.shutdown()
+        self._httpd.server_close()
+
+
+class ScriptedServer(LocalServer):
     """`with ScriptedServer(scripts) as srv:` serves on 127.0.0.1:<free port>; `srv.url`."""
 
     def __init__(self, scripts: dict[int, list[Step]] | None = None, default: Step | None = None,
@@ -107,14 +130,7 @@ class ScriptedServer:
         self.seen: list[Seen] = []
         self._count: defaultdict[int, int] = defaultdict(int)
         self._lock = threading.Lock()
-        self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
-        self._httpd.daemon_threads = True
-        self._httpd.handle_error = lambda request, address: None  # clients hang up: expected
-        self._thread = threading.Thread(target=self._httpd.serve_forever, daemon=True)
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self._httpd.server_address[1]}/v1"
+        self._listen()
 
     def count(self, index: int) -> int:
         with self._lock:
@@ -123,14 +139,6 @@ class ScriptedServer:
     def times(self, index: int) -> list[float]:
         with self._lock:
             return [s.t for s in self.seen if s.index == index]
-
-    def __enter__(self) -> ScriptedServer:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._httpd.shutdown()
-        self._httpd.server_close()
 
     def _next_step(self, body: dict) -> Step:
         index = index_of(body)

@@ -27,10 +27,10 @@ import threading
 import time
 from collections import defaultdict
 from dataclasses import dataclass
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from urllib.parse import urlsplit
 
-from distill_server import index_of
+from distill_server import LocalServer, index_of
 
 FAULTS = ("http_500", "http_429", "stall", "drop", "truncated_json", "empty_content",
           "wrong_format")
@@ -50,7 +50,7 @@ class Entry:
     upstream_content: str | None = None  # what the real server wrote (forwarded requests)
 
 
-class FaultProxy:
+class FaultProxy(LocalServer):
     """`with FaultProxy("http://127.0.0.1:PORT", seed=1) as p:` then point clients at `p.url`."""
 
     def __init__(self, upstream: str, *, rate: float = 0.3, seed: int = 0, stall_s: float = 6.0,
@@ -61,22 +61,7 @@ class FaultProxy:
         self.log: list[Entry] = []
         self._count: defaultdict[int, int] = defaultdict(int)
         self._lock = threading.Lock()
-        self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
-        self._httpd.daemon_threads = True
-        self._httpd.handle_error = lambda request, address: None  # clients hang up: expected
-        self._thread = threading.Thread(target=self._httpd.serve_forever, daemon=True)
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self._httpd.server_address[1]}/v1"
-
-    def __enter__(self) -> FaultProxy:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._httpd.shutdown()
-        self._httpd.server_close()
+        self._listen()
 
     def decide(self, index: int, n: int) -> str | None:
         rng = random.Random(f"{self.seed}:{index}:{n}")
