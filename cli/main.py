@@ -31,7 +31,7 @@ def tiny_model(
     vision_hidden: int = typer.Option(64, help="Vision-tower width (multiple of 16)."),
     vision_depth: int = typer.Option(2, help="Vision-tower blocks."),
     vision_stem: str = typer.Option("random", help="random, or dct: the fixed DCT-energy stem "
-                                    "(needs --vision-hidden 256)."),
+                                    "(needs --vision-hidden 288 --vision-depth 3)."),
 ) -> None:
     """Write a tiny random Qwen2.5-VL that every command accepts, so you can try qponder offline."""
     from qponder_mlx.testing import build_tiny_model

@@ -67,13 +67,29 @@ def ac_frequencies(n: int = PATCH) -> list[tuple[int, int]]:
 
 
 def stem_layout(hidden: int) -> dict[str, int]:
-    """Channel layout of the residual stream: coefficients, band energies, the constant."""
+    """Channel layout of the residual stream: the AC coefficients (from 0), the 28 features
+    ("bands"), their logs ("log"), their image-level values ("global"), the constant."""
     need = N_AC + 3 * N_FEAT + 1
     if hidden < need:
         raise ValueError(f"the DCT stem needs vision hidden size >= {need} (got {hidden}); "
                          f"use vision_hidden={STEM_HIDDEN}")
     return {"bands": N_AC, "log": N_AC + N_FEAT, "global": N_AC + 2 * N_FEAT,
             "const": hidden - 1}
+
+
+def ac_basis() -> np.ndarray:
+    """The AC basis functions as (N_AC, 14, 14) images, in `ac_frequencies` order."""
+    d = dct_basis()
+    return np.stack([np.outer(d[u], d[v]) for u, v in ac_frequencies()])
+
+
+def _identity_branches(w: dict, block: int, h: int, inter: int, *parts: str) -> None:
+    """Zero the output projection of `parts` ("attn.proj", "mlp.down_proj") of a block, so the
+    branch adds nothing to the residual stream at init (zero-init residual nets)."""
+    for part in parts:
+        name = f"vision_tower.blocks.{block}.{part}"
+        w[name + ".weight"] = np.zeros((h, h if part == "attn.proj" else inter), np.float32)
+        w[name + ".bias"] = np.zeros((h,), np.float32)
 
 
 def grid_pairs(n: int = PATCH) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
@@ -103,16 +119,14 @@ def dct_stem_weights(vision_cfg: dict) -> dict[str, np.ndarray]:
         raise ValueError("the DCT stem needs vision depth >= 3 and intermediate size >= "
                          f"{STEM_MIN_INTERMEDIATE} (got depth {depth}, intermediate {inter})")
     lay = stem_layout(h)
-    d = dct_basis()
     freqs = ac_frequencies()
+    basis = ac_basis()
     w: dict[str, np.ndarray] = {}
 
     # Patch embedding (MLX Conv3d layout: out, t, kh, kw, in). The two frames are the same image,
     # so each gets half the basis: the output is the coefficient of the (single) frame's luma.
     pe = np.zeros((h, 2, PATCH, PATCH, 3), np.float32)
-    chan = LUMA * PIXEL_STD
-    for o, (u, v) in enumerate(freqs):
-        pe[o] = 0.5 * np.outer(d[u], d[v])[None, :, :, None] * chan[None, None, None, :]
+    pe[:N_AC] = 0.5 * basis[:, None, :, :, None] * (LUMA * PIXEL_STD)
     w["vision_tower.patch_embed.proj.weight"] = pe
 
     # Block 0: attention adds a constant channel and nothing else.
@@ -130,29 +144,28 @@ def dct_stem_weights(vision_cfg: dict) -> dict[str, np.ndarray]:
     up = np.zeros((inter, h), np.float32)
     down = np.zeros((h, inter), np.float32)
     s = SOFTABS_GAIN
+    n_band = np.bincount([u + v for u, v in freqs])       # coefficients per radial band
     for k, (u, v) in enumerate(freqs):
         band = u + v - 1
-        n_band = sum(1 for f in freqs if f[0] + f[1] == u + v)
         for j, sign in ((2 * k, 1.0), (2 * k + 1, -1.0)):
             gate[j, k] = sign * s
             up[j, lay["const"]] = 1.0 / y_const              # = 1: the gate's silu passes alone
             # silu(s y) + silu(-s y) ≈ s |y| = s y_gain |c|; averaged over the band, then scaled
             # by the band's radial frequency (natural images' amplitude falls ~ 1/f, so every
             # band channel starts at a similar size).
-            down[lay["bands"] + band, j] = (u + v) / (s * y_gain * n_band)
-    # Neighbour differences are linear in the AC coefficients (the DC cancels):
-    # y[r, a] - y[r, b] = sum_k c_k d[u_k, r] (d[v_k, a] - d[v_k, b]), and the same down columns.
+            down[lay["bands"] + band, j] = (u + v) / (s * y_gain * n_band[u + v])
+    # Neighbour differences are linear in the AC coefficients (the DC cancels): with orthonormal
+    # basis images B_k, y[r, a] - y[r, b] = sum_k c_k (B_k[r, a] - B_k[r, b]).
     j = 2 * N_AC
     boundary, interior = grid_pairs()
     for feat, pairs in ((BOUNDARY, boundary), (INTERIOR, interior)):
         n_diffs = 2 * PATCH * len(pairs)
         for axis in (0, 1):
+            b_ax = basis if axis == 0 else basis.transpose(0, 2, 1)   # rows, then columns
             for r in range(PATCH):
                 for a, b in pairs:
                     row = np.zeros((h,), np.float32)
-                    for k, (u, v) in enumerate(freqs):
-                        row[k] = (d[u, r] * (d[v, a] - d[v, b]) if axis == 0
-                                  else d[v, r] * (d[u, a] - d[u, b]))
+                    row[:N_AC] = b_ax[:, r, a] - b_ax[:, r, b]
                     for sign in (1.0, -1.0):
                         gate[j] = sign * s * row
                         up[j, lay["const"]] = 1.0 / y_const
@@ -190,8 +203,7 @@ def dct_stem_weights(vision_cfg: dict) -> dict[str, np.ndarray]:
     w[b1 + "mlp.up_proj.bias"] = np.zeros((inter,), np.float32)
     w[b1 + "mlp.down_proj.weight"] = down
     w[b1 + "mlp.down_proj.bias"] = np.zeros((h,), np.float32)
-    w[b1 + "attn.proj.weight"] = np.zeros((h, h), np.float32)
-    w[b1 + "attn.proj.bias"] = np.zeros((h,), np.float32)
+    _identity_branches(w, 1, h, inter, "attn.proj")
 
     # Block 2's attention: every patch gets the image's mean log-band amplitudes (q = k = 0 makes
     # attention uniform over the image). One patch's spectrum mostly reflects its content; the
@@ -217,16 +229,11 @@ def dct_stem_weights(vision_cfg: dict) -> dict[str, np.ndarray]:
     w[b2 + "attn.qkv.bias"] = np.zeros((3 * h,), np.float32)
     w[b2 + "attn.proj.weight"] = proj
     w[b2 + "attn.proj.bias"] = pbias
-    w[b2 + "mlp.down_proj.weight"] = np.zeros((h, inter), np.float32)
-    w[b2 + "mlp.down_proj.bias"] = np.zeros((h,), np.float32)
+    _identity_branches(w, 2, h, inter, "mlp.down_proj")
 
     # Later blocks: identity at init (zero output projections); their inputs stay random.
     for i in range(3, depth):
-        b = f"vision_tower.blocks.{i}."
-        w[b + "attn.proj.weight"] = np.zeros((h, h), np.float32)
-        w[b + "attn.proj.bias"] = np.zeros((h,), np.float32)
-        w[b + "mlp.down_proj.weight"] = np.zeros((h, inter), np.float32)
-        w[b + "mlp.down_proj.bias"] = np.zeros((h,), np.float32)
+        _identity_branches(w, i, h, inter, "attn.proj", "mlp.down_proj")
 
     # Merger: its first linear reads only the image-mean log-band channels (content
     # coefficients would swamp them), with a fixed random draw.

@@ -159,3 +159,23 @@ def test_chunked_gradient_equals_the_one_pass_gradient(tiny_model_dir, rows):
     assert scale > 0
     for k in a:
         np.testing.assert_allclose(np.array(b[k]), np.array(a[k]), atol=1e-5 * scale, err_msg=k)
+
+
+def test_reference_judge_scores_under_the_reference_policy(tiny_model_dir):
+    """judge = "reference" re-scores inside the trainer's reference context, and only there."""
+    from mlx.utils import tree_map
+
+    from qponder_mlx.grpo.judge import blind_scores_vlm, make_judge
+
+    lm, _, _ = _setup(tiny_model_dir)
+    lm.model.update(tree_map(lambda p: p + 0.05, lm.model.trainable_parameters()))
+    texts = ["Sharp and clean.", "Heavy blur and strong noise everywhere.", None]
+    fresh = load_model(str(tiny_model_dir))
+    base = blind_scores_vlm(fresh.model, fresh.tokenizer, texts)
+    policy = make_judge("policy", lm.model, lm.tokenizer)(texts)
+    ref = make_judge("reference", lm.model, lm.tokenizer, reference=adapters_disabled)(texts)
+    np.testing.assert_allclose(ref, base, atol=1e-6, equal_nan=True)
+    assert not np.allclose(policy[:2], base[:2], atol=1e-4)   # the adapters matter outside
+    assert np.isnan(ref[2])                                   # no reasoning, no score
+    with pytest.raises(ValueError, match="reference"):
+        make_judge("reference", lm.model, lm.tokenizer)

@@ -80,16 +80,17 @@ def blind_scores_lm(model, tokenizer, reasonings: Sequence[str | None]) -> np.nd
     return out
 
 
-def make_judge(kind: str, policy, tokenizer, adapters_off=None) -> Judge:
-    """`policy` (the model being trained), `reference` (adapters off) or an mlx-lm model id."""
+def make_judge(kind: str, policy, tokenizer, reference=None) -> Judge:
+    """`policy` (the model being trained), `reference` (the KL reference policy: `reference(model)`
+    is the context manager the trainer uses for it) or an mlx-lm model id."""
     if kind == "policy":
         return lambda rs: blind_scores_vlm(policy, tokenizer, rs)
     if kind == "reference":
-        if adapters_off is None:
-            raise ValueError("judge 'reference' needs the adapters-off context")
+        if reference is None:
+            raise ValueError("judge 'reference' needs the reference-policy context")
 
         def ref_judge(rs):
-            with adapters_off(policy):
+            with reference(policy):
                 return blind_scores_vlm(policy, tokenizer, rs)
         return ref_judge
     from mlx_lm import load as lm_load
