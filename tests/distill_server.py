@@ -95,6 +95,26 @@ class Seen:
     body: dict
 
 
+class QuietHandler(BaseHTTPRequestHandler):
+    """HTTP/1.1 keep-alive handler that logs nothing and sends a whole response in one call."""
+
+    protocol_version = "HTTP/1.1"
+    disable_nagle_algorithm = True  # headers and body go in two writes
+
+    def log_message(self, *args) -> None:  # keep test output clean
+        pass
+
+    def _send(self, code: int, body: bytes, ctype: str = "application/json",
+              headers: dict[str, str] | None = None) -> None:
+        self.send_response(code)
+        self.send_header("Content-Type", ctype)
+        self.send_header("Content-Length", str(len(body)))
+        for k, v in (headers or {}).items():
+            self.send_header(k, v)
+        self.end_headers()
+        self.wfile.write(body)
+
+
 class LocalServer:
     """A threaded HTTP server on 127.0.0.1:<free port> answering with the subclass's
     `_handler()`; `with` starts and stops it, `url` is its OpenAI-style base URL."""
@@ -153,22 +173,7 @@ class ScriptedServer(LocalServer):
     def _handler(self):
         server = self
 
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-            disable_nagle_algorithm = True  # headers and body go in two writes
-
-            def log_message(self, *args) -> None:  # keep test output clean
-                pass
-
-            def _send(self, code: int, body: bytes, ctype: str, headers=None) -> None:
-                self.send_response(code)
-                self.send_header("Content-Type", ctype)
-                self.send_header("Content-Length", str(len(body)))
-                for k, v in (headers or {}).items():
-                    self.send_header(k, v)
-                self.end_headers()
-                self.wfile.write(body)
-
+        class Handler(QuietHandler):
             def do_POST(self) -> None:
                 raw = self.rfile.read(int(self.headers.get("Content-Length", 0)))
                 try:

@@ -27,10 +27,9 @@ import threading
 import time
 from collections import defaultdict
 from dataclasses import dataclass
-from http.server import BaseHTTPRequestHandler
 from urllib.parse import urlsplit
 
-from distill_server import LocalServer, index_of
+from distill_server import LocalServer, QuietHandler, index_of
 
 FAULTS = ("http_500", "http_429", "stall", "drop", "truncated_json", "empty_content",
           "wrong_format")
@@ -94,22 +93,7 @@ class FaultProxy(LocalServer):
     def _handler(self):
         proxy = self
 
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-            disable_nagle_algorithm = True
-
-            def log_message(self, *args) -> None:
-                pass
-
-            def _send(self, code: int, body: bytes, headers: dict[str, str] | None = None):
-                self.send_response(code)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(body)))
-                for k, v in (headers or {}).items():
-                    self.send_header(k, v)
-                self.end_headers()
-                self.wfile.write(body)
-
+        class Handler(QuietHandler):
             def do_POST(self) -> None:
                 raw = self.rfile.read(int(self.headers.get("Content-Length", 0)))
                 # A client that gave up (timeout) has nothing left to answer.
@@ -125,7 +109,7 @@ class FaultProxy(LocalServer):
                     self._send(500, leak.encode())
                     return
                 if fault == "http_429":
-                    self._send(429, b'{"error": "rate limited"}', {"Retry-After": "1"})
+                    self._send(429, b'{"error": "rate limited"}', headers={"Retry-After": "1"})
                     return
                 if fault == "stall":
                     time.sleep(proxy.stall_s)
