@@ -66,7 +66,7 @@ GOALS = {"srcc": 0.93, "grpo_minus_sft": 0.03, "grpo_minus_brisque": 0.0}
 @dataclass
 class DataSettings:
     size: int = 112  # centre-crop side; the students see every image at exactly this size
-    photos: str = ""  # comma-separated scikit-image CC0 photos ("" = all ten)
+    photos: str = ""  # comma-separated scikit-image CC0 photos ("" = all thirteen)
     test_photos: str = "coffee,rocket,grass"
     seed: int = 0
     crops: int = 0  # extra random crops per TRAIN photo (qponder dev synth-iqa --crops)
@@ -78,7 +78,7 @@ class StudentSettings:
     hidden_size: int = 128
     num_layers: int = 2
     vocab_size: int = 640
-    vision_hidden: int = 288
+    vision_hidden: int = 320
     vision_depth: int = 3
     vision_stem: str = "dct"  # qponder_mlx.vision_stem; "random" = a plain random tower
 

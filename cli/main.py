@@ -31,7 +31,7 @@ def tiny_model(
     vision_hidden: int = typer.Option(64, help="Vision-tower width (multiple of 16)."),
     vision_depth: int = typer.Option(2, help="Vision-tower blocks."),
     vision_stem: str = typer.Option("random", help="random, or dct: the fixed DCT-energy stem "
-                                    "(needs --vision-hidden 288 --vision-depth 3)."),
+                                    "(needs --vision-hidden 320 --vision-depth 3)."),
 ) -> None:
     """Write a tiny random Qwen2.5-VL that every command accepts, so you can try qponder offline."""
     from qponder_mlx.testing import build_tiny_model
@@ -60,7 +60,7 @@ def synth_iqa(
 ) -> None:
     """A KADID-style set: CC0 photos × blur/noise/JPEG × 5 KADID levels, labelled with KADID's
     mean MOS per (type, level). Writes labels.jsonl, train.jsonl and test.jsonl."""
-    from qponder_mlx.synth import center_crop, load_cc0_photo, random_crops, write_set
+    from qponder_mlx.synth import center_crop, load_cc0_photo, random_crops, view_seed, write_set
 
     names = [n.strip() for n in photos.split(",") if n.strip()]
     held = {n.strip() for n in test_photos.split(",") if n.strip()}
@@ -74,9 +74,9 @@ def synth_iqa(
         fail(str(e))
     refs = {n: center_crop(im, size) for n, im in photos_.items()}
     photo_of = {n: n for n in names}
-    for i, n in enumerate(names):
+    for n in names:
         if n not in held:
-            for c, im in enumerate(random_crops(photos_[n], size, crops, seed=seed * 1000 + i)):
+            for c, im in enumerate(random_crops(photos_[n], size, crops, seed=view_seed(seed, n))):
                 refs[f"{n}_crop{c}"] = im
                 photo_of[f"{n}_crop{c}"] = n
     split = {n: "test" if n in held else "train" for n in names}

@@ -171,9 +171,9 @@ def build_tiny_model(out_dir: str | Path, *, seed: int = 0, hidden_size: int = 6
     Same arguments give byte-identical weights. `vocab_size` is the BPE target; the config's
     vocabulary equals the tokenizer's length (a padded vocabulary lets a random model emit ids that
     decode to nothing). `vision_stem="dct"` writes the fixed DCT-energy stem of
-    `qponder_mlx.vision_stem` into the vision tower (needs vision_hidden >= 274, e.g. 288, and
-    vision_depth >= 3): a stand-in for a pretrained tower that already sees blur, noise and
-    blocking.
+    `qponder_mlx.vision_stem` into the vision tower (needs vision_hidden >= 308 in 16-wide
+    heads, e.g. 320, and vision_depth >= 3): a stand-in for a pretrained tower that already sees
+    blur, noise and blocking.
     """
     if vision_stem not in ("random", "dct"):
         raise ValueError(f"vision_stem={vision_stem!r}: use 'random' or 'dct'")

@@ -15,9 +15,10 @@ stock mlx-vlm class and every weight stays trainable:
   boundary and pairs that cannot (blockiness),
 - later blocks start as the identity (zero output projections, as in zero-init residual nets),
 - block 1's gated MLP takes a log of each of these 28 features (a sum of saturating ramps),
-- block 2's attention averages the logs over the image (uniform attention), centred, with the
+- block 2's attention pools the logs over the image twice, weighted towards its most textured
+  patches and towards its flattest ones (softmax attention on a texture score), centred, with the
   blockiness pair as one amplified log ratio,
-- the merger reads only those image means.
+- the merger reads only those image-level features.
 
 No label or image information goes into it: it is the same for every seed and data set.
 """
@@ -41,7 +42,17 @@ SOFTABS_GAIN = 160.0              # s in silu(s y) + silu(-s y) ≈ s |y| once |
 LOG_RAMPS = (0.004, 0.016, 0.064, 0.256, 1.024)
 LOG_CENTRE = 2.5                  # middle of the ramps' 0..5 output range
 BLOCK_GAIN = 4.0                  # log4(B / I) is ~0 on natural images and ~0.1-0.5 when blocky
-STEM_HIDDEN = 288                 # 195 + 3 x 28 + 1 = 280 channels used, 18 heads of 16
+# Block 2 pools each image twice: towards its most textured patches (+1) and its flattest (-1).
+# The texture score of a patch is its mean log4 amplitude over the low bands u + v = 1..8 (the
+# content, which mild blur and noise hardly move); the attention weight is 4^(POOL_SHARPNESS *
+# texture), i.e. ~ energy^4: a soft max / min over patches.
+POOLS = (1.0, -1.0)
+TEXTURE_BANDS = 8
+POOL_SHARPNESS = 4.0
+N_GLOBAL = len(POOLS) * N_FEAT
+STEM_HIDDEN = 320                 # 195 + 2 x 28 + 56 + 1 = 308 channels used, 20 heads of 16
+_HEAD = 16                        # head dim of the stem's attention (hidden / heads)
+_SLOW_ROTARY = 3                  # the q/k dim whose rotary angle is position x 1e-3 (~constant)
 # block 0: soft |c| of every coefficient (2 units each) and of every neighbour difference, both
 # axes (2 units each); block 1: two units per ramp per feature
 _N_PAIRS = 2 * PATCH * (PATCH - 1)    # 14 rows x 13 pairs, both axes
@@ -68,8 +79,9 @@ def ac_frequencies(n: int = PATCH) -> list[tuple[int, int]]:
 
 def stem_layout(hidden: int) -> dict[str, int]:
     """Channel layout of the residual stream: the AC coefficients (from 0), the 28 features
-    ("bands"), their logs ("log"), their image-level values ("global"), the constant."""
-    need = N_AC + 3 * N_FEAT + 1
+    ("bands"), their logs ("log"), their image-level values ("global": N_FEAT per pool, in
+    `POOLS` order), the constant."""
+    need = N_AC + 2 * N_FEAT + N_GLOBAL + 1
     if hidden < need:
         raise ValueError(f"the DCT stem needs vision hidden size >= {need} (got {hidden}); "
                          f"use vision_hidden={STEM_HIDDEN}")
@@ -205,28 +217,45 @@ def dct_stem_weights(vision_cfg: dict) -> dict[str, np.ndarray]:
     w[b1 + "mlp.down_proj.bias"] = np.zeros((h,), np.float32)
     _identity_branches(w, 1, h, inter, "attn.proj")
 
-    # Block 2's attention: every patch gets the image's mean log-band amplitudes (q = k = 0 makes
-    # attention uniform over the image). One patch's spectrum mostly reflects its content; the
-    # mean over the image is the quality statistic, and the language model need not learn to
+    # Block 2's attention: every patch gets the image's log-band amplitudes pooled twice — over
+    # its most textured patches and over its flattest. One patch's spectrum mostly reflects its
+    # content and a plain image mean mixes content with quality (a smooth sky looks like blur);
+    # the sharpest patches say how much detail survived (blur), the flattest how much grain and
+    # blocking sits where the photo has none (noise, JPEG). The language model need not learn to
     # pool it from 16 noisy tokens.
+    if h % _HEAD or h // _HEAD != int(vision_cfg["num_heads"]):
+        raise ValueError(f"the DCT stem needs {_HEAD}-wide attention heads (num_heads = hidden "
+                         f"/ {_HEAD}; got hidden {h}, {vision_cfg['num_heads']} heads)")
     b2 = "vision_tower.blocks.2."
     qkv = np.zeros((3 * h, h), np.float32)
+    qkv_bias = np.zeros((3 * h,), np.float32)
     proj = np.zeros((h, h), np.float32)
     # The outputs are centred (the ramps' mid-range, a design constant) so that what varies
     # between images is not a small ripple on a large common vector, and the blockiness pair is
     # given as its log ratio log(B / I) — the part that is specific to blocking — amplified.
     pbias = np.zeros((h,), np.float32)
-    for band in range(N_FEAT):
-        # v = the log channel as the block's norm1 sees it; proj undoes the norm's gain
-        qkv[2 * h + band, lay["log"] + band] = 1.0
-        if band == BOUNDARY:
-            proj[lay["global"] + band, BOUNDARY] = BLOCK_GAIN / y_gain
-            proj[lay["global"] + band, INTERIOR] = -BLOCK_GAIN / y_gain
-        else:
-            proj[lay["global"] + band, band] = 1.0 / y_gain
-            pbias[lay["global"] + band] = -LOG_CENTRE
+    heads_per_pool = -(-N_FEAT // _HEAD)
+    # score_j = scale * q . k_j with q = 1 on the slow rotary dim (rotary turns it by < 0.01 rad
+    # over a 112-px image: position-free) and k_j = sign * sharpness * texture_j / scale.
+    k_gain = POOL_SHARPNESS * np.sqrt(_HEAD) / (TEXTURE_BANDS * y_gain)
+    for p_i, sign in enumerate(POOLS):
+        out0 = lay["global"] + p_i * N_FEAT
+        for hd in range(p_i * heads_per_pool, (p_i + 1) * heads_per_pool):
+            qkv_bias[hd * _HEAD + _SLOW_ROTARY] = 1.0
+            qkv[h + hd * _HEAD + _SLOW_ROTARY, lay["log"]:lay["log"] + TEXTURE_BANDS] = (
+                sign * k_gain)
+        for band in range(N_FEAT):
+            # v = the log channel as the block's norm1 sees it; proj undoes the norm's gain
+            v = p_i * heads_per_pool * _HEAD + band
+            qkv[2 * h + v, lay["log"] + band] = 1.0
+            if band == BOUNDARY:
+                proj[out0 + band, v] = BLOCK_GAIN / y_gain
+                proj[out0 + band, v - BOUNDARY + INTERIOR] = -BLOCK_GAIN / y_gain
+            else:
+                proj[out0 + band, v] = 1.0 / y_gain
+                pbias[out0 + band] = -LOG_CENTRE
     w[b2 + "attn.qkv.weight"] = qkv
-    w[b2 + "attn.qkv.bias"] = np.zeros((3 * h,), np.float32)
+    w[b2 + "attn.qkv.bias"] = qkv_bias
     w[b2 + "attn.proj.weight"] = proj
     w[b2 + "attn.proj.bias"] = pbias
     _identity_branches(w, 2, h, inter, "mlp.down_proj")
@@ -235,13 +264,13 @@ def dct_stem_weights(vision_cfg: dict) -> dict[str, np.ndarray]:
     for i in range(3, depth):
         _identity_branches(w, i, h, inter, "attn.proj", "mlp.down_proj")
 
-    # Merger: its first linear reads only the image-mean log-band channels (content
-    # coefficients would swamp them), with a fixed random draw.
+    # Merger: its first linear reads only the pooled log-band channels (content coefficients
+    # would swamp them), with a fixed random draw.
     rng = np.random.default_rng(0)
     m_in = 4 * h
     keep = np.zeros((h,), bool)
-    keep[lay["global"]:lay["global"] + N_FEAT] = True
-    fan_in = 4 * N_FEAT
+    keep[lay["global"]:lay["global"] + N_GLOBAL] = True
+    fan_in = 4 * N_GLOBAL
     w1 = rng.uniform(-1, 1, (m_in, m_in)).astype(np.float32) / np.sqrt(fan_in)
     mask = np.tile(keep, 4)
     w1[:, ~mask] = 0.0

@@ -25,11 +25,11 @@ def test_dev_tiny_model_is_deterministic(tmp_path):
 def test_dev_tiny_model_sizes_and_stem_flags(tmp_path):
     r = CliRunner()
     res = r.invoke(app, ["dev", "tiny-model", str(tmp_path / "s"), "--hidden-size", "32",
-                         "--vision-hidden", "288", "--vision-depth", "3", "--vision-stem", "dct"])
+                         "--vision-hidden", "320", "--vision-depth", "3", "--vision-stem", "dct"])
     assert res.exit_code == 0, res.output
     cfg = json.loads((tmp_path / "s" / "config.json").read_text())
     assert cfg["hidden_size"] == 32
-    assert (cfg["vision_config"]["hidden_size"], cfg["vision_config"]["depth"]) == (288, 3)
+    assert (cfg["vision_config"]["hidden_size"], cfg["vision_config"]["depth"]) == (320, 3)
     from mlx.core import load
 
     from qponder_mlx.vision_stem import dct_stem_weights

@@ -27,7 +27,7 @@ test_photos = "coffee"
 crops = 1
 [student]
 hidden_size = 64
-vision_hidden = 288
+vision_hidden = 320
 vision_depth = 3
 vision_stem = "dct"
 [distill]

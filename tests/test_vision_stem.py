@@ -21,8 +21,11 @@ from qponder_mlx.vision_stem import (
     N_AC,
     N_BANDS,
     N_FEAT,
+    POOL_SHARPNESS,
+    POOLS,
     SOFTABS_GAIN,
     STEM_HIDDEN,
+    TEXTURE_BANDS,
     ac_frequencies,
     grid_pairs,
     stem_layout,
@@ -164,21 +167,31 @@ def test_block1_log_stage_is_log4_of_the_band_amplitude(stem_model):
     assert np.abs(resid).max() < 0.15
 
 
-def test_block2_gives_every_patch_the_image_mean_log_bands(stem_model):
+def test_block2_pools_the_log_bands_over_the_most_and_least_textured_patches(stem_model):
+    """Reference: softmax over patches of ±sharpness x the patch's mean low-band log (as block 2's
+    norm1 sees it), applied to every log channel; computed here in numpy."""
     model, processor = stem_model
     lay = stem_layout(H)
     px = _pixels(processor, _photo())
     x2, x3 = (_residual_after(model, *px, blocks=b) for b in (2, 3))
-    logs = x2[:, lay["log"]:lay["log"] + N_FEAT]
-    glob = x3[:, lay["global"]:lay["global"] + N_FEAT]
-    assert logs.std(0).max() > 0.1                             # patches differ ...
-    # ... and their mean reaches all: v = norm1(x) = x / rms(x) per patch, proj = CONST/sqrt(H)
-    rms = np.sqrt((x2 ** 2).mean(1, keepdims=True) + 1e-6)
-    want = (logs / rms).mean(0) * CONST / np.sqrt(H)
-    np.testing.assert_allclose(want, logs.mean(0), rtol=0.06)  # ≈ the plain mean
-    want = want - LOG_CENTRE                                   # centred, and blockiness as
-    want[BOUNDARY] = BLOCK_GAIN * (want[BOUNDARY] - want[INTERIOR])   # an amplified log ratio
-    np.testing.assert_allclose(glob, np.broadcast_to(want, glob.shape), rtol=1e-3, atol=1e-4)
+    gain = np.sqrt(H) / CONST                          # norm1's gain on the log channels
+    n = x2 / np.sqrt((x2 ** 2).mean(1, keepdims=True) + 1e-6)
+    logs = n[:, lay["log"]:lay["log"] + N_FEAT] / gain  # ≈ the log4 amplitudes per patch
+    texture = logs[:, :TEXTURE_BANDS].mean(1)
+    assert texture.std() > 0.1                          # patches differ in content
+    pooled_texture = []
+    for p_i, sign in enumerate(POOLS):
+        a = np.exp(sign * POOL_SHARPNESS * (texture - texture.max()))
+        a /= a.sum()
+        want = a @ logs - LOG_CENTRE                    # centred, and blockiness as
+        want[BOUNDARY] = BLOCK_GAIN * (a @ logs[:, BOUNDARY] - a @ logs[:, INTERIOR])  # a log ratio
+        glob = x3[:, lay["global"] + p_i * N_FEAT:lay["global"] + (p_i + 1) * N_FEAT]
+        # every patch gets the same pooled vector (the attention is position-free)
+        np.testing.assert_allclose(glob, np.broadcast_to(want, glob.shape), rtol=1e-3, atol=2e-4)
+        pooled_texture.append(a @ texture)
+    # a soft max and a soft min: between the extremes, on either side of the mean
+    assert texture.max() >= pooled_texture[0] > texture.mean() + 0.1
+    assert texture.min() <= pooled_texture[1] < texture.mean() - 0.1
     # and the merger reads nothing else: its 16 image tokens are one vector up to ln_q's per-patch
     # scale (a few %)
     feats = np.array(model.vision_tower(*px))

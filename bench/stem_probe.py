@@ -1,0 +1,115 @@
+"""How much quality can be read off what a vision tower hands the language model?
+
+    source scripts/blas_env.sh
+    .venv/bin/python bench/stem_probe.py --data runs/repro/data --model runs/repro/student_base
+
+For each tower (the stem in --model, and a random mlx-vlm tower of the same size built here) it
+takes the image tokens the tower gives the language model (the merger output, averaged over an
+image's tokens), fits two read-outs on the training images and scores the held-out ones:
+
+- ridge: a linear read-out of standardised features (what a classic regressor does),
+- kNN: the mean MOS of the k nearest training images — a *local, non-linear* read-out, which is
+  closer to what a small language model learns from a few photos: it generalises only where a
+  held-out image lands near training images of the same quality (not of the same content).
+
+Extra --model folders (e.g. an older student_base) are probed the same way. Ends with
+`RESULT stem_probe_<read-out>_srcc <x> goal 0.93` lines for the --model tower.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import numpy as np  # noqa: E402
+from scipy.stats import spearmanr  # noqa: E402
+
+GOAL = 0.93
+KNN = (5, 25)
+
+
+def tower_features(model_dir: Path, data: Path, split: str) -> tuple[np.ndarray, list[dict]]:
+    """Mean merger output per image (what the language model receives), for one split."""
+    import mlx.core as mx
+
+    from qponder_mlx import generate as gen
+    from qponder_mlx.images import load_image
+    from qponder_mlx.model import load_model
+
+    loaded = load_model(str(model_dir))
+    rows = [json.loads(x) for x in (data / f"{split}.jsonl").read_text().splitlines()]
+    out = []
+    for i in range(0, len(rows), 32):
+        ims = [load_image(data / r["image"]) for r in rows[i:i + 32]]
+        prompts = ["<|vision_start|><|image_pad|><|vision_end|>"] * len(ims)
+        inp = gen.encode(loaded.processor, prompts, ims)
+        tokens = loaded.model.vision_tower(inp["pixel_values"], inp["image_grid_thw"])
+        out.append(np.array(tokens.reshape(len(ims), -1, tokens.shape[-1]).mean(1)))
+        mx.clear_cache()
+    return np.concatenate(out), rows
+
+
+def readouts(xtr: np.ndarray, ytr: np.ndarray, xte: np.ndarray) -> dict[str, np.ndarray]:
+    """Held-out predictions of a ridge (λ = 1 on standardised features) and of kNN means."""
+    mu, sd = xtr.mean(0), xtr.std(0) + 1e-9
+    ztr, zte = (xtr - mu) / sd, (xte - mu) / sd
+    a = np.c_[ztr, np.ones(len(ztr))]
+    w = np.linalg.solve(a.T @ a + np.eye(a.shape[1]), a.T @ ytr)
+    preds = {"ridge": np.c_[zte, np.ones(len(zte))] @ w}
+    dist = ((zte[:, None] - ztr[None]) ** 2).sum(-1)
+    order = np.argsort(dist, 1)
+    for k in KNN:
+        preds[f"knn{k}"] = ytr[order[:, :k]].mean(1)
+    return preds
+
+
+def probe(model_dir: Path, data: Path) -> dict[str, dict]:
+    xtr, tr = tower_features(model_dir, data, "train")
+    xte, te = tower_features(model_dir, data, "test")
+    ytr = np.array([r["mos"] for r in tr])
+    yte = np.array([r["mos"] for r in te])
+    photos = sorted({r["reference"] for r in te})
+    out = {}
+    for name, p in readouts(xtr, ytr, xte).items():
+        per = {ph: float(spearmanr(p[[r["reference"] == ph for r in te]],
+                                   yte[[r["reference"] == ph for r in te]])[0]) for ph in photos}
+        out[name] = {"srcc": float(spearmanr(p, yte)[0]), "per_photo": per}
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--data", type=Path, required=True, help="synth-iqa folder (train/test.jsonl)")
+    ap.add_argument("--model", type=Path, required=True, help="student with the stem")
+    ap.add_argument("--also", type=Path, nargs="*", default=[], help="more towers to probe")
+    args = ap.parse_args(argv)
+
+    from qponder_mlx.testing import build_tiny_model
+
+    cfg = json.loads((args.model / "config.json").read_text())
+    vc = cfg["vision_config"]
+    with tempfile.TemporaryDirectory() as tmp:
+        random_dir = build_tiny_model(Path(tmp) / "random", hidden_size=vc["out_hidden_size"],
+                                      num_layers=cfg["num_hidden_layers"],
+                                      vision_hidden=vc["hidden_size"], vision_depth=vc["depth"])
+        towers = {"random tower (same size)": random_dir, f"stem ({args.model})": args.model}
+        towers.update({str(p): p for p in args.also})
+        results = {name: probe(path, args.data) for name, path in towers.items()}
+    print(f"{'tower':48s} " + " ".join(f"{k:>8s}" for k in results[next(iter(results))]))
+    for name, res in results.items():
+        print(f"{name[:48]:48s} " + " ".join(f"{r['srcc']:8.3f}" for r in res.values()))
+        for k, r in res.items():
+            per = " ".join(f"{ph} {v:.2f}" for ph, v in r["per_photo"].items())
+            print(f"    {k:6s} per photo {per}")
+    for k, r in results[f"stem ({args.model})"].items():
+        print(f"RESULT stem_probe_{k}_srcc {r['srcc']:.3f} goal {GOAL}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
