@@ -351,14 +351,20 @@ def run_pipeline(cfg: ReproConfig, pipeline_dir: Path, out: Path, *, in_process:
     stage("grpo", out / "grpo" / "summary.json",
           lambda: train("grpo", ["--data", str(data / "train.jsonl"),
                                  "--adapter", str(out / "sft" / "adapters")], grpo_cfg))
-    # Held-out photos (the measure), plus the photos the students trained on (reason mode): the
-    # gap between the two tells memorising from learning.
+    # Held-out photos (the measure), plus the photos the students trained on (reason mode; their
+    # centre views, like the held-out images, not the random crops): the gap between the two
+    # tells memorising from learning.
+    seen = data / "train_photos.jsonl"
+    if not seen.exists():
+        atomic_write_text(seen, "".join(
+            json.dumps(r) + "\n" for r in read_jsonl(data / "train.jsonl")
+            if r["id"] == f"{r['reference']}_{r['distortion']}_{r['level']}"))
     evals = {"Q-Ponder-CI (SFT), reason": ("sft", "reason", "test"),
              "Q-Ponder-CI (SFT), fast": ("sft", "fast", "test"),
              "Q-Ponder (GRPO), reason": ("grpo", "reason", "test"),
              "Q-Ponder (GRPO), fast": ("grpo", "fast", "test"),
-             "Q-Ponder-CI (SFT), reason, train photos": ("sft", "reason", "train"),
-             "Q-Ponder (GRPO), reason, train photos": ("grpo", "reason", "train")}
+             "Q-Ponder-CI (SFT), reason, train photos": ("sft", "reason", "train_photos"),
+             "Q-Ponder (GRPO), reason, train photos": ("grpo", "reason", "train_photos")}
 
     def report_path(run_name: str, mode: str, split: str) -> Path:
         return out / "eval" / (f"{run_name}_{mode}.json" if split == "test"
@@ -375,7 +381,7 @@ def run_pipeline(cfg: ReproConfig, pipeline_dir: Path, out: Path, *, in_process:
                                      "--out", str(p)]))
 
     # ---- the table
-    labels = {sp: list(read_jsonl(data / f"{sp}.jsonl")) for sp in ("test", "train")}
+    labels = {sp: list(read_jsonl(data / f"{sp}.jsonl")) for sp in ("test", "train_photos")}
     test = labels["test"]
     mos, kinds = [float(r["mos"]) for r in test], [r["distortion"] for r in test]
     t0 = time.perf_counter()
@@ -387,7 +393,7 @@ def run_pipeline(cfg: ReproConfig, pipeline_dir: Path, out: Path, *, in_process:
         report = json.loads(path.read_text())
         rows_ = labels[split]
         pred = eval_scores(path, [r["id"] for r in rows_])
-        rows[name] = {"photos": "seen" if split == "train" else "held-out",
+        rows[name] = {"photos": "seen" if split == "train_photos" else "held-out",
                       "agreement": agreement(pred, [float(r["mos"]) for r in rows_],
                                              [r["distortion"] for r in rows_]),
                       "format_rate": report.get("format_rate"), "seconds": report["seconds"]}

@@ -82,8 +82,8 @@ def test_toy_pipeline_writes_every_artefact_and_resumes(reproduce, tmp_path, cap
                  "sft/adapters/adapters.safetensors", "grpo/adapters/adapters.safetensors",
                  "grpo/metrics.jsonl", "grpo/curves.html",
                  "eval/sft_reason.json", "eval/sft_fast.json", "eval/grpo_reason.json",
-                 "eval/grpo_fast.json", "eval/sft_reason_train.json",
-                 "eval/grpo_reason_train.json", "figures/repro_grpo_rewards.svg", "results.md",
+                 "eval/grpo_fast.json", "eval/sft_reason_train_photos.json",
+                 "eval/grpo_reason_train_photos.json", "figures/repro_grpo_rewards.svg", "results.md",
                  "commands.sh", "logs/sft.log"]:
         assert (out / path).exists(), path
     assert "<polyline" in (out / "figures" / "repro_grpo_rewards.svg").read_text() or \
@@ -114,7 +114,12 @@ def test_toy_pipeline_writes_every_artefact_and_resumes(reproduce, tmp_path, cap
         assert "skipped" in r or r["agreement"]["pooled"]["n"] == 15
     assert results["grpo_steps"] == 1
     seen = results["rows"]["Q-Ponder (GRPO), reason, train photos"]
-    assert seen["photos"] == "seen" and seen["agreement"]["pooled"]["n"] <= 60
+    # "seen" = the centre views of the 2 train photos (not their crops): 2 x 15 images
+    assert seen["photos"] == "seen" and seen["agreement"]["pooled"]["n"] <= 30
+    seen_report = json.loads((out / "eval" / "grpo_reason_train_photos.json").read_text())
+    assert seen_report["n_labels"] == 30
+    seen_ids = {json.loads(x)["id"] for x in (out / "data" / "train_photos.jsonl").open()}
+    assert len(seen_ids) == 30 and not any("_crop" in i for i in seen_ids)
     for measure in ("repro_grpo_srcc", "repro_grpo_minus_sft_srcc",
                     "repro_grpo_minus_brisque_srcc"):
         assert f"RESULT {measure} " in printed
