@@ -83,8 +83,8 @@ def test_toy_pipeline_writes_every_artefact_and_resumes(reproduce, tmp_path, cap
                  "grpo/metrics.jsonl", "grpo/curves.html",
                  "eval/sft_reason.json", "eval/sft_fast.json", "eval/grpo_reason.json",
                  "eval/grpo_fast.json", "eval/sft_reason_train_photos.json",
-                 "eval/grpo_reason_train_photos.json", "figures/repro_grpo_rewards.svg", "results.md",
-                 "commands.sh", "logs/sft.log"]:
+                 "eval/grpo_reason_train_photos.json", "figures/repro_grpo_rewards.svg",
+                 "results.md", "commands.sh", "logs/sft.log"]:
         assert (out / path).exists(), path
     assert "<polyline" in (out / "figures" / "repro_grpo_rewards.svg").read_text() or \
         "<circle" in (out / "figures" / "repro_grpo_rewards.svg").read_text()
