@@ -57,6 +57,8 @@ def synth_iqa(
     seed: int = typer.Option(0, help="Noise and crop seed."),
     crops: int = typer.Option(0, min=0, help="Also N random crops (random scale, place and "
                               "flip) of every TRAIN photo; test photos keep the centre crop."),
+    test_crops: int = typer.Option(0, min=0, help="Also N random crops of every TEST photo, in "
+                                   "test_crops.jsonl (test.jsonl keeps the centre crops only)."),
 ) -> None:
     """A KADID-style set: CC0 photos × blur/noise/JPEG × 5 KADID levels, labelled with KADID's
     mean MOS per (type, level). Writes labels.jsonl, train.jsonl and test.jsonl."""
@@ -74,15 +76,18 @@ def synth_iqa(
         fail(str(e))
     refs = {n: center_crop(im, size) for n, im in photos_.items()}
     photo_of = {n: n for n in names}
-    for n in names:
-        if n not in held:
-            for c, im in enumerate(random_crops(photos_[n], size, crops, seed=view_seed(seed, n))):
-                refs[f"{n}_crop{c}"] = im
-                photo_of[f"{n}_crop{c}"] = n
     split = {n: "test" if n in held else "train" for n in names}
+    for n in names:
+        count = test_crops if n in held else crops
+        for c, im in enumerate(random_crops(photos_[n], size, count, seed=view_seed(seed, n))):
+            refs[f"{n}_crop{c}"] = im
+            photo_of[f"{n}_crop{c}"] = n
+            if n in held:
+                split[f"{n}_crop{c}"] = "test_crops"
     items = write_set(out, refs, split=split, seed=seed, photo_of=photo_of)
-    n_test = sum(split[i.reference] == "test" for i in items)
-    typer.echo(f"{len(items)} images in {out} ({len(items) - n_test} train, {n_test} test)")
+    n_train = sum(split[i.reference] == "train" for i in items)
+    typer.echo(f"{len(items)} images in {out} ({n_train} train, {len(items) - n_train} test"
+               + (" incl. test_crops.jsonl)" if test_crops else ")"))
 
 
 @app.command("eval")

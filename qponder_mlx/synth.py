@@ -122,6 +122,7 @@ class SynthItem:
     distortion: str
     level: int
     mos: float
+    view: str = ""     # the name of the undistorted view (the photo itself or one of its crops)
 
 
 def write_set(out: str | Path, references: dict[str, Image.Image], *,
@@ -133,8 +134,8 @@ def write_set(out: str | Path, references: dict[str, Image.Image], *,
 
     `references` maps an image name to its undistorted image; `photo_of` maps that name to the
     photo it was cut from (default: itself) — the `reference` field and the split follow the
-    photo, so crops of one photo never straddle train and test. `split` maps photo name ->
-    split name; each split also gets `<split>.jsonl`.
+    photo, so crops of one photo never straddle train and test. `split` maps a photo name (or,
+    to override its photo, one view's name) -> split name; each split also gets `<split>.jsonl`.
     """
     photo_of = photo_of or {}
     out = Path(out)
@@ -149,7 +150,7 @@ def write_set(out: str | Path, references: dict[str, Image.Image], *,
                 else:
                     distort(ref, kind, level, seed=view_seed(seed, name)).save(out / fname)
                 items.append(SynthItem(fname, photo_of.get(name, name), kind, level,
-                                       LEVEL_MOS[kind][level - 1]))
+                                       LEVEL_MOS[kind][level - 1], name))
 
     def dump(path: Path, rows: list[SynthItem]) -> None:
         with path.open("w") as f:
@@ -159,6 +160,11 @@ def write_set(out: str | Path, references: dict[str, Image.Image], *,
                                     "level": it.level}) + "\n")
 
     dump(out / "labels.jsonl", items)
-    for name in sorted(set((split or {}).values())):
-        dump(out / f"{name}.jsonl", [it for it in items if split[it.reference] == name])
+    split = split or {}
+
+    def split_of(it: SynthItem) -> str | None:  # a view's own entry wins over its photo's
+        return split.get(it.view, split.get(it.reference))
+
+    for name in sorted(set(split.values())):
+        dump(out / f"{name}.jsonl", [it for it in items if split_of(it) == name])
     return items

@@ -25,6 +25,7 @@ size = 56
 photos = "astronaut,camera,coffee"
 test_photos = "coffee"
 crops = 1
+test_crops = 1
 [student]
 hidden_size = 64
 vision_hidden = 320
@@ -120,9 +121,18 @@ def test_toy_pipeline_writes_every_artefact_and_resumes(reproduce, tmp_path, cap
     assert seen_report["n_labels"] == 30
     seen_ids = {json.loads(x)["id"] for x in (out / "data" / "train_photos.jsonl").open()}
     assert len(seen_ids) == 30 and not any("_crop" in i for i in seen_ids)
+    # all views of the held-out photo (centre + 1 crop): its own student and classic rows
+    views = [json.loads(x) for x in (out / "data" / "held_out_views.jsonl").open()]
+    assert len(views) == 30 and {r["reference"] for r in views} == {"coffee"}
+    assert {r["id"] for r in test} < {r["id"] for r in views}
+    for name in ("Q-Ponder (GRPO), reason, all views", "BRISQUE, all views"):
+        r = results["rows"][name]
+        assert r["photos"] == "held-out, all views"
+        assert "skipped" in r or r["agreement"]["pooled"]["n"] <= 30
     for measure in ("repro_grpo_srcc", "repro_grpo_minus_sft_srcc",
                     "repro_grpo_minus_brisque_srcc"):
         assert f"RESULT {measure} " in printed
+        assert f"RESULT {measure}_all_views " in printed
 
     # A rerun finds every stage done: no command runs again, the table is rebuilt.
     assert reproduce.main(argv) == 0

@@ -100,3 +100,23 @@ def test_held_out_images_do_not_depend_on_the_rest_of_the_set(tmp_path):
     small = make("small", "coffee,chelsea", 0)
     assert np.array_equal(small, make("big", "astronaut,brick,chelsea,coffee,retina", 3))
     assert not np.array_equal(small, make("other", "coffee,chelsea", 0, seed=1))
+
+
+def test_test_crops_go_to_their_own_file(tmp_path):
+    """--test-crops: random views of the TEST photos in test_crops.jsonl; test.jsonl keeps the
+    centre views only, train.jsonl is untouched."""
+    pytest.importorskip("skimage")
+
+    def make(name, test_crops):
+        res = CliRunner().invoke(app, ["dev", "synth-iqa", str(tmp_path / name), "--size", "56",
+                                       "--photos", "astronaut,coffee", "--test-photos", "coffee",
+                                       "--crops", "1", "--test-crops", str(test_crops)])
+        assert res.exit_code == 0, res.output
+        return {f: (tmp_path / name / f).read_text() for f in ("train.jsonl", "test.jsonl")}
+
+    plain, more = make("plain", 0), make("more", 2)
+    assert plain == more                                   # same train and test files
+    crops = [json.loads(x) for x in (tmp_path / "more" / "test_crops.jsonl").open()]
+    assert len(crops) == 2 * 15 and {r["reference"] for r in crops} == {"coffee"}
+    assert all("_crop" in r["id"] for r in crops)
+    assert not (tmp_path / "plain" / "test_crops.jsonl").exists()
