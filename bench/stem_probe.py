@@ -13,7 +13,8 @@ image's tokens), fits two read-outs on the training images and scores the held-o
   held-out image lands near training images of the same quality (not of the same content).
 
 Extra --model folders (e.g. an older student_base) are probed the same way. Ends with
-`RESULT stem_probe_<read-out>_srcc <x> goal 0.93` lines for the --model tower.
+`RESULT stem_probe_<read-out>_srcc <x> goal 0.93` lines for the --model tower. `--test-split
+held_out_views` scores every view of the held-out photos instead of their centre crops.
 """
 
 from __future__ import annotations
@@ -68,9 +69,9 @@ def readouts(xtr: np.ndarray, ytr: np.ndarray, xte: np.ndarray) -> dict[str, np.
     return preds
 
 
-def probe(model_dir: Path, data: Path) -> dict[str, dict]:
+def probe(model_dir: Path, data: Path, test_split: str) -> dict[str, dict]:
     xtr, tr = tower_features(model_dir, data, "train")
-    xte, te = tower_features(model_dir, data, "test")
+    xte, te = tower_features(model_dir, data, test_split)
     ytr = np.array([r["mos"] for r in tr])
     yte = np.array([r["mos"] for r in te])
     photos = sorted({r["reference"] for r in te})
@@ -87,6 +88,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--data", type=Path, required=True, help="synth-iqa folder (train/test.jsonl)")
     ap.add_argument("--model", type=Path, required=True, help="student with the stem")
     ap.add_argument("--also", type=Path, nargs="*", default=[], help="more towers to probe")
+    ap.add_argument("--test-split", default="test",
+                    help="held-out label file in --data (e.g. held_out_views: every view)")
     args = ap.parse_args(argv)
 
     from qponder_mlx.testing import build_tiny_model
@@ -99,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
                                       vision_hidden=vc["hidden_size"], vision_depth=vc["depth"])
         towers = {"random tower (same size)": random_dir, f"stem ({args.model})": args.model}
         towers.update({str(p): p for p in args.also})
-        results = {name: probe(path, args.data) for name, path in towers.items()}
+        results = {name: probe(path, args.data, args.test_split) for name, path in towers.items()}
     print(f"{'tower':48s} " + " ".join(f"{k:>8s}" for k in results[next(iter(results))]))
     for name, res in results.items():
         print(f"{name[:48]:48s} " + " ".join(f"{r['srcc']:8.3f}" for r in res.values()))
