@@ -61,6 +61,7 @@ from qponder_mlx.train.config import ConfigError, load_config  # noqa: E402
 BENCH = Path(__file__).resolve().parent
 BRISQUE_DIR = Path("/usr/share/opencv4/quality")  # Debian/Ubuntu `opencv-data`
 GOALS = {"srcc": 0.93, "grpo_minus_sft": 0.03, "grpo_minus_brisque": 0.0}
+ALL_VIEWS = ", all views"  # row-name suffix for the scores on every view of the held-out photos
 
 
 # ---------------------------------------------------------------- settings
@@ -373,8 +374,8 @@ def run_pipeline(cfg: ReproConfig, pipeline_dir: Path, out: Path, *, in_process:
              "Q-Ponder (GRPO), reason": ("grpo", "reason", "test"),
              "Q-Ponder (GRPO), fast": ("grpo", "fast", "test")}
     if cfg.data.test_crops:
-        evals["Q-Ponder-CI (SFT), reason, all views"] = ("sft", "reason", "held_out_views")
-        evals["Q-Ponder (GRPO), reason, all views"] = ("grpo", "reason", "held_out_views")
+        evals[f"Q-Ponder-CI (SFT), reason{ALL_VIEWS}"] = ("sft", "reason", "held_out_views")
+        evals[f"Q-Ponder (GRPO), reason{ALL_VIEWS}"] = ("grpo", "reason", "held_out_views")
     evals["Q-Ponder-CI (SFT), reason, train photos"] = ("sft", "reason", "train_photos")
     evals["Q-Ponder (GRPO), reason, train photos"] = ("grpo", "reason", "train_photos")
     photos_of = {"test": "held-out", "held_out_views": "held-out, all views",
@@ -407,21 +408,22 @@ def run_pipeline(cfg: ReproConfig, pipeline_dir: Path, out: Path, *, in_process:
                                              [r["distortion"] for r in rows_]),
                       "format_rate": report.get("format_rate"), "seconds": report["seconds"]}
     t0 = time.perf_counter()
-    for split in [sp for sp in ("test", "held_out_views") if sp in labels]:
-        images = labels[split]
-        mos, kinds = [float(r["mos"]) for r in images], [r["distortion"] for r in images]
-        suffix = "" if split == "test" else ", all views"
+    for split, suffix in (("test", ""), ("held_out_views", ALL_VIEWS)):
+        images = labels.get(split, [])
+        if not images:
+            continue
+        mos = [float(r["mos"]) for r in images]
+        types = [r["distortion"] for r in images]
         for name, scores in classic_scores([data / r["image"] for r in images]).items():
             if isinstance(scores, str):
                 echo(f"{name}: skipped — {scores}")
                 rows[name + suffix] = {"photos": photos_of[split], "skipped": scores}
             else:  # lower is better: negate so that every row's correlation is "higher = better"
                 rows[name + suffix] = {"photos": photos_of[split],
-                                       "agreement": agreement([-s for s in scores], mos, kinds)}
+                                       "agreement": agreement([-s for s in scores], mos, types)}
     timings["classic"] = round(time.perf_counter() - t0, 2)
-    kinds = [r["distortion"] for r in labels["test"]]
 
-    kinds_sorted = sorted(set(kinds))
+    kinds_sorted = sorted({r["distortion"] for r in labels["test"]})
     table = results_table(rows, kinds_sorted)
     curves = write_figures(out, figures or out / "figures")
     grpo_rows = [r for r in read_jsonl(out / "grpo" / "metrics.jsonl") if r.get("kind") == "train"]
@@ -455,7 +457,7 @@ def run_pipeline(cfg: ReproConfig, pipeline_dir: Path, out: Path, *, in_process:
         "headline": headline(""),
     }
     if cfg.data.test_crops:
-        results["headline_all_views"] = headline(", all views")
+        results["headline_all_views"] = headline(ALL_VIEWS)
     atomic_write_json(out / "results.json", results)
     stages = ", ".join(f"{k} {v:.0f} s" for k, v in timings.items())
     atomic_write_text(out / "results.md", f"{table}\n\nTime: {total:.0f} s ({stages})\n")

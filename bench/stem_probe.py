@@ -30,12 +30,15 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import numpy as np  # noqa: E402
 from scipy.stats import spearmanr  # noqa: E402
 
+from qponder_mlx.io import read_jsonl  # noqa: E402
+
 GOAL = 0.93
 KNN = (5, 25)
 
 
-def tower_features(model_dir: Path, data: Path, split: str) -> tuple[np.ndarray, list[dict]]:
-    """Mean merger output per image (what the language model receives), for one split."""
+def tower_features(model_dir: Path, data: Path, splits: list[str]) -> list[tuple[np.ndarray, list]]:
+    """Mean merger output per image (what the language model receives), for each split; the
+    model is loaded once."""
     import mlx.core as mx
 
     from qponder_mlx import generate as gen
@@ -43,16 +46,19 @@ def tower_features(model_dir: Path, data: Path, split: str) -> tuple[np.ndarray,
     from qponder_mlx.model import load_model
 
     loaded = load_model(str(model_dir))
-    rows = [json.loads(x) for x in (data / f"{split}.jsonl").read_text().splitlines()]
-    out = []
-    for i in range(0, len(rows), 32):
-        ims = [load_image(data / r["image"]) for r in rows[i:i + 32]]
-        prompts = ["<|vision_start|><|image_pad|><|vision_end|>"] * len(ims)
-        inp = gen.encode(loaded.processor, prompts, ims)
-        tokens = loaded.model.vision_tower(inp["pixel_values"], inp["image_grid_thw"])
-        out.append(np.array(tokens.reshape(len(ims), -1, tokens.shape[-1]).mean(1)))
-        mx.clear_cache()
-    return np.concatenate(out), rows
+    result = []
+    for split in splits:
+        rows = list(read_jsonl(data / f"{split}.jsonl"))
+        out = []
+        for i in range(0, len(rows), 32):
+            ims = [load_image(data / r["image"]) for r in rows[i:i + 32]]
+            prompts = ["<|vision_start|><|image_pad|><|vision_end|>"] * len(ims)
+            inp = gen.encode(loaded.processor, prompts, ims)
+            tokens = loaded.model.vision_tower(inp["pixel_values"], inp["image_grid_thw"])
+            out.append(np.array(tokens.reshape(len(ims), -1, tokens.shape[-1]).mean(1)))
+            mx.clear_cache()
+        result.append((np.concatenate(out), rows))
+    return result
 
 
 def readouts(xtr: np.ndarray, ytr: np.ndarray, xte: np.ndarray) -> dict[str, np.ndarray]:
@@ -70,8 +76,7 @@ def readouts(xtr: np.ndarray, ytr: np.ndarray, xte: np.ndarray) -> dict[str, np.
 
 
 def probe(model_dir: Path, data: Path, test_split: str) -> dict[str, dict]:
-    xtr, tr = tower_features(model_dir, data, "train")
-    xte, te = tower_features(model_dir, data, test_split)
+    (xtr, tr), (xte, te) = tower_features(model_dir, data, ["train", test_split])
     ytr = np.array([r["mos"] for r in tr])
     yte = np.array([r["mos"] for r in te])
     photos = sorted({r["reference"] for r in te})

@@ -137,7 +137,7 @@ def write_set(out: str | Path, references: dict[str, Image.Image], *,
     photo, so crops of one photo never straddle train and test. `split` maps a photo name (or,
     to override its photo, one view's name) -> split name; each split also gets `<split>.jsonl`.
     """
-    photo_of = photo_of or {}
+    photo_of, split = photo_of or {}, split or {}
     out = Path(out)
     (out / "images").mkdir(parents=True, exist_ok=True)
     items: list[SynthItem] = []
@@ -160,7 +160,6 @@ def write_set(out: str | Path, references: dict[str, Image.Image], *,
                                     "level": it.level}) + "\n")
 
     dump(out / "labels.jsonl", items)
-    split = split or {}
 
     def split_of(it: SynthItem) -> str | None:  # a view's own entry wins over its photo's
         return split.get(it.view, split.get(it.reference))

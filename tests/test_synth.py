@@ -1,6 +1,7 @@
 """KADID-style distortions at KADID's levels, and `qponder dev synth-iqa`."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -85,21 +86,29 @@ def test_synth_iqa_crops_only_for_train_photos(tmp_path):
     assert np.array_equal(again, pngs[2])
 
 
+def _synth_coffee_test(out: Path, photos: str, *, crops: int = 0, test_crops: int = 0,
+                       seed: int = 0) -> Path:
+    """`qponder dev synth-iqa` at 56 px with coffee held out; returns the set's folder."""
+    res = CliRunner().invoke(app, ["dev", "synth-iqa", str(out), "--size", "56",
+                                   "--photos", photos, "--test-photos", "coffee",
+                                   "--crops", str(crops), "--test-crops", str(test_crops),
+                                   "--seed", str(seed)])
+    assert res.exit_code == 0, res.output
+    return out
+
+
 def test_held_out_images_do_not_depend_on_the_rest_of_the_set(tmp_path):
     """Noise draws are seeded by the view's own name: adding train photos or crops leaves every
     held-out image bit-identical (a positional seed changed them), and another seed changes them."""
     pytest.importorskip("skimage")
 
-    def make(name, photos, crops, seed=0):
-        res = CliRunner().invoke(app, ["dev", "synth-iqa", str(tmp_path / name), "--size", "56",
-                                       "--photos", photos, "--test-photos", "coffee",
-                                       "--crops", str(crops), "--seed", str(seed)])
-        assert res.exit_code == 0, res.output
-        return np.asarray(Image.open(tmp_path / name / "images/coffee_noise_3.png"))
+    def noisy(name, photos, crops=0, seed=0):
+        out = _synth_coffee_test(tmp_path / name, photos, crops=crops, seed=seed)
+        return np.asarray(Image.open(out / "images/coffee_noise_3.png"))
 
-    small = make("small", "coffee,chelsea", 0)
-    assert np.array_equal(small, make("big", "astronaut,brick,chelsea,coffee,retina", 3))
-    assert not np.array_equal(small, make("other", "coffee,chelsea", 0, seed=1))
+    small = noisy("small", "coffee,chelsea")
+    assert np.array_equal(small, noisy("big", "astronaut,brick,chelsea,coffee,retina", 3))
+    assert not np.array_equal(small, noisy("other", "coffee,chelsea", seed=1))
 
 
 def test_test_crops_go_to_their_own_file(tmp_path):
@@ -107,14 +116,12 @@ def test_test_crops_go_to_their_own_file(tmp_path):
     centre views only, train.jsonl is untouched."""
     pytest.importorskip("skimage")
 
-    def make(name, test_crops):
-        res = CliRunner().invoke(app, ["dev", "synth-iqa", str(tmp_path / name), "--size", "56",
-                                       "--photos", "astronaut,coffee", "--test-photos", "coffee",
-                                       "--crops", "1", "--test-crops", str(test_crops)])
-        assert res.exit_code == 0, res.output
-        return {f: (tmp_path / name / f).read_text() for f in ("train.jsonl", "test.jsonl")}
+    def splits(name, test_crops):
+        out = _synth_coffee_test(tmp_path / name, "astronaut,coffee", crops=1,
+                                 test_crops=test_crops)
+        return {f: (out / f).read_text() for f in ("train.jsonl", "test.jsonl")}
 
-    plain, more = make("plain", 0), make("more", 2)
+    plain, more = splits("plain", 0), splits("more", 2)
     assert plain == more                                   # same train and test files
     crops = [json.loads(x) for x in (tmp_path / "more" / "test_crops.jsonl").open()]
     assert len(crops) == 2 * 15 and {r["reference"] for r in crops} == {"coffee"}
