@@ -343,9 +343,10 @@ def run_pipeline(cfg: ReproConfig, pipeline_dir: Path, out: Path, *, in_process:
     def train(stage_name: str, extra: list[str], config: Path):
         run_dir = out / stage_name
         resume = ["--resume"] if (run_dir / "checkpoints").exists() else []
+        # The student's seed also seeds both trainers (LoRA init, data order, GRPO sampling).
         run(stage_name, ["train", "--stage", stage_name, "--config", str(config),
                          "--model", str(base), "--out", str(run_dir), *extra, *px,
-                         "--no-progress", *resume])
+                         "--no-progress", "--seed", str(cfg.student.seed), *resume])
 
     # Each stage is done when the LAST file it writes exists.
     stage("synth", data / "train.jsonl", synth)
@@ -364,7 +365,7 @@ def run_pipeline(cfg: ReproConfig, pipeline_dir: Path, out: Path, *, in_process:
     if not seen.exists():
         atomic_write_text(seen, "".join(
             json.dumps(r) + "\n" for r in read_jsonl(data / "train.jsonl")
-            if r["id"] == f"{r['reference']}_{r['distortion']}_{r['level']}"))
+            if r["view"] == r["reference"]))  # the photo itself, not one of its crops
     if cfg.data.test_crops and not views.exists():
         atomic_write_text(views, "".join(
             json.dumps(r) + "\n" for part in ("test", "test_crops")
@@ -374,8 +375,9 @@ def run_pipeline(cfg: ReproConfig, pipeline_dir: Path, out: Path, *, in_process:
              "Q-Ponder (GRPO), reason": ("grpo", "reason", "test"),
              "Q-Ponder (GRPO), fast": ("grpo", "fast", "test")}
     if cfg.data.test_crops:
-        evals[f"Q-Ponder-CI (SFT), reason{ALL_VIEWS}"] = ("sft", "reason", "held_out_views")
-        evals[f"Q-Ponder (GRPO), reason{ALL_VIEWS}"] = ("grpo", "reason", "held_out_views")
+        for name, run_name in (("Q-Ponder-CI (SFT)", "sft"), ("Q-Ponder (GRPO)", "grpo")):
+            for mode in ("reason", "fast"):
+                evals[f"{name}, {mode}{ALL_VIEWS}"] = (run_name, mode, "held_out_views")
     evals["Q-Ponder-CI (SFT), reason, train photos"] = ("sft", "reason", "train_photos")
     evals["Q-Ponder (GRPO), reason, train photos"] = ("grpo", "reason", "train_photos")
     photos_of = {"test": "held-out", "held_out_views": "held-out, all views",
@@ -496,6 +498,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--in-process", action="store_true",
                     help="run the qponder commands in this process (smoke tests)")
     ap.add_argument("--fresh", action="store_true", help="delete OUT first")
+    ap.add_argument("--seed", type=int, default=None,
+                    help="training seed: the student's random weights, the LoRA init, the data "
+                         "order and GRPO's sampling (the images and the teacher's answers stay "
+                         "the same); default: [student] seed of the pipeline TOML")
     args = ap.parse_args(argv)
     warn = blas_warning()
     if warn:
@@ -505,6 +511,8 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    if args.seed is not None:
+        cfg.student.seed = args.seed
     if args.fresh and args.out.exists():
         shutil.rmtree(args.out)
     t0 = time.perf_counter()

@@ -157,7 +157,7 @@ def write_set(out: str | Path, references: dict[str, Image.Image], *,
             for it in rows:
                 f.write(json.dumps({"image": it.file, "mos": it.mos, "id": Path(it.file).stem,
                                     "reference": it.reference, "distortion": it.distortion,
-                                    "level": it.level}) + "\n")
+                                    "level": it.level, "view": it.view}) + "\n")
 
     dump(out / "labels.jsonl", items)
 

@@ -92,7 +92,7 @@ def test_toy_pipeline_writes_every_artefact_and_resumes(reproduce, tmp_path, cap
     commands = (out / "commands.sh").read_text()
     for cmd in ["qponder dev synth-iqa", "qponder distill", "--teacher synthetic",
                 "qponder train --stage sft", "qponder train --stage grpo", "--mode fast",
-                "--mode reason"]:
+                "--mode reason", "--no-progress --seed 0"]:
         assert cmd in commands
 
     # The table's fast-mode SRCC is scipy's Spearman of the eval report's scores vs MOS, pooled
@@ -125,7 +125,8 @@ def test_toy_pipeline_writes_every_artefact_and_resumes(reproduce, tmp_path, cap
     views = [json.loads(x) for x in (out / "data" / "held_out_views.jsonl").open()]
     assert len(views) == 30 and {r["reference"] for r in views} == {"coffee"}
     assert {r["id"] for r in test} < {r["id"] for r in views}
-    for name in ("Q-Ponder (GRPO), reason, all views", "BRISQUE, all views"):
+    for name in ("Q-Ponder (GRPO), reason, all views", "Q-Ponder-CI (SFT), fast, all views",
+                 "BRISQUE, all views"):
         r = results["rows"][name]
         assert r["photos"] == "held-out, all views"
         assert "skipped" in r or r["agreement"]["pooled"]["n"] <= 30

@@ -77,6 +77,8 @@ def test_synth_iqa_crops_only_for_train_photos(tmp_path):
     assert {r["reference"] for r in test} == {"chelsea"}
     stems = sorted({r["id"].rsplit("_", 2)[0] for r in train})
     assert stems == ["astronaut", "astronaut_crop0", "astronaut_crop1"]
+    assert sorted({r["view"] for r in train}) == stems        # each row names its view
+    assert all(r["id"].startswith(r["view"] + "_") for r in train + test)
     pngs = [np.asarray(Image.open(tmp_path / "a" / f"images/{s}_noise_1.png")) for s in stems]
     assert all(p.shape == (56, 56, 3) for p in pngs)
     assert not np.array_equal(pngs[0], pngs[1]) and not np.array_equal(pngs[1], pngs[2])
