@@ -1,0 +1,73 @@
+"""bench/repro_seeds.py: the per-seed goal table — mean, sample SD and worst case per measure, and
+the RESULT lines — from reproduce.py's results.json files."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import statistics
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def seeds():
+    sys.path.insert(0, str(ROOT / "bench"))
+    spec = importlib.util.spec_from_file_location("repro_seeds", ROOT / "bench" / "repro_seeds.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _run(folder: Path, seed: int, grpo: float, sft: float, brisque: float,
+         views: tuple[float, float, float] | None) -> Path:
+    def row(x):
+        return {"agreement": {"pooled": {"srcc": x}}}
+
+    rows = {"Q-Ponder (GRPO), reason": row(grpo), "Q-Ponder-CI (SFT), reason": row(sft),
+            "BRISQUE": row(brisque)}
+    res = {"config": {"student": {"seed": seed}}, "rows": rows,
+           "headline": {"grpo_srcc": grpo, "grpo_minus_sft_srcc": grpo - sft,
+                        "grpo_minus_brisque_srcc": grpo - brisque}}
+    if views:
+        g, s, b = views
+        rows.update({"Q-Ponder (GRPO), reason, all views": row(g),
+                     "Q-Ponder-CI (SFT), reason, all views": row(s),
+                     "BRISQUE, all views": row(b)})
+        res["headline_all_views"] = {"grpo_srcc": g, "grpo_minus_sft_srcc": g - s,
+                                     "grpo_minus_brisque_srcc": g - b}
+    folder.mkdir()
+    (folder / "results.json").write_text(json.dumps(res))
+    return folder
+
+
+def test_table_and_result_lines(seeds, tmp_path, capsys):
+    runs = [_run(tmp_path / "a", 0, 0.95, 0.90, 0.75, (0.94, 0.89, 0.82)),
+            _run(tmp_path / "b", 1, 0.92, 0.91, 0.75, (0.92, 0.90, 0.82)),
+            _run(tmp_path / "c", 2, 0.94, 0.93, 0.75, (0.935, 0.88, 0.82))]
+    assert seeds.main([str(r) for r in runs] + ["--out", str(tmp_path / "t.md")]) == 0
+    out = capsys.readouterr().out
+    table = (tmp_path / "t.md").read_text()
+    assert table in out
+    line = next(x for x in table.splitlines() if x.startswith("| 405 views | GRPO SRCC |"))
+    cells = [c.strip() for c in line.strip("|").split("|")]
+    grpo = [0.94, 0.92, 0.935]
+    assert cells[2:5] == ["0.940", "0.920", "0.935"]
+    assert float(cells[5]) == pytest.approx(statistics.mean(grpo), abs=5e-4)
+    assert float(cells[6]) == pytest.approx(statistics.stdev(grpo), abs=5e-4)
+    assert cells[7:] == ["0.920", "≥ 0.93", "yes", "2 of 3"]
+    gap = next(x for x in table.splitlines() if x.startswith("| 45 centre views | GRPO − SFT |"))
+    assert gap.split("|")[-3:-1] == [" no ", " 1 of 3 "]   # 0.05, 0.01, 0.01: mean 0.023
+    lines = [x for x in out.splitlines() if x.startswith("RESULT")]
+    assert len(lines) == 6
+    assert f"RESULT repro_grpo_srcc_all_views_seed_mean {statistics.mean(grpo):.4f} goal 0.93" \
+        in lines
+
+
+def test_missing_run_is_named(seeds, tmp_path):
+    with pytest.raises(SystemExit, match="results.json is missing"):
+        seeds.main([str(tmp_path / "nope")])
