@@ -133,6 +133,20 @@ def test_grad_accumulation_equals_the_bigger_batch(tmp_path, tiny_model_dir):
         np.testing.assert_allclose(np.array(b[k]), np.array(a[k]), atol=1e-5, err_msg=k)
 
 
+def test_row_order_in_the_file_does_not_change_the_run(tmp_path, tiny_model_dir):
+    """distill appends rows as its workers finish: the same rows in another order must train the
+    same adapter (the seeded shuffle works on a canonical order, not on file positions)."""
+    rows = cc0_sft_rows(4)
+    fwd = run_sft(_cfg(tmp_path, tiny_model_dir, write_jsonl(tmp_path / "a.jsonl", rows),
+                       out="fwd", iters=2))
+    rev = run_sft(_cfg(tmp_path, tiny_model_dir, write_jsonl(tmp_path / "b.jsonl", rows[::-1]),
+                       out="rev", iters=2))
+    a, b = _adapter(fwd), _adapter(rev)
+    assert any(float(mx.abs(a[k]).max()) > 0 for k in a if k.endswith("lora_b"))
+    for k in a:
+        np.testing.assert_array_equal(np.array(b[k]), np.array(a[k]), err_msg=k)
+
+
 def test_qlora_runs_and_lowers_the_loss(tmp_path, tiny_model_dir):
     data = write_jsonl(tmp_path / "two.jsonl", cc0_sft_rows(2))
     run = run_sft(_cfg(tmp_path, tiny_model_dir, data, out="q", iters=8, quantize_base=4,

@@ -226,6 +226,9 @@ def run_sft(cfg: SFTConfig, *, resume: bool = False, loaded: LoadedModel | None 
 
     # Data before LoRA/quantization: a bad file fails before any model preparation.
     rows, problems = read_sft_rows(cfg.data, tok, pixels, cfg.max_seq_len)
+    # The seeded shuffle permutes row positions: put the rows in a canonical order first, so that
+    # the same rows give the same run whatever order a concurrent writer (distill) left them in.
+    rows.sort(key=lambda r: (r.id, r.answer_ids, str(r.image)))
     problems_path = run_dir / PROBLEMS_FILE
     if ckpt is None and world.is_main:
         problems_path.unlink(missing_ok=True)
