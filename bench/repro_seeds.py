@@ -24,13 +24,14 @@ from reproduce import ALL_VIEWS, GOALS  # noqa: E402
 # (results.json headline key, row-name suffix, label in the table, RESULT suffix)
 SETS = [("headline", "", "45 centre views", ""),
         ("headline_all_views", ALL_VIEWS, "405 views", "_all_views")]
-MEASURES = [("grpo_srcc", "srcc", "GRPO SRCC"), ("grpo_minus_sft_srcc", "grpo_minus_sft",
-                                                 "GRPO − SFT"),
-            ("grpo_minus_brisque_srcc", "grpo_minus_brisque", "GRPO − BRISQUE")]
+GOAL_MEASURES = {"GRPO SRCC": ("grpo_srcc", "srcc"),
+                 "GRPO − SFT SRCC": ("grpo_minus_sft_srcc", "grpo_minus_sft"),
+                 "GRPO − BRISQUE SRCC": ("grpo_minus_brisque_srcc", "grpo_minus_brisque")}
+STUDENTS = [("SFT", "Q-Ponder-CI (SFT), reason"), ("GRPO", "Q-Ponder (GRPO), reason")]
 
 
-def srcc(results: dict, row: str) -> float | None:
-    return results["rows"].get(row, {}).get("agreement", {}).get("pooled", {}).get("srcc")
+def pooled(results: dict, row: str, key: str) -> float | None:
+    return results["rows"].get(row, {}).get("agreement", {}).get("pooled", {}).get(key)
 
 
 def load(run: Path) -> dict:
@@ -42,8 +43,21 @@ def load(run: Path) -> dict:
     return results
 
 
+def measures(r: dict, key: str, suffix: str) -> list[tuple[str, float | None]]:
+    """(name, value) of one run on one held-out set: the goals first, then what explains them."""
+    out = [(name, r[key][k]) for name, (k, _) in GOAL_MEASURES.items()]
+    out += [(f"{who} SRCC", pooled(r, row + suffix, "srcc")) for who, row in STUDENTS]
+    out.append(("BRISQUE SRCC", pooled(r, f"BRISQUE{suffix}", "srcc")))
+    for stat, get in (("PLCC", lambda row: pooled(r, row, "plcc")),
+                      ("MAE", lambda row: r["rows"].get(row, {}).get("mae")),
+                      ("distinct answers",
+                       lambda row: r["rows"].get(row, {}).get("distinct_answers"))):
+        out += [(f"{who} {stat}", get(row + suffix)) for who, row in STUDENTS]
+    return out
+
+
 def summary(runs: list[dict]) -> tuple[str, list[str]]:
-    """The markdown table and the RESULT lines."""
+    """The markdown table and the RESULT lines (means over seeds of the goal measures)."""
     head = ["held-out set", "measure", *[f"seed {r['seed']}" for r in runs], "mean", "SD", "worst",
             "goal", "mean meets it", "seeds meeting it"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -51,23 +65,24 @@ def summary(runs: list[dict]) -> tuple[str, list[str]]:
     for key, suffix, label, tag in SETS:
         if not all(key in r for r in runs):
             continue
-        rows = [("SFT SRCC", [srcc(r, f"Q-Ponder-CI (SFT), reason{suffix}") for r in runs],
-                 None, ""),
-                ("BRISQUE SRCC", [srcc(r, f"BRISQUE{suffix}") for r in runs], None, "")]
-        rows += [(name, [r[key][k] for r in runs], GOALS[goal], f"repro_{k}{tag}")
-                 for k, goal, name in MEASURES]
-        for name, vals, goal, measure in rows:
+        per_run = [dict(measures(r, key, suffix)) for r in runs]
+        for name in per_run[0]:
+            vals = [m[name] for m in per_run]
             if any(v is None for v in vals):
                 continue
             v = np.array(vals, dtype=float)
             sd = float(v.std(ddof=1)) if len(v) > 1 else float("nan")
-            cells = [label, name, *[f"{x:.3f}" for x in v], f"{v.mean():.3f}", f"{sd:.3f}"]
-            if goal is None:
-                cells += ["", "", "", ""]
-            else:
+            digits = 0 if name.endswith("distinct answers") else 3
+            cells = [label, name, *[f"{x:.{digits}f}" for x in v], f"{v.mean():.{digits}f}",
+                     f"{sd:.{digits}f}"]
+            if name in GOAL_MEASURES:
+                k, goal_key = GOAL_MEASURES[name]
+                goal = GOALS[goal_key]
                 cells += [f"{v.min():.3f}", f"≥ {goal}", "yes" if v.mean() >= goal else "no",
                           f"{int((v >= goal).sum())} of {len(v)}"]
-                results.append(f"RESULT {measure}_seed_mean {v.mean():.4f} goal {goal}")
+                results.append(f"RESULT repro_{k}{tag}_seed_mean {v.mean():.4f} goal {goal}")
+            else:
+                cells += ["", "", "", ""]
             lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n", results
 

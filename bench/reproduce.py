@@ -235,18 +235,19 @@ def fmt(x: float | None) -> str:
 
 
 def results_table(rows: dict[str, dict], kinds: list[str]) -> str:
-    head = ("| method | photos | n scored | format | SRCC | PLCC | "
+    head = ("| method | photos | n scored | format | SRCC | PLCC | MAE | distinct answers | "
             + " | ".join(f"SRCC {k}" for k in kinds) + " |")
-    lines = [head, "|" + "---|" * (6 + len(kinds))]
+    lines = [head, "|" + "---|" * (8 + len(kinds))]
     for name, r in rows.items():
         if "skipped" in r:
             lines.append(f"| {name} | {r['photos']} | – | – | skipped: {r['skipped']} |"
-                         + " |" * (1 + len(kinds)))
+                         + " |" * (3 + len(kinds)))
             continue
         a = r["agreement"]
         lines.append(f"| {name} | {r['photos']} | {a['pooled']['n']} | "
                      f"{fmt(r.get('format_rate'))} | {fmt(a['pooled']['srcc'])} | "
-                     f"{fmt(a['pooled']['plcc'])} | "
+                     f"{fmt(a['pooled']['plcc'])} | {fmt(r.get('mae'))} | "
+                     f"{r.get('distinct_answers', '–')} | "
                      + " | ".join(fmt(a.get(k, {}).get("srcc")) for k in kinds) + " |")
     return "\n".join(lines)
 
@@ -405,10 +406,15 @@ def run_pipeline(cfg: ReproConfig, pipeline_dir: Path, out: Path, *, in_process:
         report = json.loads(path.read_text())
         rows_ = labels[split]
         pred = eval_scores(path, [r["id"] for r in rows_])
+        mos = [float(r["mos"]) for r in rows_]
+        answered = [(p, m) for p, m in zip(pred, mos) if p is not None]
         rows[name] = {"photos": photos_of[split],
-                      "agreement": agreement(pred, [float(r["mos"]) for r in rows_],
-                                             [r["distortion"] for r in rows_]),
-                      "format_rate": report.get("format_rate"), "seconds": report["seconds"]}
+                      "agreement": agreement(pred, mos, [r["distortion"] for r in rows_]),
+                      "format_rate": report.get("format_rate"), "seconds": report["seconds"],
+                      # on the MOS scale (classic metrics have none); few distinct answers =
+                      # many ties, which cost rank order even when every answer is close
+                      "mae": round(metrics.mae(*zip(*answered)), 4) if answered else None,
+                      "distinct_answers": len({p for p, _ in answered})}
     t0 = time.perf_counter()
     for split, suffix in (("test", ""), ("held_out_views", ALL_VIEWS)):
         images = labels.get(split, [])

@@ -26,7 +26,8 @@ def seeds():
 def _run(folder: Path, seed: int, grpo: float, sft: float, brisque: float,
          views: tuple[float, float, float] | None) -> Path:
     def row(x):
-        return {"agreement": {"pooled": {"srcc": x}}}
+        return {"agreement": {"pooled": {"srcc": x, "plcc": x}}, "mae": 1 - x,
+                "distinct_answers": int(100 * x)}
 
     rows = {"Q-Ponder (GRPO), reason": row(grpo), "Q-Ponder-CI (SFT), reason": row(sft),
             "BRISQUE": row(brisque)}
@@ -60,8 +61,14 @@ def test_table_and_result_lines(seeds, tmp_path, capsys):
     assert float(cells[5]) == pytest.approx(statistics.mean(grpo), abs=5e-4)
     assert float(cells[6]) == pytest.approx(statistics.stdev(grpo), abs=5e-4)
     assert cells[7:] == ["0.920", "≥ 0.93", "yes", "2 of 3"]
-    gap = next(x for x in table.splitlines() if x.startswith("| 45 centre views | GRPO − SFT |"))
+    gap = next(x for x in table.splitlines()
+               if x.startswith("| 45 centre views | GRPO − SFT SRCC |"))
     assert gap.split("|")[-3:-1] == [" no ", " 1 of 3 "]   # 0.05, 0.01, 0.01: mean 0.023
+    mae = next(x for x in table.splitlines() if x.startswith("| 405 views | SFT MAE |"))
+    assert [c.strip() for c in mae.strip("|").split("|")][2:6] == [
+        "0.110", "0.100", "0.120", f"{statistics.mean([0.11, 0.10, 0.12]):.3f}"]
+    ties = next(x for x in table.splitlines() if x.startswith("| 405 views | GRPO distinct "))
+    assert [c.strip() for c in ties.strip("|").split("|")][2:5] == ["94", "92", "93"]
     lines = [x for x in out.splitlines() if x.startswith("RESULT")]
     assert len(lines) == 6
     assert f"RESULT repro_grpo_srcc_all_views_seed_mean {statistics.mean(grpo):.4f} goal 0.93" \

@@ -104,6 +104,10 @@ def test_toy_pipeline_writes_every_artefact_and_resumes(reproduce, tmp_path, cap
     row = results["rows"]["Q-Ponder-CI (SFT), fast"]["agreement"]
     pred, mos = [score[t["id"]] for t in test], [t["mos"] for t in test]
     assert row["pooled"]["n"] == 15
+    sft_fast = results["rows"]["Q-Ponder-CI (SFT), fast"]
+    assert sft_fast["mae"] == pytest.approx(
+        sum(abs(p - m) for p, m in zip(pred, mos)) / len(mos), abs=1e-4)
+    assert sft_fast["distinct_answers"] == len(set(pred))
     assert row["pooled"]["srcc"] == pytest.approx(stats.spearmanr(pred, mos)[0], abs=1e-4)
     blur = [i for i, t in enumerate(test) if t["distortion"] == "blur"]
     assert row["blur"]["n"] == 5
