@@ -14,9 +14,12 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
+
+from qponder_mlx.metrics import srcc
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from reproduce import ALL_VIEWS, GOALS  # noqa: E402
@@ -87,6 +90,31 @@ def summary(runs: list[dict]) -> tuple[str, list[str]]:
     return "\n".join(lines) + "\n", results
 
 
+def answers_table(runs: list[Path], photos: list[str]) -> str:
+    """Per seed and student, on all views of the held-out photos: SRCC per photo, the share of
+    answers whose first decimal is 3, and the most frequent answers — the ties GRPO makes."""
+    lines = ["| seed | student | " + " | ".join(photos) + " | first decimal 3 | top answers |",
+             "|" + "---|" * (len(photos) + 4)]
+    for run in runs:
+        seed = load(run)["seed"]
+        for st, name in (("sft", "SFT"), ("grpo", "GRPO")):
+            path = run / "eval" / f"{st}_reason_held_out_views.json"
+            if not path.exists():
+                continue
+            answered = [x for x in json.loads(path.read_text())["samples"]
+                        if x.get("score") is not None]
+            cells = []
+            for photo in photos:
+                mine = [x for x in answered if x["id"].startswith(photo + "_")]
+                s = srcc([x["score"] for x in mine], [x["mos"] for x in mine]) if mine else None
+                cells.append("–" if s is None or np.isnan(s) else f"{s:.3f}")
+            scores = [x["score"] for x in answered]
+            d3 = np.mean([f"{v:.2f}"[2] == "3" for v in scores]) if scores else float("nan")
+            top = ", ".join(f"{v:.2f} ({n})" for v, n in Counter(scores).most_common(4))
+            lines.append(f"| {seed} | {name} | " + " | ".join(cells) + f" | {d3:.0%} | {top} |")
+    return "\n".join(lines) + "\n"
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("runs", nargs="+", type=Path, help="reproduce.py --out folders")
@@ -94,6 +122,8 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     runs = [load(r) for r in args.runs]
     table, results = summary(runs)
+    photos = [p for p in runs[0]["config"]["data"]["test_photos"].split(",") if p]
+    table += "\n" + answers_table(args.runs, photos)
     if args.out:
         args.out.write_text(table)
     print(table)

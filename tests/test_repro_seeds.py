@@ -31,7 +31,8 @@ def _run(folder: Path, seed: int, grpo: float, sft: float, brisque: float,
 
     rows = {"Q-Ponder (GRPO), reason": row(grpo), "Q-Ponder-CI (SFT), reason": row(sft),
             "BRISQUE": row(brisque)}
-    res = {"config": {"student": {"seed": seed}}, "rows": rows,
+    res = {"config": {"student": {"seed": seed}, "data": {"test_photos": "coffee,rocket"}},
+           "rows": rows,
            "headline": {"grpo_srcc": grpo, "grpo_minus_sft_srcc": grpo - sft,
                         "grpo_minus_brisque_srcc": grpo - brisque}}
     if views:
@@ -73,6 +74,26 @@ def test_table_and_result_lines(seeds, tmp_path, capsys):
     assert len(lines) == 6
     assert f"RESULT repro_grpo_srcc_all_views_seed_mean {statistics.mean(grpo):.4f} goal 0.93" \
         in lines
+
+
+def test_answers_table_per_photo_ties_and_top_answers(seeds, tmp_path, capsys):
+    from scipy import stats
+
+    run = _run(tmp_path / "a", 0, 0.95, 0.90, 0.75, (0.94, 0.89, 0.82))
+    coffee = [(4.33, 4.6), (4.33, 4.3), (2.37, 2.9), (1.30, 1.3), (3.91, 3.9)]
+    rocket = [(4.35, 4.6), (3.30, 4.3), (2.31, 2.9), (1.33, 1.3)]
+    samples = [{"id": f"{p}_blur_{i}", "score": s, "mos": m}
+               for p, rows in (("coffee", coffee), ("rocket", rocket))
+               for i, (s, m) in enumerate(rows)] + [{"id": "rocket_x", "score": None, "mos": 2}]
+    (run / "eval").mkdir()
+    (run / "eval" / "grpo_reason_held_out_views.json").write_text(json.dumps({"samples": samples}))
+    assert seeds.main([str(run)]) == 0
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("| 0 | GRPO |"))
+    cells = [c.strip() for c in line.strip("|").split("|")]
+    assert float(cells[2]) == pytest.approx(stats.spearmanr(*zip(*coffee))[0], abs=5e-4)
+    assert float(cells[3]) == pytest.approx(stats.spearmanr(*zip(*rocket))[0], abs=5e-4)
+    assert cells[4] == "89%"                    # 8 of the 9 answers: all but 3.91
+    assert cells[5].startswith("4.33 (2)")
 
 
 def test_missing_run_is_named(seeds, tmp_path):
