@@ -22,7 +22,7 @@ import numpy as np
 from qponder_mlx.metrics import srcc
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from reproduce import ALL_VIEWS, GOALS  # noqa: E402
+from reproduce import ALL_VIEWS, GOALS, pooled  # noqa: E402
 
 # (results.json headline key, row-name suffix, label in the table, RESULT suffix)
 SETS = [("headline", "", "45 centre views", ""),
@@ -33,25 +33,22 @@ GOAL_MEASURES = {"GRPO SRCC": ("grpo_srcc", "srcc"),
 STUDENTS = [("SFT", "Q-Ponder-CI (SFT), reason"), ("GRPO", "Q-Ponder (GRPO), reason")]
 
 
-def pooled(results: dict, row: str, key: str) -> float | None:
-    return results["rows"].get(row, {}).get("agreement", {}).get("pooled", {}).get(key)
-
-
 def load(run: Path) -> dict:
     path = run / "results.json"
     if not path.exists():
         raise SystemExit(f"error: {path} is missing — run bench/reproduce.py --out {run} first")
     results = json.loads(path.read_text())
     results["seed"] = results["config"]["student"]["seed"]
+    results["dir"] = run
     return results
 
 
 def measures(r: dict, key: str, suffix: str) -> list[tuple[str, float | None]]:
     """(name, value) of one run on one held-out set: the goals first, then what explains them."""
     out = [(name, r[key][k]) for name, (k, _) in GOAL_MEASURES.items()]
-    out += [(f"{who} SRCC", pooled(r, row + suffix, "srcc")) for who, row in STUDENTS]
-    out.append(("BRISQUE SRCC", pooled(r, f"BRISQUE{suffix}", "srcc")))
-    for stat, get in (("PLCC", lambda row: pooled(r, row, "plcc")),
+    out += [(f"{who} SRCC", pooled(r["rows"], row + suffix)) for who, row in STUDENTS]
+    out.append(("BRISQUE SRCC", pooled(r["rows"], f"BRISQUE{suffix}")))
+    for stat, get in (("PLCC", lambda row: pooled(r["rows"], row, "plcc")),
                       ("MAE", lambda row: r["rows"].get(row, {}).get("mae")),
                       ("distinct answers",
                        lambda row: r["rows"].get(row, {}).get("distinct_answers"))):
@@ -90,15 +87,14 @@ def summary(runs: list[dict]) -> tuple[str, list[str]]:
     return "\n".join(lines) + "\n", results
 
 
-def answers_table(runs: list[Path], photos: list[str]) -> str:
+def answers_table(runs: list[dict], photos: list[str]) -> str:
     """Per seed and student, on all views of the held-out photos: SRCC per photo, the share of
     answers whose first decimal is 3, and the most frequent answers — the ties GRPO makes."""
     lines = ["| seed | student | " + " | ".join(photos) + " | first decimal 3 | top answers |",
              "|" + "---|" * (len(photos) + 4)]
     for run in runs:
-        seed = load(run)["seed"]
         for st, name in (("sft", "SFT"), ("grpo", "GRPO")):
-            path = run / "eval" / f"{st}_reason_held_out_views.json"
+            path = run["dir"] / "eval" / f"{st}_reason_held_out_views.json"
             if not path.exists():
                 continue
             answered = [x for x in json.loads(path.read_text())["samples"]
@@ -111,7 +107,8 @@ def answers_table(runs: list[Path], photos: list[str]) -> str:
             scores = [x["score"] for x in answered]
             d3 = np.mean([f"{v:.2f}"[2] == "3" for v in scores]) if scores else float("nan")
             top = ", ".join(f"{v:.2f} ({n})" for v, n in Counter(scores).most_common(4))
-            lines.append(f"| {seed} | {name} | " + " | ".join(cells) + f" | {d3:.0%} | {top} |")
+            lines.append(f"| {run['seed']} | {name} | " + " | ".join(cells)
+                         + f" | {d3:.0%} | {top} |")
     return "\n".join(lines) + "\n"
 
 
@@ -123,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     runs = [load(r) for r in args.runs]
     table, results = summary(runs)
     photos = [p for p in runs[0]["config"]["data"]["test_photos"].split(",") if p]
-    table += "\n" + answers_table(args.runs, photos)
+    table += "\n" + answers_table(runs, photos)
     if args.out:
         args.out.write_text(table)
     print(table)

@@ -225,9 +225,15 @@ def agreement(pred: list[float | None], mos: list[float], kinds: list[str]) -> d
     return out
 
 
-def eval_scores(report: Path, ids: list[str]) -> list[float | None]:
-    by_id = {r["id"]: r["score"] for r in json.loads(report.read_text())["samples"]}
+def eval_scores(report: dict, ids: list[str]) -> list[float | None]:
+    """The scores of an eval report (`qponder eval --out`) in the order of `ids`."""
+    by_id = {r["id"]: r["score"] for r in report["samples"]}
     return [by_id.get(i) for i in ids]
+
+
+def pooled(rows: dict[str, dict], name: str, key: str = "srcc") -> float | None:
+    """One table row's pooled correlation (None when the row is missing or was skipped)."""
+    return rows.get(name, {}).get("agreement", {}).get("pooled", {}).get(key)
 
 
 def fmt(x: float | None) -> str:
@@ -390,7 +396,7 @@ def run_pipeline(cfg: ReproConfig, pipeline_dir: Path, out: Path, *, in_process:
 
     for run_name, mode, split in evals.values():
         report = report_path(run_name, mode, split)
-        stage(report.stem if split == "test" else f"{run_name}_{mode}_{split}", report,
+        stage(report.stem, report,
               lambda r=run_name, m=mode, p=report, sp=split: run(
                   f"eval_{p.stem}", ["eval", "--data", str(data / f"{sp}.jsonl"),
                                      "--model", str(base), "--adapter", str(out / r / "adapters"),
@@ -402,10 +408,9 @@ def run_pipeline(cfg: ReproConfig, pipeline_dir: Path, out: Path, *, in_process:
     labels = {sp: list(read_jsonl(data / f"{sp}.jsonl")) for _, _, sp in evals.values()}
     rows: dict[str, dict] = {}
     for name, (run_name, mode, split) in evals.items():
-        path = report_path(run_name, mode, split)
-        report = json.loads(path.read_text())
+        report = json.loads(report_path(run_name, mode, split).read_text())
         rows_ = labels[split]
-        pred = eval_scores(path, [r["id"] for r in rows_])
+        pred = eval_scores(report, [r["id"] for r in rows_])
         mos = [float(r["mos"]) for r in rows_]
         answered = [(p, m) for p, m in zip(pred, mos) if p is not None]
         rows[name] = {"photos": photos_of[split],
@@ -439,14 +444,10 @@ def run_pipeline(cfg: ReproConfig, pipeline_dir: Path, out: Path, *, in_process:
     total = round(sum(timings.values()), 1)
     atomic_write_json(timings_path, timings)
 
-    def srcc(name: str) -> float | None:
-        r = rows.get(name, {})
-        return r.get("agreement", {}).get("pooled", {}).get("srcc")
-
     def headline(suffix: str) -> dict[str, float | None]:
-        grpo, sft = srcc(f"Q-Ponder (GRPO), reason{suffix}"), srcc(
-            f"Q-Ponder-CI (SFT), reason{suffix}")
-        brisque = srcc(f"BRISQUE{suffix}")
+        grpo, sft = pooled(rows, f"Q-Ponder (GRPO), reason{suffix}"), pooled(
+            rows, f"Q-Ponder-CI (SFT), reason{suffix}")
+        brisque = pooled(rows, f"BRISQUE{suffix}")
         return {"grpo_srcc": grpo,
                 "grpo_minus_sft_srcc": None if grpo is None or sft is None else grpo - sft,
                 "grpo_minus_brisque_srcc": None if grpo is None or brisque is None
