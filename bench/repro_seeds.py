@@ -22,11 +22,15 @@ import numpy as np
 from qponder_mlx.metrics import srcc
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from reproduce import ALL_VIEWS, GOALS, pooled  # noqa: E402
+from reproduce import ALL_VIEWS, GOALS, expected_row, pooled, report_scores  # noqa: E402
 
-# (results.json headline key, row-name suffix, label in the table, RESULT suffix)
-SETS = [("headline", "", "45 centre views", ""),
-        ("headline_all_views", ALL_VIEWS, "405 views", "_all_views")]
+# (results.json headline key, row-name suffix, label in the table, RESULT suffix, read-out)
+SETS = [("headline", "", "45 centre views", "", "text"),
+        ("headline_all_views", ALL_VIEWS, "405 views", "_all_views", "text"),
+        ("headline_expected", "", "45 centre views, expected read-out", "_expected_readout",
+         "expected"),
+        ("headline_all_views_expected", ALL_VIEWS, "405 views, expected read-out",
+         "_all_views_expected_readout", "expected")]
 GOAL_MEASURES = {"GRPO SRCC": ("grpo_srcc", "srcc"),
                  "GRPO − SFT SRCC": ("grpo_minus_sft_srcc", "grpo_minus_sft"),
                  "GRPO − BRISQUE SRCC": ("grpo_minus_brisque_srcc", "grpo_minus_brisque")}
@@ -43,16 +47,21 @@ def load(run: Path) -> dict:
     return results
 
 
-def measures(r: dict, key: str, suffix: str) -> list[tuple[str, float | None]]:
+def measures(r: dict, key: str, suffix: str,
+             readout: str = "text") -> list[tuple[str, float | None]]:
     """(name, value) of one run on one held-out set: the goals first, then what explains them."""
+    def row_of(student_row: str) -> str:
+        name = student_row + suffix
+        return name if readout == "text" else expected_row(name)
+
     out = [(name, r[key][k]) for name, (k, _) in GOAL_MEASURES.items()]
-    out += [(f"{who} SRCC", pooled(r["rows"], row + suffix)) for who, row in STUDENTS]
+    out += [(f"{who} SRCC", pooled(r["rows"], row_of(row))) for who, row in STUDENTS]
     out.append(("BRISQUE SRCC", pooled(r["rows"], f"BRISQUE{suffix}")))
     for stat, get in (("PLCC", lambda row: pooled(r["rows"], row, "plcc")),
                       ("MAE", lambda row: r["rows"].get(row, {}).get("mae")),
                       ("distinct answers",
                        lambda row: r["rows"].get(row, {}).get("distinct_answers"))):
-        out += [(f"{who} {stat}", get(row + suffix)) for who, row in STUDENTS]
+        out += [(f"{who} {stat}", get(row_of(row))) for who, row in STUDENTS]
     return out
 
 
@@ -62,10 +71,10 @@ def summary(runs: list[dict]) -> tuple[str, list[str]]:
             "goal", "mean meets it", "seeds meeting it"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     results = []
-    for key, suffix, label, tag in SETS:
+    for key, suffix, label, tag, readout in SETS:
         if not all(key in r for r in runs):
             continue
-        per_run = [dict(measures(r, key, suffix)) for r in runs]
+        per_run = [dict(measures(r, key, suffix, readout)) for r in runs]
         for name in per_run[0]:
             vals = [m[name] for m in per_run]
             if any(v is None for v in vals):
@@ -89,7 +98,8 @@ def summary(runs: list[dict]) -> tuple[str, list[str]]:
 
 def answers_table(runs: list[dict], photos: list[str]) -> str:
     """Per seed and student, on all views of the held-out photos: SRCC per photo, the share of
-    answers whose first decimal is 3, and the most frequent answers — the ties GRPO makes."""
+    answers whose first decimal is 3, and the most frequent answers — the ties GRPO makes
+    (the numbers written, the paper's read-out)."""
     lines = ["| seed | student | " + " | ".join(photos) + " | first decimal 3 | top answers |",
              "|" + "---|" * (len(photos) + 4)]
     for run in runs:
@@ -97,14 +107,16 @@ def answers_table(runs: list[dict], photos: list[str]) -> str:
             path = run["dir"] / "eval" / f"{st}_reason_held_out_views.json"
             if not path.exists():
                 continue
-            answered = [x for x in json.loads(path.read_text())["samples"]
-                        if x.get("score") is not None]
+            report = json.loads(path.read_text())
+            written = report_scores(report, "text")
+            answered = [(written[x["id"]], x["mos"], x["id"]) for x in report["samples"]
+                        if written[x["id"]] is not None]
             cells = []
             for photo in photos:
-                mine = [x for x in answered if x["id"].startswith(photo + "_")]
-                s = srcc([x["score"] for x in mine], [x["mos"] for x in mine]) if mine else None
+                mine = [(v, m) for v, m, i in answered if i.startswith(photo + "_")]
+                s = srcc(*zip(*mine)) if mine else None
                 cells.append("–" if s is None or np.isnan(s) else f"{s:.3f}")
-            scores = [x["score"] for x in answered]
+            scores = [v for v, _, _ in answered]
             d3 = np.mean([f"{v:.2f}"[2] == "3" for v in scores]) if scores else float("nan")
             top = ", ".join(f"{v:.2f} ({n})" for v, n in Counter(scores).most_common(4))
             lines.append(f"| {run['seed']} | {name} | " + " | ".join(cells)

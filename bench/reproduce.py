@@ -62,6 +62,13 @@ BENCH = Path(__file__).resolve().parent
 BRISQUE_DIR = Path("/usr/share/opencv4/quality")  # Debian/Ubuntu `opencv-data`
 GOALS = {"srcc": 0.93, "grpo_minus_sft": 0.03, "grpo_minus_brisque": 0.0}
 ALL_VIEWS = ", all views"  # row-name suffix for the scores on every view of the held-out photos
+EXPECTED = ", expected read-out"  # reason rows read as E[answer] (qponder eval --readout expected)
+
+
+def expected_row(name: str) -> str:
+    """'X, reason[, all views]' -> 'X, reason, expected read-out[, all views]'."""
+    base, views = (name[:-len(ALL_VIEWS)], ALL_VIEWS) if name.endswith(ALL_VIEWS) else (name, "")
+    return base + EXPECTED + views
 
 
 # ---------------------------------------------------------------- settings
@@ -225,9 +232,20 @@ def agreement(pred: list[float | None], mos: list[float], kinds: list[str]) -> d
     return out
 
 
-def eval_scores(report: dict, ids: list[str]) -> list[float | None]:
-    """The scores of an eval report (`qponder eval --out`) in the order of `ids`."""
-    by_id = {r["id"]: r["score"] for r in report["samples"]}
+def report_scores(report: dict, readout: str = "text") -> dict[str, float | None]:
+    """id -> score of an eval report (`qponder eval --out`): "text", the numbers the model wrote
+    (the paper's read-out); "expected", the expected read-out — only a report made with
+    `--readout expected` has it (empty otherwise), and such a report also holds the written."""
+    expected = report.get("readout", "text") == "expected"
+    if readout == "expected" and not expected:
+        return {}
+    key = "written_score" if expected and readout == "text" else "score"
+    return {r["id"]: r[key] for r in report["samples"]}
+
+
+def eval_scores(report: dict, ids: list[str], readout: str = "text") -> list[float | None]:
+    """The scores of an eval report in the order of `ids` (see `report_scores`)."""
+    by_id = report_scores(report, readout)
     return [by_id.get(i) for i in ids]
 
 
@@ -401,6 +419,8 @@ def run_pipeline(cfg: ReproConfig, pipeline_dir: Path, out: Path, *, in_process:
                   f"eval_{p.stem}", ["eval", "--data", str(data / f"{sp}.jsonl"),
                                      "--model", str(base), "--adapter", str(out / r / "adapters"),
                                      "--mode", m, "--batch-size", str(cfg.eval.batch_size),
+                                     # one greedy decode gives both read-outs (written, expected)
+                                     *(["--readout", "expected"] if m == "reason" else []),
                                      "--max-tokens", str(cfg.eval.max_tokens), *px,
                                      "--out", str(p)]))
 
@@ -410,16 +430,20 @@ def run_pipeline(cfg: ReproConfig, pipeline_dir: Path, out: Path, *, in_process:
     for name, (run_name, mode, split) in evals.items():
         report = json.loads(report_path(run_name, mode, split).read_text())
         rows_ = labels[split]
-        pred = eval_scores(report, [r["id"] for r in rows_])
-        mos = [float(r["mos"]) for r in rows_]
-        answered = [(p, m) for p, m in zip(pred, mos) if p is not None]
-        rows[name] = {"photos": photos_of[split],
-                      "agreement": agreement(pred, mos, [r["distortion"] for r in rows_]),
-                      "format_rate": report.get("format_rate"), "seconds": report["seconds"],
-                      # on the MOS scale (classic metrics have none); few distinct answers =
-                      # many ties, which cost rank order even when every answer is close
-                      "mae": round(metrics.mae(*zip(*answered)), 4) if answered else None,
-                      "distinct_answers": len({p for p, _ in answered})}
+        # A report from before --readout expected holds the written numbers only.
+        for readout in ("text", "expected") if report.get("readout") == "expected" else ("text",):
+            pred = eval_scores(report, [r["id"] for r in rows_], readout)
+            mos = [float(r["mos"]) for r in rows_]
+            answered = [(p, m) for p, m in zip(pred, mos) if p is not None]
+            row_name = name if readout == "text" else expected_row(name)
+            rows[row_name] = {
+                "photos": photos_of[split],
+                "agreement": agreement(pred, mos, [r["distortion"] for r in rows_]),
+                "format_rate": report.get("format_rate"), "seconds": report["seconds"],
+                # on the MOS scale (classic metrics have none); few distinct answers =
+                # many ties, which cost rank order even when every answer is close
+                "mae": round(metrics.mae(*zip(*answered)), 4) if answered else None,
+                "distinct_answers": len({p for p, _ in answered})}
     t0 = time.perf_counter()
     for split, suffix in (("test", ""), ("held_out_views", ALL_VIEWS)):
         images = labels.get(split, [])
@@ -444,9 +468,11 @@ def run_pipeline(cfg: ReproConfig, pipeline_dir: Path, out: Path, *, in_process:
     total = round(sum(timings.values()), 1)
     atomic_write_json(timings_path, timings)
 
-    def headline(suffix: str) -> dict[str, float | None]:
-        grpo, sft = pooled(rows, f"Q-Ponder (GRPO), reason{suffix}"), pooled(
-            rows, f"Q-Ponder-CI (SFT), reason{suffix}")
+    def headline(suffix: str, readout: str = "text") -> dict[str, float | None]:
+        name = (lambda n: n + suffix) if readout == "text" else (
+            lambda n: expected_row(n + suffix))
+        grpo, sft = pooled(rows, name("Q-Ponder (GRPO), reason")), pooled(
+            rows, name("Q-Ponder-CI (SFT), reason"))
         brisque = pooled(rows, f"BRISQUE{suffix}")
         return {"grpo_srcc": grpo,
                 "grpo_minus_sft_srcc": None if grpo is None or sft is None else grpo - sft,
@@ -467,6 +493,10 @@ def run_pipeline(cfg: ReproConfig, pipeline_dir: Path, out: Path, *, in_process:
     }
     if cfg.data.test_crops:
         results["headline_all_views"] = headline(ALL_VIEWS)
+    if expected_row("Q-Ponder (GRPO), reason") in rows:
+        results["headline_expected"] = headline("", "expected")
+        if cfg.data.test_crops:
+            results["headline_all_views_expected"] = headline(ALL_VIEWS, "expected")
     atomic_write_json(out / "results.json", results)
     stages = ", ".join(f"{k} {v:.0f} s" for k, v in timings.items())
     atomic_write_text(out / "results.md", f"{table}\n\nTime: {total:.0f} s ({stages})\n")
@@ -484,7 +514,9 @@ def result_lines(results: dict) -> list[str]:
         return "nan" if x is None else f"{x:.4f}"
 
     lines = []
-    for key, suffix in (("headline", ""), ("headline_all_views", "_all_views")):
+    for key, suffix in (("headline", ""), ("headline_all_views", "_all_views"),
+                        ("headline_expected", "_expected_readout"),
+                        ("headline_all_views_expected", "_all_views_expected_readout")):
         if key in results:
             h = results[key]
             lines += [f"RESULT repro_grpo_srcc{suffix} {v(h['grpo_srcc'])} goal {GOALS['srcc']}",

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import typer
-from qponder_mlx.cli.common import fail, load_scorer, pixel_policy
+from qponder_mlx.cli.common import check_scoring_flags, fail, load_scorer, pixel_policy
 
 # PixelPolicy's defaults, repeated here so `--help` shows them without importing the model stack.
 DEFAULT_MIN_PIXELS = 128 * 28 * 28
@@ -24,6 +24,9 @@ def score_cmd(
     jsonl: Path | None = typer.Option(None, help="Export this run's rows as JSONL."),
     report: Path | None = typer.Option(None, help="Write the HTML gallery report."),
     mode: str = typer.Option("reason", help="reason (full reasoning) or fast (one forward pass)."),
+    readout: str = typer.Option(
+        "text", help="reason mode: text (the number written) or expected (its expected value "
+                     "under the model's digit probabilities: fewer tied scores)."),
     batch_size: int = typer.Option(8, help="Images per model call."),
     max_tokens: int = typer.Option(512, help="Token budget of a reasoning answer."),
     min_pixels: int | None = typer.Option(
@@ -52,8 +55,7 @@ def score_cmd(
 
     if bundle is not None and (model is not None or adapter is not None):
         fail("--bundle already holds the model and adapter — pass --bundle or --model/--adapter")
-    if mode not in ("reason", "fast"):
-        fail(f"--mode {mode!r}: expected reason or fast")
+    check_scoring_flags(mode, readout)
     # A bundle carries the pixel policy it was exported (and checked) with: use it unless told.
     pixels = pixel_policy(min_pixels, max_pixels, bundle)
 
@@ -73,7 +75,7 @@ def score_cmd(
     except StoreError as e:
         fail(str(e))
     try:
-        scorer = load_scorer(model or DEFAULT_MODEL, adapter, bundle, mode=mode,
+        scorer = load_scorer(model or DEFAULT_MODEL, adapter, bundle, mode=mode, readout=readout,
                              batch_size=batch_size, max_tokens=max_tokens, pixels=pixels)
     except KeyboardInterrupt:
         typer.echo("interrupted while loading the model; nothing was scored.", err=True)

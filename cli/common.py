@@ -47,6 +47,19 @@ def read_samples(data: Path, *, format: str = "auto", images_root: Path | None =
     return samples, problems
 
 
+def check_scoring_flags(mode: str, readout: str) -> None:
+    """--mode/--readout checked before any model loads (a bad flag should not cost a load)."""
+    from qponder_mlx.scoring import MODES, READOUTS
+
+    if mode not in MODES:
+        fail(f"--mode {mode!r}: expected reason or fast")
+    if readout not in READOUTS:
+        fail(f"--readout {readout!r}: expected text or expected")
+    if mode == "fast" and readout != "text":
+        fail("--readout expected is for --mode reason; fast mode already reads the expected "
+             "leading digit")
+
+
 def pixel_policy(min_pixels: int | None, max_pixels: int | None, bundle: Path | None):
     """--min/--max-pixels, else the bundle's own policy (its manifest), else the defaults."""
     from qponder_mlx.images import PixelPolicy

@@ -10,7 +10,7 @@ import os
 from pathlib import Path
 
 import typer
-from qponder_mlx.cli.common import fail, load_scorer, read_samples
+from qponder_mlx.cli.common import check_scoring_flags, fail, load_scorer, read_samples
 
 from qponder_mlx.model import DEFAULT_MODEL
 from qponder_mlx.synth import CC0_PHOTOS
@@ -100,6 +100,9 @@ def eval_cmd(
     format: str = typer.Option("auto", help="Label format (auto, koniq, kadid, livec, ...)."),
     mos_range: str | None = typer.Option(None, help="Native MOS range LO,HI (overrides)."),
     mode: str = typer.Option("reason", help="reason (full answer) or fast (one forward pass)."),
+    readout: str = typer.Option(
+        "text", help="reason mode: text (the number written) or expected (its expected value "
+                     "under the model's digit probabilities; the report also has the written)."),
     batch_size: int = typer.Option(8, help="Images per batch."),
     max_tokens: int = typer.Option(512, help="Token budget of a reasoning answer."),
     min_pixels: int | None = typer.Option(
@@ -114,9 +117,10 @@ def eval_cmd(
     from qponder_mlx.evaluate import evaluate
     from qponder_mlx.io import atomic_write_json
 
+    check_scoring_flags(mode, readout)
     samples, problems = read_samples(data, format=format, images_root=images_root,
                                      mos_range=mos_range, limit=limit)
-    scorer = load_scorer(model, adapter, bundle, verify=verify, mode=mode,
+    scorer = load_scorer(model, adapter, bundle, verify=verify, mode=mode, readout=readout,
                          batch_size=batch_size, max_tokens=max_tokens, min_pixels=min_pixels,
                          max_pixels=max_pixels)
     report = evaluate(scorer, samples, problems)

@@ -27,6 +27,9 @@ class EvalReport:
     seconds: float
     label_problems: list[str] = field(default_factory=list)
     samples: list[dict] = field(default_factory=list)
+    readout: str = "text"  # reason mode: how `score` was read (scoring.ScoreConfig.readout)
+    # readout "expected": the same metrics on the numbers the model wrote (one decode gives both)
+    metrics_written: dict[str, float] | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -34,9 +37,13 @@ class EvalReport:
     def headline(self) -> str:
         m = self.metrics
         fr = "n/a" if self.format_rate is None else f"{self.format_rate:.3f}"
-        return (f"SRCC {m['srcc']:.4f}  PLCC {m['plcc']:.4f}  n {self.n_scored}/{self.n_labels}  "
+        line = (f"SRCC {m['srcc']:.4f}  PLCC {m['plcc']:.4f}  n {self.n_scored}/{self.n_labels}  "
                 f"format-rate {fr}  ({self.n_bad_labels} bad label rows, "
                 f"{self.n_images_failed} unreadable images)")
+        if self.metrics_written is not None:
+            w = self.metrics_written
+            line += f"\nwritten answers: SRCC {w['srcc']:.4f}  PLCC {w['plcc']:.4f}"
+        return line
 
 
 def evaluate(scorer: Scorer, samples: Sequence[Sample],
@@ -48,7 +55,8 @@ def evaluate(scorer: Scorer, samples: Sequence[Sample],
         for s, r in zip(samples, scorer.score_iter(s.image for s in samples)):
             rows.append({"id": s.id, "image": str(s.image), "mos": s.mos, "score": r.score,
                          "format_ok": r.format_ok, "reasoning": r.reasoning, "text": r.text,
-                         "error": r.error, "seconds": round(r.seconds, 4)})
+                         "error": r.error, "seconds": round(r.seconds, 4),
+                         "written_score": r.written})
             advance()
     answered = [r for r in rows if r["error"] is None]
     scored = [r for r in answered if r["score"] is not None]
@@ -56,6 +64,10 @@ def evaluate(scorer: Scorer, samples: Sequence[Sample],
     if scorer.config.mode == "reason" and answered:
         fmt = sum(r["format_ok"] for r in answered) / len(answered)
     m = metrics.summary([r["score"] for r in scored], [r["mos"] for r in scored])
+    written = None
+    if scorer.config.readout != "text":
+        w = [r for r in answered if r["written_score"] is not None]
+        written = metrics.summary([r["written_score"] for r in w], [r["mos"] for r in w])
     loaded = scorer.loaded
     return EvalReport(
         model=loaded.source, adapter=str(loaded.adapter) if loaded.adapter else None,
@@ -63,4 +75,5 @@ def evaluate(scorer: Scorer, samples: Sequence[Sample],
         n_labels=len(samples), n_bad_labels=len(problems),
         n_images_failed=len(rows) - len(answered), n_scored=len(scored), format_rate=fmt,
         metrics=m, seconds=round(time.perf_counter() - t0, 3),
-        label_problems=[str(p) for p in problems], samples=rows)
+        label_problems=[str(p) for p in problems], samples=rows,
+        readout=scorer.config.readout, metrics_written=written)

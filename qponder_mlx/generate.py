@@ -42,6 +42,9 @@ class Completion:
     logprobs: list[float]  # log p(token) under the (untempered) model, one per id
     finish_reason: str  # "stop" | "length"
     text: str = ""
+    # log p of each watched token id at every generated position (decode(watch_ids=...)), from
+    # the same untempered distribution as `logprobs`; None when nothing was watched.
+    watch: list[list[float]] | None = None
 
 
 @dataclass
@@ -193,13 +196,20 @@ def _step(lm, tokens: mx.array, cache: list[KVCache], rope_deltas: mx.array) -> 
 
 
 def decode(model, pre: Prefill, cfg: SamplingConfig, stops: StopTokens,
-           sampler: Callable[[mx.array], mx.array] | None = None) -> list[Completion]:
-    """Sample every row of a prefilled batch until it stops or reaches cfg.max_tokens."""
+           sampler: Callable[[mx.array], mx.array] | None = None,
+           watch_ids: Sequence[int] | None = None) -> list[Completion]:
+    """Sample every row of a prefilled batch until it stops or reaches cfg.max_tokens.
+
+    `watch_ids`: also keep, at every step, the log-probabilities of these tokens (e.g. the digits,
+    for an expected-value read-out of the answer) — a (rows, len(watch_ids)) gather per step.
+    """
     lm = model.language_model
     sampler = sampler or make_sampler(cfg.temperature, top_p=cfg.top_p if cfg.top_p < 1 else 0.0)
     n = pre.logits.shape[0]
     ids: list[list[int]] = [[] for _ in range(n)]
     lps: list[list[float]] = [[] for _ in range(n)]
+    watched: list[list[list[float]]] = [[] for _ in range(n)]
+    watch = mx.array(list(watch_ids)) if watch_ids else None
     done = [False] * n
     active = list(range(n))  # original row index of each live batch row
     cache, logits, deltas = pre.cache, pre.logits, pre.rope_deltas
@@ -212,13 +222,17 @@ def decode(model, pre: Prefill, cfg: SamplingConfig, stops: StopTokens,
         masked = mx.where(ban, -mx.inf, logprobs) if ban is not None else logprobs
         tok = sampler(masked)
         tok_lp = mx.take_along_axis(logprobs, tok[:, None], axis=-1)[:, 0]
-        mx.eval(tok, tok_lp)
+        w = logprobs[:, watch] if watch is not None else None
+        mx.eval(tok, tok_lp, *([w] if w is not None else []))
         toks, tlps = tok.tolist(), tok_lp.tolist()
+        ws = w.tolist() if w is not None else None
         for j, row in enumerate(active):
             if done[row]:
                 continue
             ids[row].append(toks[j])
             lps[row].append(tlps[j])
+            if ws is not None:
+                watched[row].append(ws[j])
             if toks[j] in stops.stop:
                 done[row] = True
         live = [j for j, row in enumerate(active) if not done[row]]
@@ -233,7 +247,8 @@ def decode(model, pre: Prefill, cfg: SamplingConfig, stops: StopTokens,
             tok = tok[sel]
             active = [active[j] for j in live]
         logits = _step(lm, tok, cache, deltas)
-    return [Completion(ids[i], lps[i], "stop" if done[i] else "length") for i in range(n)]
+    return [Completion(ids[i], lps[i], "stop" if done[i] else "length",
+                       watch=watched[i] if watch is not None else None) for i in range(n)]
 
 
 def detokenize(tokenizer, completions: list[Completion], stops: StopTokens) -> list[Completion]:
@@ -244,8 +259,8 @@ def detokenize(tokenizer, completions: list[Completion], stops: StopTokens) -> l
 
 
 def generate_rows(model, processor, prompts: Sequence[str], images: Sequence[Image.Image],
-                  cfg: SamplingConfig, *, n: int = 1,
-                  prefix: PrefixCache | None = None) -> list[list[Completion]]:
+                  cfg: SamplingConfig, *, n: int = 1, prefix: PrefixCache | None = None,
+                  watch_ids: Sequence[int] | None = None) -> list[list[Completion]]:
     """n completions for each (prompt, image) row; all rows must encode to the same length.
 
     Returns one list of n completions per row, in input order.
@@ -253,7 +268,8 @@ def generate_rows(model, processor, prompts: Sequence[str], images: Sequence[Ima
     inputs = encode(processor, prompts, images)
     pre = repeat_cache(prefill(model, inputs, prefix), n)
     stops = stop_tokens(model, processor.tokenizer)
-    comps = detokenize(processor.tokenizer, decode(model, pre, cfg, stops), stops)
+    comps = detokenize(processor.tokenizer, decode(model, pre, cfg, stops, watch_ids=watch_ids),
+                       stops)
     return [comps[i * n:(i + 1) * n] for i in range(len(prompts))]
 
 

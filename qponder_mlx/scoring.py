@@ -5,6 +5,11 @@ probabilities of the digits 1–5: score = Σ p(d)·d / Σ p(d) — the Q-Align 
 to our answer format. It skips reasoning, so it costs one prefill instead of hundreds of decode
 steps.
 
+`reason` mode reads the score one of two ways (`readout`): `text`, the number the model wrote (the
+paper's read-out), or `expected`, the expected value of that number under the model's own digit
+probabilities at the positions where it wrote them (`expected_answer`). The decode is the same
+greedy one, so an `expected` run also reports the written number (`ScoreResult.written`).
+
 Images are loaded and resized by the pixel policy on the CPU, grouped by resized size (same size =
 same input length, so rows batch without padding), and run `batch_size` at a time. A bad image
 becomes a result with `error` set; it never stops the batch.
@@ -18,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import mlx.core as mx
+import numpy as np
 from PIL import Image
 
 from qponder_mlx import generate as gen
@@ -33,6 +39,7 @@ from qponder_mlx.prompts import (
 )
 
 MODES = ("reason", "fast")
+READOUTS = ("text", "expected")
 
 
 @dataclass
@@ -45,6 +52,7 @@ class ScoreResult:
     error: str | None = None
     seconds: float = 0.0  # this image's share of its batch's wall time
     tokens: int = 0  # generated tokens
+    written: float | None = None  # reason mode: the number in the answer (= score for "text")
 
 
 @dataclass
@@ -56,23 +64,84 @@ class ScoreConfig:
     user_prompt: str = USER_PROMPT
     system_prompt: str = SYSTEM_PROMPT
     prompt_version: str = PROMPT_VERSION
+    readout: str = "text"  # reason mode: "text" (the written number) or "expected"
 
     def __post_init__(self):
         if self.mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
+        if self.readout not in READOUTS:
+            raise ValueError(f"readout must be one of {READOUTS}, got {self.readout!r}")
+        if self.mode == "fast" and self.readout != "text":
+            raise ValueError("readout 'expected' is for reason mode; fast mode already reads the "
+                             "expected leading digit — drop the readout or use mode 'reason'")
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
 
 
-def score_token_ids(tokenizer) -> list[int]:
-    """Token ids of the digits 1..5; each must be a single token (true for Qwen's tokenizer)."""
+def single_token_ids(tokenizer, chars: str, needed_by: str) -> list[int]:
+    """The token id of each character; each must be a single token (true for Qwen's digits)."""
     ids = []
-    for d in "12345":
-        enc = tokenizer.encode(d, add_special_tokens=False)
+    for c in chars:
+        enc = tokenizer.encode(c, add_special_tokens=False)
         if len(enc) != 1:
-            raise ValueError(f"digit {d!r} is not a single token ({enc}); fast mode needs it")
+            raise ValueError(f"{c!r} is not a single token ({enc}); {needed_by} needs it")
         ids.append(enc[0])
     return ids
+
+
+def score_token_ids(tokenizer) -> list[int]:
+    """Token ids of the digits 1..5 (fast mode and the blind judge read their probabilities)."""
+    return single_token_ids(tokenizer, "12345", "fast mode")
+
+
+def _answer_run(ids: Sequence[int], digit_of: dict[int, int], dot_id: int,
+                written: float) -> int | None:
+    """Start of the last run of digit/dot tokens that spells `written` as d[.ddd]."""
+    found, i = None, 0
+    while i < len(ids):
+        if ids[i] not in digit_of:
+            i += 1
+            continue
+        j = i
+        while j < len(ids) and (ids[j] in digit_of or ids[j] == dot_id):
+            j += 1
+        run = "".join("." if t == dot_id else str(digit_of[t]) for t in ids[i:j])
+        lead_ok = j - i == 1 or ids[i + 1] == dot_id
+        try:
+            if lead_ok and abs(float(run) - written) < 1e-9:
+                found = i
+        except ValueError:  # "3..2", "4."
+            pass
+        i = j
+    return found
+
+
+def expected_answer(ids: Sequence[int], watch: Sequence[Sequence[float]], written: float | None,
+                    digit_ids: Sequence[int], dot_id: int) -> float | None:
+    """E[answer] under the model's digit probabilities where it wrote its answer (Q-Align's idea).
+
+    `watch[t]` holds log p of the digits 0..9 (`digit_ids`) at generated position t. The answer is
+    the last digit run spelling `written`; with p the distribution at each of its digits:
+    E = Σ_{d=1..5} p(d)·d over the leading digit (renormalised over 1–5) + Σ_k 10⁻ᵏ·E[k-th
+    decimal] (renormalised over 0–9), clipped to [1, 5]. The decimals' distributions are the ones
+    on the written path, i.e. given the written leading digit — one greedy decode, no extra
+    forward pass. None when there is no written answer or its digits cannot be found.
+    """
+    if written is None:
+        return None
+    digit_of = {t: d for d, t in enumerate(digit_ids)}
+    start = _answer_run(ids, digit_of, dot_id, written)
+    if start is None:
+        return None
+    p = np.exp(np.asarray(watch[start], dtype=np.float64))
+    lead = p[1:6] / p[1:6].sum()
+    value = float(lead @ np.arange(1, 6))
+    k, t = 1, start + 2
+    while t < len(ids) and ids[t] in digit_of:
+        q = np.exp(np.asarray(watch[t], dtype=np.float64))
+        value += float(q @ np.arange(10) / q.sum()) / 10 ** k
+        k, t = k + 1, t + 1
+    return float(np.clip(value, 1.0, 5.0))
 
 
 def expected_score(logits: mx.array, digit_ids: Sequence[int]) -> mx.array:
@@ -94,6 +163,9 @@ class Scorer:
         if self.config.mode == "fast":
             self.prompt += FAST_ANSWER_PREFIX
             self.digit_ids = score_token_ids(tok)
+        if self.config.readout == "expected":
+            *self.watch_ids, self.dot_id = single_token_ids(tok, "0123456789.",
+                                                           "the expected read-out")
         # The prompt text before the image runs through the model once, not once per photo.
         self.prefix = gen.PrefixCache(loaded.model.config.vision_start_token_id)
 
@@ -118,6 +190,8 @@ class Scorer:
         parts = [self.loaded.identity, c.mode, c.prompt_version, px]
         if c.mode == "reason":
             parts.append(f"t{c.sampling.max_tokens}@{c.sampling.temperature:g}")
+        if c.readout != "text":  # text read-outs keep the identities stored before this option
+            parts.append(c.readout)
         return ":".join(parts)
 
     def score(self, items: Iterable[str | Path | Image.Image]) -> list[ScoreResult]:
@@ -173,11 +247,20 @@ class Scorer:
             logits = gen.prefill_logits(m, inputs, self.prefix)
             scores = expected_score(logits, self.digit_ids).tolist()
             return [ScoreResult(key="", score=round(s, 4), format_ok=True) for s in scores]
+        expected = self.config.readout == "expected"
         comps = gen.generate_rows(m, proc, [self.prompt] * len(images), images,
-                                  self.config.sampling, prefix=self.prefix)
+                                  self.config.sampling, prefix=self.prefix,
+                                  watch_ids=self.watch_ids if expected else None)
         out = []
         for (c,) in comps:
             p = parse_response(c.text)
-            out.append(ScoreResult(key="", score=p.score, reasoning=p.reasoning,
-                                   format_ok=p.format_ok, text=c.text, tokens=len(c.token_ids)))
+            score = p.score
+            if expected and p.score is not None:
+                e = expected_answer(c.token_ids, c.watch, p.score, self.watch_ids, self.dot_id)
+                # A written answer whose digits cannot be found among the generated tokens (a
+                # tokenizer that merges digits) keeps its written value.
+                score = p.score if e is None else round(e, 4)
+            out.append(ScoreResult(key="", score=score, reasoning=p.reasoning,
+                                   format_ok=p.format_ok, text=c.text, tokens=len(c.token_ids),
+                                   written=p.score))
         return out

@@ -96,6 +96,9 @@ def test_eval_counts_bad_rows_and_images(tiny_model_dir, tmp_path, cc0_labels):
     (["--model", "/no/such/folder"], "no such folder"),
     (["--model", "TINY", "--adapter", "/nope"], "adapter_config.json"),
     (["--model", "TINY", "--mos-range", "5,1"], "LO must be below HI"),
+    (["--model", "/no/such/model", "--readout", "mean"], "--readout 'mean': expected text or"),
+    (["--model", "/no/such/model", "--mode", "fast", "--readout", "expected"],
+     "--readout expected is for --mode reason"),
 ])
 def test_eval_bad_input_is_one_line(args, msg, tiny_model_dir, cc0_labels):
     args = [str(tiny_model_dir) if a == "TINY" else a for a in args]

@@ -136,11 +136,31 @@ def test_toy_pipeline_writes_every_artefact_and_resumes(reproduce, tmp_path, cap
         assert "skipped" in r or r["agreement"]["pooled"]["n"] <= 30
     for measure in ("repro_grpo_srcc", "repro_grpo_minus_sft_srcc",
                     "repro_grpo_minus_brisque_srcc"):
-        assert f"RESULT {measure} " in printed
-        assert f"RESULT {measure}_all_views " in printed
+        for suffix in ("", "_all_views", "_expected_readout", "_all_views_expected_readout"):
+            assert f"RESULT {measure}{suffix} " in printed
+    # reason-mode evals read both ways in one decode: a row per read-out, fast mode one row
+    assert commands.count("--readout expected") == 6 and "--mode fast --readout" not in commands
+    for name in ("Q-Ponder (GRPO), reason, expected read-out",
+                 "Q-Ponder-CI (SFT), reason, expected read-out, all views"):
+        assert name in results["rows"]
+    assert "Q-Ponder (GRPO), fast, expected read-out" not in results["rows"]
 
     # A rerun finds every stage done: no command runs again, the table is rebuilt.
     assert reproduce.main(argv) == 0
     again = capsys.readouterr().out
     assert "done earlier" in again and "$ qponder" not in again
     assert (out / "commands.sh").read_text() == commands
+
+
+def test_report_scores_reads_the_written_or_the_expected_answer(reproduce):
+    samples = [{"id": "a", "score": 3.417, "written_score": 3.37},
+               {"id": "b", "score": None, "written_score": None}]
+    new = {"readout": "expected", "samples": samples}
+    assert reproduce.report_scores(new, "text") == {"a": 3.37, "b": None}
+    assert reproduce.report_scores(new, "expected") == {"a": 3.417, "b": None}
+    old = {"samples": [{"id": "a", "score": 3.37}]}  # written before the option existed
+    assert reproduce.report_scores(old, "text") == {"a": 3.37}
+    assert reproduce.report_scores(old, "expected") == {}
+    assert reproduce.eval_scores(new, ["b", "a", "c"], "expected") == [None, 3.417, None]
+    assert reproduce.expected_row("X, reason, all views") == \
+        "X, reason, expected read-out, all views"

@@ -98,6 +98,8 @@ def test_score_exports_and_rerun(app, small_lib, tmp_path, tiny_model_dir):
 @pytest.mark.parametrize("extra, message", [
     (["--bundle", "b", "--model", "m"], "pass --bundle or --model/--adapter"),
     (["--mode", "slow"], "--mode 'slow': expected reason or fast"),
+    (["--readout", "mean"], "--readout 'mean': expected text or expected"),
+    (["--mode", "fast", "--readout", "expected"], "--readout expected is for --mode reason"),
     (["--min-pixels", "9000", "--max-pixels", "100"], "--min-pixels/--max-pixels"),
 ])
 def test_bad_flags_fail_in_one_line(app, small_lib, extra, message):
