@@ -430,15 +430,16 @@ def run_pipeline(cfg: ReproConfig, pipeline_dir: Path, out: Path, *, in_process:
     for name, (run_name, mode, split) in evals.items():
         report = json.loads(report_path(run_name, mode, split).read_text())
         rows_ = labels[split]
+        ids, mos = [r["id"] for r in rows_], [float(r["mos"]) for r in rows_]
+        types = [r["distortion"] for r in rows_]
         # A report from before --readout expected holds the written numbers only.
         for readout in ("text", "expected") if report.get("readout") == "expected" else ("text",):
-            pred = eval_scores(report, [r["id"] for r in rows_], readout)
-            mos = [float(r["mos"]) for r in rows_]
+            pred = eval_scores(report, ids, readout)
             answered = [(p, m) for p, m in zip(pred, mos) if p is not None]
             row_name = name if readout == "text" else expected_row(name)
             rows[row_name] = {
                 "photos": photos_of[split],
-                "agreement": agreement(pred, mos, [r["distortion"] for r in rows_]),
+                "agreement": agreement(pred, mos, types),
                 "format_rate": report.get("format_rate"), "seconds": report["seconds"],
                 # on the MOS scale (classic metrics have none); few distinct answers =
                 # many ties, which cost rank order even when every answer is close
