@@ -71,6 +71,13 @@ def expected_row(name: str) -> str:
     return base + EXPECTED + views
 
 
+def view_index(row: dict) -> int:
+    """0 for the photo itself, k + 1 for its crop k (synth-iqa names crops '<photo>_crop<k>')."""
+    if row["view"] == row["reference"]:
+        return 0
+    return int(row["view"].rsplit("_crop", 1)[1]) + 1
+
+
 # ---------------------------------------------------------------- settings
 
 
@@ -100,6 +107,10 @@ class DistillSettings:
     samples_per_image: int = 2
     temperature: float = 0.7
     max_score_error: float = 0.5
+    # Cold-start subset: the teacher writes reasoning for only the first `views` views of each
+    # train photo (the photo itself, then its crops in order); 0 = every view. GRPO still trains on
+    # every view: its reward needs only the MOS, the teacher's text is the costly part.
+    views: int = 0
 
 
 @dataclass
@@ -116,6 +127,10 @@ class ReproConfig:
     eval: EvalSettings = field(default_factory=EvalSettings)
     sft_config: str = "repro_sft.toml"  # relative to the pipeline file
     grpo_config: str = "repro_grpo.toml"
+    # `qponder train --set key=value` overrides on top of those files (e.g. ["iters=60"]), so a
+    # variant recipe names what it changes instead of copying a whole train TOML
+    sft_set: list[str] = field(default_factory=list)
+    grpo_set: list[str] = field(default_factory=list)
 
 
 # ---------------------------------------------------------------- running our commands
@@ -359,14 +374,23 @@ def run_pipeline(cfg: ReproConfig, pipeline_dir: Path, out: Path, *, in_process:
 
     def distill():
         d = cfg.distill
-        run("distill", ["distill", "--data", str(data / "train.jsonl"),
+        source = data / "train.jsonl"
+        if d.views:
+            source = data / "cold_start.jsonl"
+            atomic_write_text(source, "".join(
+                json.dumps(r) + "\n" for r in read_jsonl(data / "train.jsonl")
+                if view_index(r) < d.views))
+            run.record(f"# cold start: {source} = the rows of train.jsonl whose view index "
+                       f"(bench/reproduce.py view_index) is below {d.views}")
+        run("distill", ["distill", "--data", str(source),
                         "--out", str(out / "distill" / "train.jsonl"), "--teacher", "synthetic",
                         "--samples-per-image", str(d.samples_per_image),
                         "--temperature", str(d.temperature),
                         "--max-score-error", str(d.max_score_error)])
 
-    def train(stage_name: str, extra: list[str], config: Path):
+    def train(stage_name: str, extra: list[str], config: Path, sets: list[str]):
         run_dir = out / stage_name
+        extra = [*extra, *(a for kv in sets for a in ("--set", kv))]
         resume = ["--resume"] if (run_dir / "checkpoints").exists() else []
         # The student's seed also seeds both trainers (LoRA init, data order, GRPO sampling).
         run(stage_name, ["train", "--stage", stage_name, "--config", str(config),
@@ -378,10 +402,12 @@ def run_pipeline(cfg: ReproConfig, pipeline_dir: Path, out: Path, *, in_process:
     stage("student", base / "generation_config.json", student)
     stage("distill", out / "distill" / "train.summary.json", distill)
     stage("sft", out / "sft" / "summary.json",
-          lambda: train("sft", ["--data", str(out / "distill" / "train.jsonl")], sft_cfg))
+          lambda: train("sft", ["--data", str(out / "distill" / "train.jsonl")], sft_cfg,
+                        cfg.sft_set))
     stage("grpo", out / "grpo" / "summary.json",
           lambda: train("grpo", ["--data", str(data / "train.jsonl"),
-                                 "--adapter", str(out / "sft" / "adapters")], grpo_cfg))
+                                 "--adapter", str(out / "sft" / "adapters")], grpo_cfg,
+                        cfg.grpo_set))
     # Held-out photos (the measure: their centre views, and with test_crops also every view of
     # them, a larger sample of the same photos), plus the photos the students trained on (reason
     # mode; their centre views, like the held-out set, not the random crops): the gap between

@@ -20,6 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
 PIPELINE = """
 sft_config = "sft.toml"
 grpo_config = "grpo.toml"
+sft_set = ["iters=3"]   # on top of sft.toml's iters = 2
 [data]
 size = 56
 photos = "astronaut,camera,coffee"
@@ -33,6 +34,7 @@ vision_depth = 3
 vision_stem = "dct"
 [distill]
 samples_per_image = 1
+views = 1            # cold start on the centre views only; GRPO on every view
 [eval]
 batch_size = 16
 max_tokens = 8
@@ -94,6 +96,16 @@ def test_toy_pipeline_writes_every_artefact_and_resumes(reproduce, tmp_path, cap
                 "qponder train --stage sft", "qponder train --stage grpo", "--mode fast",
                 "--mode reason", "--no-progress --seed 0"]:
         assert cmd in commands
+
+    # Cold-start subset: the teacher saw only the photos' own views (2 train photos x 15), GRPO
+    # every view (+ 1 crop each: 60 rows).
+    cold = [json.loads(x) for x in (out / "data" / "cold_start.jsonl").open()]
+    assert len(cold) == 30 and all(r["view"] == r["reference"] for r in cold)
+    assert json.loads((out / "distill" / "train.summary.json").read_text())["total"] == 30
+    assert "distill --data " + str(out / "data" / "cold_start.jsonl") in commands
+    assert "--data " + str(out / "data" / "train.jsonl") in commands.split("--stage grpo")[1]
+    # sft_set reaches the trainer as --set flags, over the train TOML
+    assert json.loads((out / "sft" / "summary.json").read_text())["steps"] == 3
 
     # The table's fast-mode SRCC is scipy's Spearman of the eval report's scores vs MOS, pooled
     # and per distortion type (one test photo x 5 levels each).
@@ -164,3 +176,12 @@ def test_report_scores_reads_the_written_or_the_expected_answer(reproduce):
     assert reproduce.eval_scores(new, ["b", "a", "c"], "expected") == [None, 3.417, None]
     assert reproduce.expected_row("X, reason, all views") == \
         "X, reason, expected read-out, all views"
+
+
+def test_view_index_orders_the_photo_then_its_crops(reproduce):
+    row = {"reference": "astronaut", "view": "astronaut"}
+    assert reproduce.view_index(row) == 0
+    assert reproduce.view_index({**row, "view": "astronaut_crop0"}) == 1
+    assert reproduce.view_index({**row, "view": "astronaut_crop15"}) == 16
+    # a photo whose own name holds "_crop" still parses by its last "_crop"
+    assert reproduce.view_index({"reference": "a_crop", "view": "a_crop_crop3"}) == 4
