@@ -56,7 +56,7 @@ import numpy as np  # noqa: E402
 
 from qponder_mlx import metrics  # noqa: E402
 from qponder_mlx.io import atomic_write_json, atomic_write_text, read_jsonl  # noqa: E402
-from qponder_mlx.train.config import ConfigError, load_config  # noqa: E402
+from qponder_mlx.train.config import ConfigError, load_config, read_config_file  # noqa: E402
 
 BENCH = Path(__file__).resolve().parent
 BRISQUE_DIR = Path("/usr/share/opencv4/quality")  # Debian/Ubuntu `opencv-data`
@@ -125,6 +125,7 @@ class ReproConfig:
     student: StudentSettings = field(default_factory=StudentSettings)
     distill: DistillSettings = field(default_factory=DistillSettings)
     eval: EvalSettings = field(default_factory=EvalSettings)
+    base: str = ""  # another pipeline TOML beside this one: its settings, then this file's
     sft_config: str = "repro_sft.toml"  # relative to the pipeline file
     grpo_config: str = "repro_grpo.toml"
     # `qponder train --set key=value` overrides on top of those files (e.g. ["iters=60"]), so a
@@ -134,6 +135,19 @@ class ReproConfig:
 
 
 # ---------------------------------------------------------------- running our commands
+
+
+def load_pipeline(path: Path) -> ReproConfig:
+    """A pipeline TOML. `base = "other.toml"` (beside it) gives every setting the file leaves out,
+    so a variant recipe holds only what it changes. One level: a base names no base."""
+    below: dict = {}
+    name = read_config_file(path).get("base")
+    if name:
+        below = read_config_file(path.parent / name)
+        if below.get("base"):
+            raise ConfigError(f"{path}: its base {name} names a base too — point it at "
+                              f"{below['base']} instead")
+    return load_config(ReproConfig, path, base=below)
 
 
 class StageError(RuntimeError):
@@ -573,7 +587,7 @@ def main(argv: list[str] | None = None) -> int:
     if warn:
         print(warn, file=sys.stderr)
     try:
-        cfg = load_config(ReproConfig, args.config)
+        cfg = load_pipeline(args.config)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -185,3 +185,21 @@ def test_view_index_orders_the_photo_then_its_crops(reproduce):
     assert reproduce.view_index({**row, "view": "astronaut_crop15"}) == 16
     # a photo whose own name holds "_crop" still parses by its last "_crop"
     assert reproduce.view_index({"reference": "a_crop", "view": "a_crop_crop3"}) == 4
+
+
+def test_pipeline_base_fills_what_the_variant_leaves_out(reproduce, tmp_path):
+    (tmp_path / "main.toml").write_text(
+        'grpo_set = ["iters=60"]\n[data]\ncrops = 16\ntest_crops = 8\n'
+        '[student]\nhidden_size = 128\n')
+    (tmp_path / "v.toml").write_text(
+        'base = "main.toml"\n[student]\nhidden_size = 256\n[distill]\nviews = 5\n')
+    cfg = reproduce.load_pipeline(tmp_path / "v.toml")
+    assert (cfg.student.hidden_size, cfg.distill.views) == (256, 5)       # the variant's
+    assert (cfg.data.crops, cfg.data.test_crops, cfg.grpo_set) == (16, 8, ["iters=60"])  # base's
+    assert cfg.student.num_layers == 2                                    # neither: defaults
+    (tmp_path / "w.toml").write_text('base = "v.toml"\n')
+    with pytest.raises(reproduce.ConfigError, match="names a base too"):
+        reproduce.load_pipeline(tmp_path / "w.toml")
+    # the shipped variants load
+    for name in ("repro_pipeline_wide.toml", "repro_pipeline_cold.toml"):
+        assert reproduce.load_pipeline(ROOT / "bench" / name).student.hidden_size == 256
