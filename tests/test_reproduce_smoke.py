@@ -200,6 +200,10 @@ def test_pipeline_base_fills_what_the_variant_leaves_out(reproduce, tmp_path):
     (tmp_path / "w.toml").write_text('base = "v.toml"\n')
     with pytest.raises(reproduce.ConfigError, match="names a base too"):
         reproduce.load_pipeline(tmp_path / "w.toml")
-    # the shipped variants load
-    for name in ("repro_pipeline_wide.toml", "repro_pipeline_cold.toml"):
-        assert reproduce.load_pipeline(ROOT / "bench" / name).student.hidden_size == 256
+    # the shipped variants load over the shipped recipe
+    bench = ROOT / "bench"
+    main, old = (reproduce.load_pipeline(bench / f"repro_pipeline{v}.toml") for v in ("", "_128"))
+    cold = reproduce.load_pipeline(bench / "repro_pipeline_cold.toml")
+    assert (main.student.hidden_size, old.student.hidden_size, cold.student.hidden_size) == \
+        (256, 128, 256)
+    assert (main.grpo_set, old.grpo_set, cold.distill.views) == (["iters=60"], [], 5)
