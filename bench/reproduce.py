@@ -56,6 +56,7 @@ import numpy as np  # noqa: E402
 
 from qponder_mlx import metrics  # noqa: E402
 from qponder_mlx.io import atomic_write_json, atomic_write_text, read_jsonl  # noqa: E402
+from qponder_mlx.synth import view_index  # noqa: E402
 from qponder_mlx.train.config import ConfigError, load_config, read_config_file  # noqa: E402
 
 BENCH = Path(__file__).resolve().parent
@@ -69,13 +70,6 @@ def expected_row(name: str) -> str:
     """'X, reason[, all views]' -> 'X, reason, expected read-out[, all views]'."""
     base, views = (name[:-len(ALL_VIEWS)], ALL_VIEWS) if name.endswith(ALL_VIEWS) else (name, "")
     return base + EXPECTED + views
-
-
-def view_index(row: dict) -> int:
-    """0 for the photo itself, k + 1 for its crop k (synth-iqa names crops '<photo>_crop<k>')."""
-    if row["view"] == row["reference"]:
-        return 0
-    return int(row["view"].rsplit("_crop", 1)[1]) + 1
 
 
 # ---------------------------------------------------------------- settings
@@ -393,9 +387,9 @@ def run_pipeline(cfg: ReproConfig, pipeline_dir: Path, out: Path, *, in_process:
             source = data / "cold_start.jsonl"
             atomic_write_text(source, "".join(
                 json.dumps(r) + "\n" for r in read_jsonl(data / "train.jsonl")
-                if view_index(r) < d.views))
+                if view_index(r["reference"], r["view"]) < d.views))
             run.record(f"# cold start: {source} = the rows of train.jsonl whose view index "
-                       f"(bench/reproduce.py view_index) is below {d.views}")
+                       f"(qponder_mlx.synth.view_index) is below {d.views}")
         run("distill", ["distill", "--data", str(source),
                         "--out", str(out / "distill" / "train.jsonl"), "--teacher", "synthetic",
                         "--samples-per-image", str(d.samples_per_image),

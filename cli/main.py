@@ -62,7 +62,14 @@ def synth_iqa(
 ) -> None:
     """A KADID-style set: CC0 photos × blur/noise/JPEG × 5 KADID levels, labelled with KADID's
     mean MOS per (type, level). Writes labels.jsonl, train.jsonl and test.jsonl."""
-    from qponder_mlx.synth import center_crop, load_cc0_photo, random_crops, view_seed, write_set
+    from qponder_mlx.synth import (
+        center_crop,
+        crop_view,
+        load_cc0_photo,
+        random_crops,
+        view_seed,
+        write_set,
+    )
 
     names = [n.strip() for n in photos.split(",") if n.strip()]
     held = {n.strip() for n in test_photos.split(",") if n.strip()}
@@ -80,10 +87,10 @@ def synth_iqa(
     for n in names:
         count = test_crops if n in held else crops
         for c, im in enumerate(random_crops(photos_[n], size, count, seed=view_seed(seed, n))):
-            refs[f"{n}_crop{c}"] = im
-            photo_of[f"{n}_crop{c}"] = n
+            view = crop_view(n, c)
+            refs[view], photo_of[view] = im, n
             if n in held:
-                split[f"{n}_crop{c}"] = "test_crops"
+                split[view] = "test_crops"
     items = write_set(out, refs, split=split, seed=seed, photo_of=photo_of)
     n_train = sum(split[i.reference] == "train" for i in items)
     typer.echo(f"{len(items)} images in {out} ({n_train} train, {len(items) - n_train} test"

@@ -54,6 +54,16 @@ CC0_PHOTOS = {
 }
 
 
+def crop_view(photo: str, k: int) -> str:
+    """The name of random crop `k` of `photo` (`qponder dev synth-iqa --crops`)."""
+    return f"{photo}_crop{k}"
+
+
+def view_index(photo: str, view: str) -> int:
+    """0 for the photo itself, k + 1 for its crop k: the inverse of `crop_view`."""
+    return 0 if view == photo else int(view.removeprefix(photo + "_crop")) + 1
+
+
 def view_seed(seed: int, name: str) -> int:
     """The random seed of one named view (its noise draw, its crops): a function of the run seed
     and the view's own name only, so a held-out image is the same whatever else is in the set."""

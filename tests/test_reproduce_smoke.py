@@ -178,15 +178,6 @@ def test_report_scores_reads_the_written_or_the_expected_answer(reproduce):
         "X, reason, expected read-out, all views"
 
 
-def test_view_index_orders_the_photo_then_its_crops(reproduce):
-    row = {"reference": "astronaut", "view": "astronaut"}
-    assert reproduce.view_index(row) == 0
-    assert reproduce.view_index({**row, "view": "astronaut_crop0"}) == 1
-    assert reproduce.view_index({**row, "view": "astronaut_crop15"}) == 16
-    # a photo whose own name holds "_crop" still parses by its last "_crop"
-    assert reproduce.view_index({"reference": "a_crop", "view": "a_crop_crop3"}) == 4
-
-
 def test_pipeline_base_fills_what_the_variant_leaves_out(reproduce, tmp_path):
     (tmp_path / "main.toml").write_text(
         'grpo_set = ["iters=60"]\n[data]\ncrops = 16\ntest_crops = 8\n'

@@ -10,7 +10,7 @@ from qponder_mlx.cli.main import app
 from scipy.ndimage import gaussian_filter
 from typer.testing import CliRunner
 
-from qponder_mlx.synth import LEVEL_MOS, LEVELS, distort
+from qponder_mlx.synth import LEVEL_MOS, LEVELS, crop_view, distort, view_index
 
 
 def _img(seed=0, size=64):
@@ -129,3 +129,13 @@ def test_test_crops_go_to_their_own_file(tmp_path):
     assert len(crops) == 2 * 15 and {r["reference"] for r in crops} == {"coffee"}
     assert all("_crop" in r["id"] for r in crops)
     assert not (tmp_path / "plain" / "test_crops.jsonl").exists()
+
+
+def test_view_index_orders_the_photo_then_its_crops():
+    assert view_index("astronaut", "astronaut") == 0
+    assert view_index("astronaut", "astronaut_crop0") == 1
+    assert view_index("astronaut", "astronaut_crop15") == 16
+    # a photo whose own name holds "_crop" still parses: the photo's name is stripped first
+    assert view_index("a_crop", "a_crop_crop3") == 4
+    # the inverse of the name synth-iqa gives each crop
+    assert all(view_index("coins", crop_view("coins", k)) == k + 1 for k in range(20))
