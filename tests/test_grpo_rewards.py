@@ -78,13 +78,23 @@ def _reference_blind_score(model, tok, reasoning):
     return float((p * np.arange(1, 6)).sum())
 
 
+def test_common_prefix_len_leaves_every_row_a_token():
+    assert J.common_prefix_len([[1, 2, 3], [1, 2, 4]]) == 2
+    assert J.common_prefix_len([[1, 2], [1, 2, 3]]) == 1  # row 0 keeps its last token
+    assert J.common_prefix_len([[1, 2, 3]]) == 2
+    assert J.common_prefix_len([[5]]) == 0
+    assert J.common_prefix_len([[1, 9], [2, 9]]) == 0
+
+
 def test_blind_scores_batched_equals_one_by_one(tiny_loaded):
     m, tok = tiny_loaded.model, tiny_loaded.tokenizer
+    # Row 4 is row 0's start: the rows' shared head (run once, its keys/values repeated) then
+    # reaches into the reasoning itself.
     rs = ["sharp and clean, well exposed", None, "heavy noise in the shadows and strong JPEG "
-          "blocking, soft focus", ""]
+          "blocking, soft focus", "", "sharp and clean"]
     got = J.blind_scores_vlm(m, tok, rs)
     assert np.isnan(got[1]) and np.isnan(got[3])
-    for i in (0, 2):
+    for i in (0, 2, 4):
         assert got[i] == pytest.approx(_reference_blind_score(m, tok, rs[i]), abs=1e-4)
         assert 1.0 <= got[i] <= 5.0
     assert got[0] != pytest.approx(got[2], abs=1e-6)  # the text matters

@@ -5,6 +5,9 @@ our own answer format: the assistant turn is prefilled with `<think>{reasoning}<
 so the next token is the score's leading digit. s_text = Σ p(d)·d over the digits 1–5,
 renormalised. The whole group is ONE batched forward pass: rows are right-padded, which causal
 attention makes harmless, and each row's logits are read at its own last real position.
+The rows' common head (chat template + judge prompt: ~100 of ~160 tokens per row for the
+reproduction's student) runs once and its keys/values are repeated for every row, as the
+rollout does with an image's prompt — the same attention, ~60 % less work.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from collections.abc import Callable, Sequence
 
 import mlx.core as mx
 import numpy as np
+from mlx_vlm.models.cache import ConcatenateKVCache
 
 from qponder_mlx.generate import lm_head
 from qponder_mlx.prompts import ANSWER_OPEN, THINK_CLOSE, THINK_OPEN
@@ -39,6 +43,21 @@ def _right_pad(rows: list[list[int]], pad: int) -> tuple[mx.array, mx.array]:
     return ids, mx.array([len(r) - 1 for r in rows])
 
 
+def common_prefix_len(rows: Sequence[Sequence[int]]) -> int:
+    """Tokens every row starts with, leaving each row at least one token of its own."""
+    n = min(len(r) for r in rows) - 1
+    first = rows[0]
+    for k in range(max(n, 0)):
+        if any(r[k] != first[k] for r in rows):
+            return k
+    return max(n, 0)
+
+
+def _positions(start: int, b: int, length: int) -> mx.array:
+    # Text only: the three M-RoPE sections share one position.
+    return mx.broadcast_to((start + mx.arange(length))[None, None, :], (3, b, length))
+
+
 def blind_scores_vlm(model, tokenizer, reasonings: Sequence[str | None],
                      max_tokens: int = 1024) -> np.ndarray:
     """s_text for each reasoning with a Qwen2.5-VL language model (NaN where there is none)."""
@@ -49,11 +68,17 @@ def blind_scores_vlm(model, tokenizer, reasonings: Sequence[str | None],
     texts = judge_texts(tokenizer, [reasonings[i] for i in keep])
     # Keep the tail (the reasoning's end and the open answer tag) if a reasoning is very long.
     rows = [tokenizer.encode(t, add_special_tokens=False)[-max_tokens:] for t in texts]
-    ids, last = _right_pad(rows, tokenizer.pad_token_id or 0)
-    b, length = ids.shape
-    pos = mx.broadcast_to(mx.arange(length)[None, None, :], (3, b, length))
     lm = model.language_model
-    h = lm.model(ids, position_ids=pos)
+    p, b = common_prefix_len(rows), len(rows)
+    cache = None
+    if p:
+        cache = [ConcatenateKVCache() for _ in lm.layers]
+        lm.model(mx.array([rows[0][:p]]), cache=cache, position_ids=_positions(0, 1, p))
+        for c in cache:
+            k, v = c.state
+            c.state = (mx.repeat(k, b, axis=0), mx.repeat(v, b, axis=0))
+    ids, last = _right_pad([r[p:] for r in rows], tokenizer.pad_token_id or 0)
+    h = lm.model(ids, cache=cache, position_ids=_positions(p, b, ids.shape[1]))
     h_last = mx.take_along_axis(h, last[:, None, None], axis=1)[:, 0, :]
     s = expected_score(lm_head(lm, h_last), score_token_ids(tokenizer))
     out[keep] = np.array(s.tolist())
