@@ -198,3 +198,6 @@ def test_pipeline_base_fills_what_the_variant_leaves_out(reproduce, tmp_path):
     assert (main.student.hidden_size, old.student.hidden_size, cold.student.hidden_size) == \
         (256, 128, 256)
     assert (main.grpo_set, old.grpo_set, cold.distill.views) == (["iters=60"], [], 5)
+    short = reproduce.load_pipeline(bench / "repro_pipeline_short_sft.toml")
+    assert (short.sft_set, short.grpo_set, short.student.hidden_size) == \
+        (["iters=500"], ["iters=100"], 256)

@@ -59,8 +59,10 @@ def _positions(start: int, b: int, length: int) -> mx.array:
 
 
 def blind_scores_vlm(model, tokenizer, reasonings: Sequence[str | None],
-                     max_tokens: int = 1024) -> np.ndarray:
-    """s_text for each reasoning with a Qwen2.5-VL language model (NaN where there is none)."""
+                     max_tokens: int = 1024, share_prefix: bool = True) -> np.ndarray:
+    """s_text for each reasoning with a Qwen2.5-VL language model (NaN where there is none).
+
+    `share_prefix=False` runs every row whole (bench/judge_speed.py's baseline)."""
     out = np.full(len(reasonings), np.nan)
     keep = [i for i, r in enumerate(reasonings) if r and r.strip()]
     if not keep:
@@ -69,7 +71,7 @@ def blind_scores_vlm(model, tokenizer, reasonings: Sequence[str | None],
     # Keep the tail (the reasoning's end and the open answer tag) if a reasoning is very long.
     rows = [tokenizer.encode(t, add_special_tokens=False)[-max_tokens:] for t in texts]
     lm = model.language_model
-    p, b = common_prefix_len(rows), len(rows)
+    p, b = common_prefix_len(rows) if share_prefix else 0, len(rows)
     cache = None
     if p:
         cache = [ConcatenateKVCache() for _ in lm.layers]

@@ -1,0 +1,72 @@
+"""The consistency judge's cost per GRPO step: shared head (run once) vs every row whole.
+
+`blind_scores_vlm` re-scores a step's B·G reasonings blind. Every row starts with the same chat
+template and judge prompt; with `share_prefix` that head runs once and its keys/values are
+repeated for all rows. Same process, same reasonings (the synthetic teacher's phrasings, as in
+the reproduction), the two modes alternate for --repeats rounds after one untimed warm-up each;
+the scores of the two modes are compared as well.
+
+    . scripts/blas_env.sh; .venv/bin/python bench/judge_speed.py        # ~1 min
+    .venv/bin/python bench/judge_speed.py --model runs/wide_s1/student_base \\
+        --adapter runs/wide_s1/sft/adapters
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import numpy as np  # noqa: E402
+
+from qponder_mlx.distill.synthetic_teacher import LEVEL_MOS, describe  # noqa: E402
+from qponder_mlx.grpo.judge import blind_scores_vlm  # noqa: E402
+from qponder_mlx.model import load_model  # noqa: E402
+from qponder_mlx.testing import build_tiny_model  # noqa: E402
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", default=None,
+                    help="model folder (default: a random tiny one, LM 256 x 2 like the "
+                         "reproduction's student)")
+    ap.add_argument("--adapter", default=None)
+    ap.add_argument("--rows", type=int, default=64, help="reasonings per call (B·G)")
+    ap.add_argument("--repeats", type=int, default=5)
+    args = ap.parse_args(argv)
+
+    rng = random.Random(0)
+    kinds = sorted(LEVEL_MOS)
+    texts = [describe(rng.choice(kinds), rng.randint(1, 5), rng) for _ in range(args.rows)]
+    with tempfile.TemporaryDirectory() as tmp:
+        model = args.model or str(build_tiny_model(Path(tmp) / "m", hidden_size=256, seed=0))
+        loaded = load_model(model, args.adapter)
+        m, tok = loaded.model, loaded.tokenizer
+        modes = {"whole": False, "shared": True}
+        scores = {k: blind_scores_vlm(m, tok, texts, share_prefix=v) for k, v in modes.items()}
+        times: dict[str, list[float]] = {k: [] for k in modes}
+        for _ in range(args.repeats):
+            for k, v in modes.items():
+                t0 = time.perf_counter()
+                blind_scores_vlm(m, tok, texts, share_prefix=v)
+                times[k].append(time.perf_counter() - t0)
+    med = {k: statistics.median(t) for k, t in times.items()}
+    for k, t in times.items():
+        print(f"{k:7s} {args.rows} rows: " + " ".join(f"{x:.3f}" for x in t)
+              + f" s (median {med[k]:.3f})")
+    diff = float(np.max(np.abs(scores["whole"] - scores["shared"])))
+    print(f"max |score difference| between the modes: {diff:.2e}")
+    print(f"RESULT judge_shared_prefix_speedup {med['whole'] / med['shared']:.2f} goal 1.5")
+    print(f"RESULT judge_score_max_abs_diff {diff:.1e} goal 1e-4")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
