@@ -19,6 +19,7 @@ import numpy as np
 from mlx_vlm.models.cache import ConcatenateKVCache
 
 from qponder_mlx.generate import lm_head
+from qponder_mlx.grpo.rollout import repeated_cache, text_positions
 from qponder_mlx.prompts import ANSWER_OPEN, THINK_CLOSE, THINK_OPEN
 from qponder_mlx.scoring import expected_score, score_token_ids
 
@@ -53,11 +54,6 @@ def common_prefix_len(rows: Sequence[Sequence[int]]) -> int:
     return max(n, 0)
 
 
-def _positions(start: int, b: int, length: int) -> mx.array:
-    # Text only: the three M-RoPE sections share one position.
-    return mx.broadcast_to((start + mx.arange(length))[None, None, :], (3, b, length))
-
-
 def blind_scores_vlm(model, tokenizer, reasonings: Sequence[str | None],
                      max_tokens: int = 1024, share_prefix: bool = True) -> np.ndarray:
     """s_text for each reasoning with a Qwen2.5-VL language model (NaN where there is none).
@@ -74,13 +70,11 @@ def blind_scores_vlm(model, tokenizer, reasonings: Sequence[str | None],
     p, b = common_prefix_len(rows) if share_prefix else 0, len(rows)
     cache = None
     if p:
-        cache = [ConcatenateKVCache() for _ in lm.layers]
-        lm.model(mx.array([rows[0][:p]]), cache=cache, position_ids=_positions(0, 1, p))
-        for c in cache:
-            k, v = c.state
-            c.state = (mx.repeat(k, b, axis=0), mx.repeat(v, b, axis=0))
+        head = [ConcatenateKVCache() for _ in lm.layers]
+        lm.model(mx.array([rows[0][:p]]), cache=head, position_ids=text_positions(0, 1, p))
+        cache = repeated_cache([c.keys for c in head], [c.values for c in head], b)
     ids, last = _right_pad([r[p:] for r in rows], tokenizer.pad_token_id or 0)
-    h = lm.model(ids, cache=cache, position_ids=_positions(p, b, ids.shape[1]))
+    h = lm.model(ids, cache=cache, position_ids=text_positions(p, b, ids.shape[1]))
     h_last = mx.take_along_axis(h, last[:, None, None], axis=1)[:, 0, :]
     s = expected_score(lm_head(lm, h_last), score_token_ids(tokenizer))
     out[keep] = np.array(s.tolist())

@@ -87,6 +87,24 @@ def prompt_state(model, inputs: gen.Inputs):
     return first, [c.keys for c in cache], [c.values for c in cache], start
 
 
+def text_positions(start, rows: int, length: int) -> mx.array:
+    """(3, rows, length) M-RoPE position ids of text tokens from `start` (an int or a (1, 1)
+    array): the three sections share one position after the image."""
+    pos = mx.reshape(start + mx.arange(length), (1, 1, length))
+    return mx.broadcast_to(pos, (3, rows, length))
+
+
+def repeated_cache(keys: list[mx.array], values: list[mx.array],
+                   n: int) -> list[ConcatenateKVCache]:
+    """A cache holding one prefix's keys/values n times (one row per continuation)."""
+    cache = []
+    for k, v in zip(keys, values):
+        c = ConcatenateKVCache()
+        c.state = (mx.repeat(k, n, axis=0), mx.repeat(v, n, axis=0))
+        cache.append(c)
+    return cache
+
+
 def logps_after_prompt(model, first: mx.array, keys: list[mx.array], values: list[mx.array],
                        start: mx.array, completion_ids: mx.array, *,
                        temperature: float = 1.0) -> mx.array:
@@ -95,13 +113,8 @@ def logps_after_prompt(model, first: mx.array, keys: list[mx.array], values: lis
     g, t = completion_ids.shape
     logits = mx.repeat(first, g, axis=0)  # (G, 1, V): scores token 0
     if t > 1:
-        cache = []
-        for k, v in zip(keys, values):
-            c = ConcatenateKVCache()
-            c.state = (mx.repeat(k, g, axis=0), mx.repeat(v, g, axis=0))
-            cache.append(c)
-        pos = mx.broadcast_to((start + mx.arange(t - 1)[None, :])[None], (3, g, t - 1))
-        h = lm.model(completion_ids[:, :-1], cache=cache, position_ids=pos)
+        h = lm.model(completion_ids[:, :-1], cache=repeated_cache(keys, values, g),
+                     position_ids=text_positions(start, g, t - 1))
         logits = mx.concatenate([logits, gen.lm_head(lm, h)], axis=1)
     logits = logits.astype(mx.float32) / temperature
     lse = mx.logsumexp(logits, axis=-1)
