@@ -114,13 +114,53 @@ def answers_table(runs: list[dict], photos: list[str]) -> str:
             cells = []
             for photo in photos:
                 mine = [(v, m) for v, m, i in answered if i.startswith(photo + "_")]
-                s = srcc(*zip(*mine)) if mine else None
+                s = srcc(*zip(*mine)) if len(mine) >= 2 else None
                 cells.append("–" if s is None or np.isnan(s) else f"{s:.3f}")
             scores = [v for v, _, _ in answered]
             d3 = np.mean([f"{v:.2f}"[2] == "3" for v in scores]) if scores else float("nan")
             top = ", ".join(f"{v:.2f} ({n})" for v, n in Counter(scores).most_common(4))
             lines.append(f"| {run['seed']} | {name} | " + " | ".join(cells)
                          + f" | {d3:.0%} | {top} |")
+    return "\n".join(lines) + "\n"
+
+
+def level_of(sample_id: str) -> tuple[str, int] | None:
+    """(distortion, level) from a synth-iqa image id `<view>_<type>_<level>`."""
+    parts = sample_id.rsplit("_", 2)
+    return (parts[1], int(parts[2])) if len(parts) == 3 and parts[2].isdigit() else None
+
+
+def levels_table(runs: list[dict]) -> str:
+    """Per seed and student, on all views of the held-out photos: the mean written answer per
+    (distortion, level), under the level's MOS — which levels a student tells apart, which it
+    answers alike (e.g. three JPEG levels all at 4.3) and which it moves to the wrong side of
+    another level."""
+    cells: dict[tuple[int, str], dict] = {}
+    mos: dict[tuple[str, int], float] = {}
+    for run in runs:
+        for st, name in (("sft", "SFT"), ("grpo", "GRPO")):
+            path = run["dir"] / "eval" / f"{st}_reason_held_out_views.json"
+            if not path.exists():
+                continue
+            report = json.loads(path.read_text())
+            written = report_scores(report, "text")
+            per: dict[tuple[str, int], list[float]] = {}
+            for x in report["samples"]:
+                level = level_of(x["id"])
+                if level is None or written[x["id"]] is None:
+                    continue
+                mos[level] = float(x["mos"])
+                per.setdefault(level, []).append(written[x["id"]])
+            cells[(run["seed"], name)] = {k: float(np.mean(v)) for k, v in per.items()}
+    if not cells:
+        return ""
+    levels = sorted(mos)
+    lines = ["| seed | student | " + " | ".join(f"{t} {lv} (MOS {mos[(t, lv)]:.2f})"
+                                               for t, lv in levels) + " |",
+             "|" + "---|" * (len(levels) + 2)]
+    for (seed, name), means in cells.items():
+        lines.append(f"| {seed} | {name} | " + " | ".join(
+            f"{means[k]:.2f}" if k in means else "–" for k in levels) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -133,6 +173,9 @@ def main(argv: list[str] | None = None) -> int:
     table, results = summary(runs)
     photos = [p for p in runs[0]["config"]["data"]["test_photos"].split(",") if p]
     table += "\n" + answers_table(runs, photos)
+    levels = levels_table(runs)
+    if levels:
+        table += "\n" + levels
     if args.out:
         args.out.write_text(table)
     print(table)

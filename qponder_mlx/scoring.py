@@ -133,15 +133,27 @@ def expected_answer(ids: Sequence[int], watch: Sequence[Sequence[float]], writte
     start = _answer_run(ids, digit_of, dot_id, written)
     if start is None:
         return None
-    p = np.exp(np.asarray(watch[start], dtype=np.float64))
-    lead = p[1:6] / p[1:6].sum()
-    value = float(lead @ np.arange(1, 6))
-    k, t = 1, start + 2
+    lead = np.exp(np.asarray(watch[start], dtype=np.float64))[1:6]
+    decimals, t = [], start + 2
     while t < len(ids) and ids[t] in digit_of:
-        q = np.exp(np.asarray(watch[t], dtype=np.float64))
-        value += float(q @ np.arange(10) / q.sum()) / 10 ** k
-        k, t = k + 1, t + 1
-    return float(np.clip(value, 1.0, 5.0))
+        decimals.append(np.exp(np.asarray(watch[t], dtype=np.float64)))
+        t += 1
+    return float(digits_value(lead, decimals))
+
+
+def digits_value(lead: np.ndarray, decimals: Sequence[np.ndarray] = ()) -> np.ndarray:
+    """Σ_{d=1..5} p(d)·d + Σ_k 10⁻ᵏ·E[k-th decimal], clipped to [1, 5].
+
+    `lead` (..., 5): weights of the leading digits 1–5; each of `decimals` (..., 10): weights of
+    the digits 0–9 at the k-th decimal. Both are renormalised here. The one formula behind the
+    expected read-out and the GRPO judge's implied score.
+    """
+    lead = np.asarray(lead, dtype=np.float64)
+    value = (lead / lead.sum(-1, keepdims=True)) @ np.arange(1, 6)
+    for k, q in enumerate(decimals, start=1):
+        q = np.asarray(q, dtype=np.float64)
+        value = value + (q / q.sum(-1, keepdims=True)) @ np.arange(10) / 10 ** k
+    return np.clip(value, 1.0, 5.0)
 
 
 def expected_score(logits: mx.array, digit_ids: Sequence[int]) -> mx.array:

@@ -65,17 +65,41 @@ def test_combine_weights_the_components():
         RewardConfig(accuracy="cosine")
 
 
-def _reference_blind_score(model, tok, reasoning):
-    """One unpadded row through the stock model call; softmax over the digits by hand."""
+def _reference_blind_score(model, tok, reasoning, decimals=True):
+    """One unpadded row through the stock model call; softmax over the digits by hand; for the
+    decimal, a second call with the most likely leading digit and the dot appended."""
     ids = tok.encode(J.judge_texts(tok, [reasoning])[0], add_special_tokens=False)
-    # mlx-vlm's language model caches positions from its last image prompt; clear them so the
-    # stock call computes text-only positions itself.
-    model.language_model._position_ids = model.language_model._rope_deltas = None
-    logits = np.array(model.language_model(mx.array([ids])).logits[0, -1].astype(mx.float32))
-    digits = [tok.encode(d, add_special_tokens=False)[0] for d in "12345"]
-    z = logits[digits] - logits[digits].max()
-    p = np.exp(z) / np.exp(z).sum()
-    return float((p * np.arange(1, 6)).sum())
+
+    def probs(row, chars):
+        # mlx-vlm's language model caches positions from its last image prompt; clear them so
+        # the stock call computes text-only positions itself.
+        model.language_model._position_ids = model.language_model._rope_deltas = None
+        logits = np.array(model.language_model(mx.array([row])).logits[0, -1].astype(mx.float32))
+        z = logits[[tok.encode(c, add_special_tokens=False)[0] for c in chars]]
+        return np.exp(z - z.max()) / np.exp(z - z.max()).sum()
+
+    lead = probs(ids, "12345")
+    value = float((lead * np.arange(1, 6)).sum())
+    if decimals:
+        d = str(int(lead.argmax()) + 1)
+        row = ids + [tok.encode(c, add_special_tokens=False)[0] for c in (d, ".")]
+        value += float((probs(row, "0123456789") * np.arange(10)).sum()) / 10
+    return min(max(value, 1.0), 5.0)
+
+
+def test_digits_value_hand_example():
+    from qponder_mlx.scoring import digits_value
+
+    # lead 3 or 4 at 3:1 -> 3.25; first decimal 9 or 5 at 1:1 -> 0.7; second decimal 0 -> 0
+    lead = np.array([0, 0, 3, 1, 0.0])
+    dec = np.zeros(10)
+    dec[[9, 5]] = 1
+    assert digits_value(lead, [dec]) == pytest.approx(3.25 + 0.7)
+    assert digits_value(lead, [dec, np.eye(10)[0]]) == pytest.approx(3.95)
+    assert digits_value(lead) == pytest.approx(3.25)
+    # batched rows, and the clip at 5: 5 + 0.9
+    both = digits_value(np.array([lead, np.eye(5)[4]]), [np.array([dec, np.eye(10)[9]])])
+    np.testing.assert_allclose(both, [3.95, 5.0])
 
 
 def test_common_prefix_len_leaves_every_row_a_token():
@@ -93,8 +117,12 @@ def test_blind_scores_batched_equals_one_by_one(tiny_loaded):
     rs = ["sharp and clean, well exposed", None, "heavy noise in the shadows and strong JPEG "
           "blocking, soft focus", "", "sharp and clean"]
     got = J.blind_scores_vlm(m, tok, rs)
+    lead_only = J.blind_scores_vlm(m, tok, rs, decimals=False)
     assert np.isnan(got[1]) and np.isnan(got[3])
     for i in (0, 2, 4):
         assert got[i] == pytest.approx(_reference_blind_score(m, tok, rs[i]), abs=1e-4)
+        assert lead_only[i] == pytest.approx(_reference_blind_score(m, tok, rs[i], False),
+                                             abs=1e-4)
         assert 1.0 <= got[i] <= 5.0
+        assert got[i] > lead_only[i] or got[i] == 5.0  # the decimal adds what the floor drops
     assert got[0] != pytest.approx(got[2], abs=1e-6)  # the text matters

@@ -99,3 +99,23 @@ def test_answers_table_per_photo_ties_and_top_answers(seeds, tmp_path, capsys):
 def test_missing_run_is_named(seeds, tmp_path):
     with pytest.raises(SystemExit, match="results.json is missing"):
         seeds.main([str(tmp_path / "nope")])
+
+
+def test_levels_table_means_per_distortion_level(seeds, tmp_path, capsys):
+    run = _run(tmp_path / "a", 3, 0.95, 0.90, 0.75, (0.94, 0.89, 0.82))
+    (run / "eval").mkdir()
+    # two views of jpeg 3 answered 4.33 and 3.87 (mean 4.10), one of noise 1 unreadable
+    samples = [{"id": "coffee_jpeg_3", "score": 4.33, "mos": 3.866},
+               {"id": "coffee_crop2_jpeg_3", "score": 3.87, "mos": 3.866},
+               {"id": "coffee_noise_1", "score": None, "mos": 3.893},
+               {"id": "rocket_crop0_noise_1", "score": 3.33, "mos": 3.893}]
+    (run / "eval" / "sft_reason_held_out_views.json").write_text(json.dumps({"samples": samples}))
+    assert seeds.main([str(run)]) == 0
+    out = capsys.readouterr().out.splitlines()
+    head = next(x for x in out if x.startswith("| seed | student | jpeg"))
+    assert [c.strip() for c in head.strip("|").split("|")][2:] == [
+        "jpeg 3 (MOS 3.87)", "noise 1 (MOS 3.89)"]
+    line = out[out.index(head) + 2]             # below the header and its rule
+    assert [c.strip() for c in line.strip("|").split("|")] == ["3", "SFT", "4.10", "3.33"]
+    assert seeds.level_of("coffee_crop12_blur_5") == ("blur", 5)
+    assert seeds.level_of("odd-name") is None

@@ -2,9 +2,11 @@
 
 A judge model reads only the reasoning (no image, the answer removed) after a short prompt, in
 our own answer format: the assistant turn is prefilled with `<think>{reasoning}</think><answer>`,
-so the next token is the score's leading digit. s_text = Σ p(d)·d over the digits 1–5,
-renormalised. The whole group is ONE batched forward pass: rows are right-padded, which causal
-attention makes harmless, and each row's logits are read at its own last real position.
+so the next token is the score's leading digit. s_text = Σ p(d)·d over the digits 1–5 +
+E[first decimal]/10, the decimal read in a second pass after the most likely leading digit
+(the expected read-out's formula). The whole group is ONE batched forward pass per read: rows
+are right-padded, which causal attention makes harmless, and each row's logits are read at its
+own last real position.
 The rows' common head (chat template + judge prompt: ~100 of ~160 tokens per row for the
 reproduction's student) runs once and its keys/values are repeated for every row, as the
 rollout does with an image's prompt — the same attention, ~60 % less work.
@@ -21,9 +23,9 @@ from mlx_vlm.models.cache import ConcatenateKVCache
 from qponder_mlx.generate import lm_head
 from qponder_mlx.grpo.rollout import repeated_cache, text_positions
 from qponder_mlx.prompts import ANSWER_OPEN, THINK_CLOSE, THINK_OPEN
-from qponder_mlx.scoring import expected_score, score_token_ids
+from qponder_mlx.scoring import digits_value, expected_score, score_token_ids, single_token_ids
 
-JUDGE_VERSION = "judge-v1"
+JUDGE_VERSION = "judge-v2"  # v2: reads the first decimal too
 JUDGE_PROMPT = (
     "An expert wrote the assessment below about a photo's technical quality; the photo is not "
     "shown. From the assessment alone, rate the photo from 1 (bad) to 5 (excellent)."
@@ -54,10 +56,35 @@ def common_prefix_len(rows: Sequence[Sequence[int]]) -> int:
     return max(n, 0)
 
 
+def _last_logits(lm, rows: list[list[int]], pad: int, share_prefix: bool) -> mx.array:
+    """Logits at each row's last token, all rows in one forward pass (right-padded); the rows'
+    common head runs once and its keys/values are repeated for every row."""
+    p, b = common_prefix_len(rows) if share_prefix else 0, len(rows)
+    cache = None
+    if p:
+        head = [ConcatenateKVCache() for _ in lm.layers]
+        lm.model(mx.array([rows[0][:p]]), cache=head, position_ids=text_positions(0, 1, p))
+        cache = repeated_cache([c.keys for c in head], [c.values for c in head], b)
+    ids, last = _right_pad([r[p:] for r in rows], pad)
+    h = lm.model(ids, cache=cache, position_ids=text_positions(p, b, ids.shape[1]))
+    h_last = mx.take_along_axis(h, last[:, None, None], axis=1)[:, 0, :]
+    return lm_head(lm, h_last)
+
+
+def _digit_probs(logits: mx.array, ids: Sequence[int]) -> np.ndarray:
+    return np.array(mx.softmax(logits[:, mx.array(ids)].astype(mx.float32), axis=-1))
+
+
 def blind_scores_vlm(model, tokenizer, reasonings: Sequence[str | None],
-                     max_tokens: int = 1024, share_prefix: bool = True) -> np.ndarray:
+                     max_tokens: int = 1024, share_prefix: bool = True,
+                     decimals: bool = True) -> np.ndarray:
     """s_text for each reasoning with a Qwen2.5-VL language model (NaN where there is none).
 
+    The judge writes in the answer format ("3.9"), so its leading digit alone is the floor of
+    what it means: a reasoning that implies 3.9 reads as ~3.1, and a consistency reward against
+    that pulls every answer's decimals down. With `decimals` a second pass feeds each row its
+    most likely leading digit and the dot and reads the first decimal's distribution: s_text =
+    Σ p(d)·d + E[decimal]/10, the expected read-out's formula (`scoring.digits_value`).
     `share_prefix=False` runs every row whole (bench/judge_speed.py's baseline)."""
     out = np.full(len(reasonings), np.nan)
     keep = [i for i, r in enumerate(reasonings) if r and r.strip()]
@@ -66,18 +93,14 @@ def blind_scores_vlm(model, tokenizer, reasonings: Sequence[str | None],
     texts = judge_texts(tokenizer, [reasonings[i] for i in keep])
     # Keep the tail (the reasoning's end and the open answer tag) if a reasoning is very long.
     rows = [tokenizer.encode(t, add_special_tokens=False)[-max_tokens:] for t in texts]
-    lm = model.language_model
-    p, b = common_prefix_len(rows) if share_prefix else 0, len(rows)
-    cache = None
-    if p:
-        head = [ConcatenateKVCache() for _ in lm.layers]
-        lm.model(mx.array([rows[0][:p]]), cache=head, position_ids=text_positions(0, 1, p))
-        cache = repeated_cache([c.keys for c in head], [c.values for c in head], b)
-    ids, last = _right_pad([r[p:] for r in rows], tokenizer.pad_token_id or 0)
-    h = lm.model(ids, cache=cache, position_ids=text_positions(p, b, ids.shape[1]))
-    h_last = mx.take_along_axis(h, last[:, None, None], axis=1)[:, 0, :]
-    s = expected_score(lm_head(lm, h_last), score_token_ids(tokenizer))
-    out[keep] = np.array(s.tolist())
+    lm, pad = model.language_model, tokenizer.pad_token_id or 0
+    lead = _digit_probs(_last_logits(lm, rows, pad, share_prefix), score_token_ids(tokenizer))
+    tail = []
+    if decimals:
+        *digit_ids, dot = single_token_ids(tokenizer, "0123456789.", "the judge's decimals")
+        rows = [r + [digit_ids[int(d) + 1], dot] for r, d in zip(rows, lead.argmax(-1))]
+        tail = [_digit_probs(_last_logits(lm, rows, pad, share_prefix), digit_ids)]
+    out[keep] = digits_value(lead, tail)
     return out
 
 
@@ -101,18 +124,19 @@ def blind_scores_lm(model, tokenizer, reasonings: Sequence[str | None]) -> np.nd
     return out
 
 
-def make_judge(kind: str, policy, tokenizer, reference=None) -> Judge:
+def make_judge(kind: str, policy, tokenizer, reference=None, decimals: bool = True) -> Judge:
     """`policy` (the model being trained), `reference` (the KL reference policy: `reference(model)`
-    is the context manager the trainer uses for it) or an mlx-lm model id."""
+    is the context manager the trainer uses for it) or an mlx-lm model id (asked for one digit
+    from 1 to 5, so it has no decimals to read and ignores `decimals`)."""
     if kind == "policy":
-        return lambda rs: blind_scores_vlm(policy, tokenizer, rs)
+        return lambda rs: blind_scores_vlm(policy, tokenizer, rs, decimals=decimals)
     if kind == "reference":
         if reference is None:
             raise ValueError("judge 'reference' needs the reference-policy context")
 
         def ref_judge(rs):
             with reference(policy):
-                return blind_scores_vlm(policy, tokenizer, rs)
+                return blind_scores_vlm(policy, tokenizer, rs, decimals=decimals)
         return ref_judge
     from mlx_lm import load as lm_load
 

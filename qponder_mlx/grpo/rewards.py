@@ -33,6 +33,9 @@ class RewardConfig:
     consistency_weight: float = 0.5
     consistency_tau: float = 0.5
     judge: str = "policy"  # policy | reference | an mlx-lm model id or folder
+    # The judge reads the first decimal of the score it implies, not only its leading digit
+    # (which is the floor: 3.9 read as ~3.1); false = the judge before this (judge-v1).
+    judge_decimals: bool = True
     rank_weight: float = 0.0
     rank_gamma: float = 1e-6
 

@@ -172,7 +172,8 @@ def run(cfg: GRPOConfig, *, resume: bool = False, loaded: LoadedModel | None = N
         save_config(cfg, run_dir)
     log = MetricsLog(run_dir, resume_step=start if ckpt is not None else None,
                      enabled=world.is_main)
-    judge = make_judge(cfg.rewards.judge, model, tok, reference=reference)
+    judge = make_judge(cfg.rewards.judge, model, tok, reference=reference,
+                       decimals=cfg.rewards.judge_decimals)
     reward_fn = reward_fn or default_reward_fn(cfg, cfg.group_size, judge)
 
     def save(step: int) -> None:
