@@ -118,6 +118,8 @@ def test_blind_scores_batched_equals_one_by_one(tiny_loaded):
           "blocking, soft focus", "", "sharp and clean"]
     got = J.blind_scores_vlm(m, tok, rs)
     lead_only = J.blind_scores_vlm(m, tok, rs, decimals=False)
+    np.testing.assert_allclose(J.blind_scores_vlm(m, tok, rs, share_prefix=False), got,
+                               atol=1e-4)
     assert np.isnan(got[1]) and np.isnan(got[3])
     for i in (0, 2, 4):
         assert got[i] == pytest.approx(_reference_blind_score(m, tok, rs[i]), abs=1e-4)

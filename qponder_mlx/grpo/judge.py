@@ -3,10 +3,10 @@
 A judge model reads only the reasoning (no image, the answer removed) after a short prompt, in
 our own answer format: the assistant turn is prefilled with `<think>{reasoning}</think><answer>`,
 so the next token is the score's leading digit. s_text = Σ p(d)·d over the digits 1–5 +
-E[first decimal]/10, the decimal read in a second pass after the most likely leading digit
-(the expected read-out's formula). The whole group is ONE batched forward pass per read: rows
-are right-padded, which causal attention makes harmless, and each row's logits are read at its
-own last real position.
+E[first decimal]/10, the decimal read after appending the most likely leading digit and the dot
+(the expected read-out's formula). The whole group is ONE batched forward pass: rows are
+right-padded, which causal attention makes harmless, and each row's logits are read at its own
+last real position; the two appended tokens run on its cache with the padding masked out.
 The rows' common head (chat template + judge prompt: ~100 of ~160 tokens per row for the
 reproduction's student) runs once and its keys/values are repeated for every row, as the
 rollout does with an image's prompt — the same attention, ~60 % less work.
@@ -56,19 +56,35 @@ def common_prefix_len(rows: Sequence[Sequence[int]]) -> int:
     return max(n, 0)
 
 
-def _last_logits(lm, rows: list[list[int]], pad: int, share_prefix: bool) -> mx.array:
-    """Logits at each row's last token, all rows in one forward pass (right-padded); the rows'
-    common head runs once and its keys/values are repeated for every row."""
+def _judge_pass(lm, rows: list[list[int]], pad: int, share_prefix: bool):
+    """One forward pass of all rows (right-padded): the logits at each row's last real token,
+    the cache, and where each row's real tokens end in it. The rows' common head runs once and
+    its keys/values are repeated for every row."""
     p, b = common_prefix_len(rows) if share_prefix else 0, len(rows)
-    cache = None
     if p:
         head = [ConcatenateKVCache() for _ in lm.layers]
         lm.model(mx.array([rows[0][:p]]), cache=head, position_ids=text_positions(0, 1, p))
         cache = repeated_cache([c.keys for c in head], [c.values for c in head], b)
+    else:
+        cache = [ConcatenateKVCache() for _ in lm.layers]
     ids, last = _right_pad([r[p:] for r in rows], pad)
     h = lm.model(ids, cache=cache, position_ids=text_positions(p, b, ids.shape[1]))
     h_last = mx.take_along_axis(h, last[:, None, None], axis=1)[:, 0, :]
-    return lm_head(lm, h_last)
+    return lm_head(lm, h_last), cache, p + last + 1
+
+
+def _continue(lm, cache, ends: mx.array, tokens: mx.array) -> mx.array:
+    """Logits after appending `tokens` (B, T) to each row where its real tokens end: the new
+    tokens see their row's real tokens and each other causally, never the padding, and sit at
+    the positions that follow the row (so the result equals running each row whole)."""
+    b, t = tokens.shape
+    width = cache[0].keys.shape[2]
+    col = mx.arange(width + t)[None, None, :]
+    q = mx.arange(t)[None, :, None]
+    keep = (col < ends[:, None, None]) | ((col >= width) & (col - width <= q))
+    pos = mx.broadcast_to((ends[:, None] + mx.arange(t)[None, :])[None], (3, b, t))
+    h = lm.model(tokens, cache=cache, mask=keep[:, None], position_ids=pos)
+    return lm_head(lm, h[:, -1, :])
 
 
 def _digit_probs(logits: mx.array, ids: Sequence[int]) -> np.ndarray:
@@ -82,9 +98,10 @@ def blind_scores_vlm(model, tokenizer, reasonings: Sequence[str | None],
 
     The judge writes in the answer format ("3.9"), so its leading digit alone is the floor of
     what it means: a reasoning that implies 3.9 reads as ~3.1, and a consistency reward against
-    that pulls every answer's decimals down. With `decimals` a second pass feeds each row its
-    most likely leading digit and the dot and reads the first decimal's distribution: s_text =
-    Σ p(d)·d + E[decimal]/10, the expected read-out's formula (`scoring.digits_value`).
+    that pulls every answer's decimals down. With `decimals` each row then gets its most likely
+    leading digit and the dot appended (two tokens on the cache, padding masked out) and the
+    first decimal's distribution is read: s_text = Σ p(d)·d + E[decimal]/10, the expected
+    read-out's formula (`scoring.digits_value`).
     `share_prefix=False` runs every row whole (bench/judge_speed.py's baseline)."""
     out = np.full(len(reasonings), np.nan)
     keep = [i for i, r in enumerate(reasonings) if r and r.strip()]
@@ -94,12 +111,13 @@ def blind_scores_vlm(model, tokenizer, reasonings: Sequence[str | None],
     # Keep the tail (the reasoning's end and the open answer tag) if a reasoning is very long.
     rows = [tokenizer.encode(t, add_special_tokens=False)[-max_tokens:] for t in texts]
     lm, pad = model.language_model, tokenizer.pad_token_id or 0
-    lead = _digit_probs(_last_logits(lm, rows, pad, share_prefix), score_token_ids(tokenizer))
+    logits, cache, ends = _judge_pass(lm, rows, pad, share_prefix)
+    lead = _digit_probs(logits, score_token_ids(tokenizer))
     tail = []
     if decimals:
         *digit_ids, dot = single_token_ids(tokenizer, "0123456789.", "the judge's decimals")
-        rows = [r + [digit_ids[int(d) + 1], dot] for r, d in zip(rows, lead.argmax(-1))]
-        tail = [_digit_probs(_last_logits(lm, rows, pad, share_prefix), digit_ids)]
+        tokens = mx.array([[digit_ids[int(d) + 1], dot] for d in lead.argmax(-1)])
+        tail = [_digit_probs(_continue(lm, cache, ends, tokens), digit_ids)]
     out[keep] = digits_value(lead, tail)
     return out
 
