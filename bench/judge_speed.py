@@ -3,8 +3,10 @@
 `blind_scores_vlm` re-scores a step's B·G reasonings blind. Every row starts with the same chat
 template and judge prompt; with `share_prefix` that head runs once and its keys/values are
 repeated for all rows. Same process, same reasonings (the synthetic teacher's phrasings, as in
-the reproduction), the two modes alternate for --repeats rounds after one untimed warm-up each;
-the scores of the two modes are compared as well.
+the reproduction), the modes alternate for --repeats rounds after one untimed warm-up each;
+the scores of the two modes are compared as well. A third mode, the shared head without the
+decimal read (judge-v1, `decimals=False`), prices the decimal read (judge-v2's two extra tokens
+per row on the first pass's cache).
 
     . scripts/blas_env.sh; .venv/bin/python bench/judge_speed.py        # ~1 min
     .venv/bin/python bench/judge_speed.py --model runs/wide_s1/student_base \\
@@ -49,22 +51,30 @@ def main(argv: list[str] | None = None) -> int:
         model = args.model or str(build_tiny_model(Path(tmp) / "m", hidden_size=256, seed=0))
         loaded = load_model(model, args.adapter)
         m, tok = loaded.model, loaded.tokenizer
-        modes = {"whole": False, "shared": True}
-        scores = {k: blind_scores_vlm(m, tok, texts, share_prefix=v) for k, v in modes.items()}
+        # mode -> (share_prefix, decimals)
+        modes = {"whole": (False, True), "shared": (True, True), "lead-only": (True, False)}
+
+        def judge(mode: str) -> np.ndarray:
+            share, dec = modes[mode]
+            return blind_scores_vlm(m, tok, texts, share_prefix=share, decimals=dec)
+
+        scores = {k: judge(k) for k in modes}
         times: dict[str, list[float]] = {k: [] for k in modes}
         for _ in range(args.repeats):
-            for k, v in modes.items():
+            for k in modes:
                 t0 = time.perf_counter()
-                blind_scores_vlm(m, tok, texts, share_prefix=v)
+                judge(k)
                 times[k].append(time.perf_counter() - t0)
     med = {k: statistics.median(t) for k, t in times.items()}
     for k, t in times.items():
-        print(f"{k:7s} {args.rows} rows: " + " ".join(f"{x:.3f}" for x in t)
+        print(f"{k:9s} {args.rows} rows: " + " ".join(f"{x:.3f}" for x in t)
               + f" s (median {med[k]:.3f})")
     diff = float(np.max(np.abs(scores["whole"] - scores["shared"])))
     print(f"max |score difference| between the modes: {diff:.2e}")
     print(f"RESULT judge_shared_prefix_speedup {med['whole'] / med['shared']:.2f} goal 1.5")
     print(f"RESULT judge_score_max_abs_diff {diff:.1e} goal 1e-4")
+    # The decimal read's price: judge-v2 time over judge-v1 time, both with the shared head.
+    print(f"RESULT judge_decimal_read_cost {med['shared'] / med['lead-only']:.2f} goal 1.3")
     return 0
 
 
