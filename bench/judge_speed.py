@@ -8,9 +8,9 @@ the scores of the two modes are compared as well. A third mode, the shared head 
 decimal read (judge-v1, `decimals=False`), prices the decimal read (judge-v2's two extra tokens
 per row on the first pass's cache).
 
-    . scripts/blas_env.sh; .venv/bin/python bench/judge_speed.py        # ~1 min
-    .venv/bin/python bench/judge_speed.py --model runs/wide_s1/student_base \\
-        --adapter runs/wide_s1/sft/adapters
+    . scripts/blas_env.sh; .venv/bin/python bench/judge_speed.py        # ~15 s
+    .venv/bin/python bench/judge_speed.py --model runs/s1/student_base \\
+        --adapter runs/s1/sft/adapters
 """
 
 from __future__ import annotations
