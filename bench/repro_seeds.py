@@ -96,31 +96,35 @@ def summary(runs: list[dict]) -> tuple[str, list[str]]:
     return "\n".join(lines) + "\n", results
 
 
+def held_out_answers(runs: list[dict]):
+    """(seed, "SFT" | "GRPO", eval report, written score per id) for every run and student that
+    has a reason-mode eval of all views of the held-out photos."""
+    for run in runs:
+        for st, name in (("sft", "SFT"), ("grpo", "GRPO")):
+            path = run["dir"] / "eval" / f"{st}_reason_held_out_views.json"
+            if path.exists():
+                report = json.loads(path.read_text())
+                yield run["seed"], name, report, report_scores(report, "text")
+
+
 def answers_table(runs: list[dict], photos: list[str]) -> str:
     """Per seed and student, on all views of the held-out photos: SRCC per photo, the share of
     answers whose first decimal is 3, and the most frequent answers — the ties GRPO makes
     (the numbers written, the paper's read-out)."""
     lines = ["| seed | student | " + " | ".join(photos) + " | first decimal 3 | top answers |",
              "|" + "---|" * (len(photos) + 4)]
-    for run in runs:
-        for st, name in (("sft", "SFT"), ("grpo", "GRPO")):
-            path = run["dir"] / "eval" / f"{st}_reason_held_out_views.json"
-            if not path.exists():
-                continue
-            report = json.loads(path.read_text())
-            written = report_scores(report, "text")
-            answered = [(written[x["id"]], x["mos"], x["id"]) for x in report["samples"]
-                        if written[x["id"]] is not None]
-            cells = []
-            for photo in photos:
-                mine = [(v, m) for v, m, i in answered if i.startswith(photo + "_")]
-                s = srcc(*zip(*mine)) if len(mine) >= 2 else None
-                cells.append("–" if s is None or np.isnan(s) else f"{s:.3f}")
-            scores = [v for v, _, _ in answered]
-            d3 = np.mean([f"{v:.2f}"[2] == "3" for v in scores]) if scores else float("nan")
-            top = ", ".join(f"{v:.2f} ({n})" for v, n in Counter(scores).most_common(4))
-            lines.append(f"| {run['seed']} | {name} | " + " | ".join(cells)
-                         + f" | {d3:.0%} | {top} |")
+    for seed, name, report, written in held_out_answers(runs):
+        answered = [(written[x["id"]], x["mos"], x["id"]) for x in report["samples"]
+                    if written[x["id"]] is not None]
+        cells = []
+        for photo in photos:
+            mine = [(v, m) for v, m, i in answered if i.startswith(photo + "_")]
+            s = srcc(*zip(*mine)) if len(mine) >= 2 else None
+            cells.append("–" if s is None or np.isnan(s) else f"{s:.3f}")
+        scores = [v for v, _, _ in answered]
+        d3 = np.mean([f"{v:.2f}"[2] == "3" for v in scores]) if scores else float("nan")
+        top = ", ".join(f"{v:.2f} ({n})" for v, n in Counter(scores).most_common(4))
+        lines.append(f"| {seed} | {name} | " + " | ".join(cells) + f" | {d3:.0%} | {top} |")
     return "\n".join(lines) + "\n"
 
 
@@ -137,21 +141,15 @@ def levels_table(runs: list[dict]) -> str:
     another level."""
     cells: dict[tuple[int, str], dict] = {}
     mos: dict[tuple[str, int], float] = {}
-    for run in runs:
-        for st, name in (("sft", "SFT"), ("grpo", "GRPO")):
-            path = run["dir"] / "eval" / f"{st}_reason_held_out_views.json"
-            if not path.exists():
+    for seed, name, report, written in held_out_answers(runs):
+        per: dict[tuple[str, int], list[float]] = {}
+        for x in report["samples"]:
+            level = level_of(x["id"])
+            if level is None or written[x["id"]] is None:
                 continue
-            report = json.loads(path.read_text())
-            written = report_scores(report, "text")
-            per: dict[tuple[str, int], list[float]] = {}
-            for x in report["samples"]:
-                level = level_of(x["id"])
-                if level is None or written[x["id"]] is None:
-                    continue
-                mos[level] = float(x["mos"])
-                per.setdefault(level, []).append(written[x["id"]])
-            cells[(run["seed"], name)] = {k: float(np.mean(v)) for k, v in per.items()}
+            mos[level] = float(x["mos"])
+            per.setdefault(level, []).append(written[x["id"]])
+        cells[(seed, name)] = {k: float(np.mean(v)) for k, v in per.items()}
     if not cells:
         return ""
     levels = sorted(mos)
