@@ -71,6 +71,19 @@ def _blocks(text: str, open_tag: str, close_tag: str) -> list[str]:
     return out
 
 
+_DECIMALS_RE = re.compile(r"\s*\d+\.(\d+)")
+
+
+def answer_decimals_span(text: str) -> tuple[int, int] | None:
+    """Character span of the digits after the point of the number that opens the last answer
+    block ("3.72" -> the span of "72"), closed or not; None when there is no such number."""
+    i = text.rfind(ANSWER_OPEN)
+    if i < 0:
+        return None
+    m = _DECIMALS_RE.match(text, i + len(ANSWER_OPEN))
+    return None if m is None else m.span(1)
+
+
 def parse_response(text: str) -> ParsedResponse:
     """Parse `<think>…</think><answer>X.XX</answer>` (see PARSE_RULE)."""
     thinks = _blocks(text, THINK_OPEN, THINK_CLOSE)

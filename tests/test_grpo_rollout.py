@@ -64,3 +64,24 @@ def test_completion_logps_temperature_scales_logits(tiny_loaded, prompt):
     b = np.array(R.completion_logps(m, inputs, ids, temperature=2.0))
     assert not np.allclose(a, b)
     assert (np.exp(b) > 0).all() and (b <= 0).all()
+
+
+def test_decimal_tokens_are_the_answer_decimals_only(tiny_loaded):
+    """The flags cover exactly the tokens of the answer's decimals, and the masked copy drops
+    those and keeps padding at 0."""
+    tok = tiny_loaded.tokenizer
+    head, decimals, tail = "<think>blur 2.5, noisy</think><answer>3.", "72", "</answer>"
+    ids = tok.encode(head + decimals + tail, add_special_tokens=False)
+    flags = R.decimal_tokens(tok, ids)
+    picked = tok.decode([t for t, f in zip(ids, flags) if f])
+    assert picked == decimals and sum(flags) == len(tok.encode(decimals,
+                                                               add_special_tokens=False))
+    assert not any(R.decimal_tokens(tok, tok.encode("<think>2.5</think><answer>4</answer>",
+                                                     add_special_tokens=False)))
+    group = [gen.Completion(ids, [0.0] * len(ids), "stop"), gen.Completion(ids[:3], [0.0] * 3,
+                                                                           "length")]
+    _, mask = R.pad_completions(group, 0)
+    kept = R.without_decimals(mask, group, tok)
+    assert kept.dtype == mask.dtype
+    np.testing.assert_array_equal(np.array(kept[0]), 1 - np.array(flags))
+    np.testing.assert_array_equal(np.array(kept[1]), np.array(mask[1]))

@@ -52,9 +52,12 @@ def _train(model_dir, sign, steps=40):
 
 def test_mean_reward_rises_and_flipped_sign_does_not(tiny_model_dir):
     before, after = _train(tiny_model_dir, +1.0)
-    assert after > before + 0.03, (before, after)
     before_f, after_f = _train(tiny_model_dir, -1.0)
-    assert after_f < before_f, (before_f, after_f)  # pushed the other way
+    assert after > before and after_f < before_f, (before, after, before_f, after_f)
+    # The two runs start from the same policy (~0.5) and end far apart: a 10-step mean of
+    # 192 tokens has SD ~0.011, so 0.06 is ~4 SD of the difference. (The rise alone is the
+    # slower side, +0.03..0.05 depending on the BLAS's rounding, too close to noise to pin.)
+    assert after - after_f > 0.06, (after, after_f)
 
 
 def test_adapters_off_reference_equals_a_fresh_base(tiny_model_dir):
@@ -179,3 +182,37 @@ def test_reference_judge_scores_under_the_reference_policy(tiny_model_dir):
     assert np.isnan(ref[2])                                   # no reasoning, no score
     with pytest.raises(ValueError, match="reference"):
         make_judge("reference", lm.model, lm.tokenizer)
+
+
+@pytest.mark.parametrize("train_decimals", [True, False])
+def test_untrained_decimals_get_no_gradient(tiny_model_dir, monkeypatch, train_decimals):
+    """Two samples that differ only in the answer's decimals, with opposite advantages: every
+    shared token's gradient cancels, so the update is the decimals' alone — none when they are
+    left out of the loss (train_decimals = false), some when they are not."""
+    from mlx.utils import tree_flatten, tree_map
+
+    from qponder_mlx import generate as gen
+    from qponder_mlx.grpo import step as S
+
+    lm, prompt, imgs = _setup(tiny_model_dir)
+    lm.model.update(tree_map(lambda p: p + 0.03, lm.model.trainable_parameters()))  # B != 0
+    tok = lm.tokenizer
+    # Cut off after the decimals, so no token after them sees different context.
+    texts = ["<think>sharp</think><answer>3.72", "<think>sharp</think><answer>3.15"]
+    comps = [gen.Completion(ids, [0.0] * len(ids), "length", t)
+             for t in texts for ids in [tok.encode(t, add_special_tokens=False)]]
+    inputs = gen.encode(lm.processor, [prompt], [imgs[0]])
+    monkeypatch.setattr(S, "rollout", lambda *a, **k: R.Rollout([inputs], [comps], texts))
+    cfg = GRPOConfig(data="-", group_size=2, beta=0.0, grad_clip=None,
+                     train_decimals=train_decimals)
+    before = {k: np.array(v) for k, v in tree_flatten(lm.model.trainable_parameters())}
+    res = grpo_step(lm.model, lm.processor, prompt, imgs[:1], [3.7], cfg,
+                    optim.SGD(learning_rate=1.0),
+                    lambda ro, parsed, mos: (np.array([1.0, 0.0]), {}))
+    assert not res.skipped
+    moved = max(float(np.abs(np.array(v) - before[k]).max())
+                for k, v in tree_flatten(lm.model.trainable_parameters()))
+    if train_decimals:
+        assert moved > 1e-4
+    else:
+        assert moved < 1e-6

@@ -39,6 +39,10 @@ class GRPOConfig:
     temperature: float = 1.0
     top_p: float = 1.0
     max_completion_length: int = 256
+    # False: the answer's digits after the point get no gradient of their own (masked out of
+    # the loss, KL included). GRPO moved every answer's first decimal to one shared digit
+    # (docs/reproduction.md, History AJ); this leaves the decimals where the cold start put them.
+    train_decimals: bool = True
     max_rows: int = 8  # decode at most this many rows at once (memory bound: one G=8 group)
     # Completions differentiated together; fewer = less memory, same gradient (>= G: one pass).
     loss_rows: int = 2

@@ -28,6 +28,7 @@ from qponder_mlx.grpo.rollout import (
     pad_completions,
     prompt_state,
     rollout,
+    without_decimals,
 )
 from qponder_mlx.prompts import ParsedResponse, parse_response
 from qponder_mlx.train.distributed import World
@@ -166,6 +167,9 @@ def grpo_step(model, processor, prompt: str, images: Sequence[Image.Image],
 
     pad = processor.tokenizer.pad_token_id or 0
     batch = [pad_completions(group, pad) for group in ro.completions]
+    if not cfg.train_decimals:
+        batch = [(ids, without_decimals(m, group, processor.tokenizer))
+                 for (ids, m), group in zip(batch, ro.completions)]
     counts = world.sum({"rows": len(ro.texts),
                         "tokens": sum(int(m.sum().item()) for _, m in batch)})
     n_rows, n_tokens = int(counts["rows"]), int(counts["tokens"])
