@@ -126,11 +126,24 @@ def test_grad_accumulation_equals_the_bigger_batch(tmp_path, tiny_model_dir):
     one = run_sft(_cfg(tmp_path, tiny_model_dir, data, out="b2", iters=1, batch_size=2))
     two = run_sft(_cfg(tmp_path, tiny_model_dir, data, out="b1x2", iters=1, batch_size=1,
                        grad_accum=2))
+    # The step's loss and gradient norm see the gradient's scale (Adam's update does not).
+    (ra,), (rb,) = ([r for r in _jsonl(d / "metrics.jsonl") if r["kind"] == "train"]
+                    for d in (one, two))
+    assert rb["loss"] == pytest.approx(ra["loss"], rel=1e-5)
+    assert rb["grad_norm"] == pytest.approx(ra["grad_norm"], rel=1e-4)
     a, b = _adapter(one), _adapter(two)
     moved = [k for k in a if k.endswith("lora_b")]
     assert any(float(mx.abs(a[k]).max()) > 0 for k in moved)
-    for k in a:  # 1e-5: a batched BLAS (OpenBLAS) sums in another order than two single rows
-        np.testing.assert_allclose(np.array(b[k]), np.array(a[k]), atol=1e-5, err_msg=k)
+    # Adam's first step from B = 0 writes lr·g/(|g| + eps): ±lr wherever |g| >> eps. Where |g| is
+    # near eps (~1e-9) the summation order of the BLAS (batched vs two single rows) decides the
+    # value, so those few entries are left out; they must stay few.
+    n_all = n_near_eps = 0
+    for k in a:
+        x, y = np.array(a[k]), np.array(b[k])
+        near_eps = np.abs(x) < 0.5 * np.abs(x).max() if k in moved else np.zeros(x.shape, bool)
+        np.testing.assert_allclose(y[~near_eps], x[~near_eps], atol=1e-5, err_msg=k)
+        n_all, n_near_eps = n_all + x.size, n_near_eps + int(near_eps.sum())
+    assert n_near_eps < 0.01 * n_all, (n_near_eps, n_all)
 
 
 def test_row_order_in_the_file_does_not_change_the_run(tmp_path, tiny_model_dir):
