@@ -41,7 +41,7 @@ class GRPOConfig:
     max_completion_length: int = 256
     # False: the answer's digits after the point get no gradient of their own (masked out of
     # the loss, KL included). GRPO moved every answer's first decimal to one shared digit
-    # (docs/reproduction.md, History AJ); this leaves the decimals where the cold start put them.
+    # (docs/reproduction.md, History AJ); this keeps them nearer where the cold start put them.
     train_decimals: bool = True
     max_rows: int = 8  # decode at most this many rows at once (memory bound: one G=8 group)
     # Completions differentiated together; fewer = less memory, same gradient (>= G: one pass).
