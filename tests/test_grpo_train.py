@@ -109,3 +109,39 @@ def test_reference_is_the_starting_adapter_also_after_resume(tiny_model_dir, cc0
     for k in a:
         np.testing.assert_allclose(a[k], b[k], atol=1e-5)
     np.testing.assert_allclose(metric_curve(resumed, "kl"), kl, atol=1e-6)
+
+
+def _weights(folder):
+    return {k: np.array(v) for k, v in mx.load(str(folder / "adapters.safetensors")).items()}
+
+
+def test_average_every_saves_the_mean_of_the_trajectory_and_resumes_it(
+        tiny_model_dir, cc0_labels, tmp_path):
+    """The trajectory comes from a plain run that keeps a checkpoint after every step; the
+    averaged run trains identically, so its adapters/ must be numpy's mean of steps 2 and 4
+    and its adapters_last/ the plain run's last step. A resumed averaged run matches too."""
+    plain_cfg = _cfg(tiny_model_dir, cc0_labels, tmp_path / "plain", 4)
+    plain_cfg.steps_per_save, plain_cfg.keep_checkpoints = 1, 4
+    plain = run(plain_cfg, reward_fn=_low_ids)
+    traj = [_weights(p) for p in list_checkpoints(plain)]
+    assert len(traj) == 4
+
+    def cfg(out, iters):
+        c = _cfg(tiny_model_dir, cc0_labels, out, iters)
+        c.average_every = 2
+        return c
+
+    averaged = run(cfg(tmp_path / "avg", 4), reward_fn=_low_ids)
+    mean, last = _adapters(averaged), _weights(averaged / "adapters_last")
+    moved = [k for k in mean if "lora_b" in k and np.abs(traj[3][k] - traj[1][k]).max() > 1e-4]
+    assert moved  # steps 2 and 4 differ, so the mean is neither of them
+    for k in mean:
+        np.testing.assert_allclose(mean[k], (traj[1][k] + traj[3][k]) / 2, atol=1e-6)
+        np.testing.assert_allclose(last[k], traj[3][k], atol=1e-6)
+    summary = json.loads((averaged / "summary.json").read_text())
+    assert summary["averaged_steps"] == 2 and summary["adapters_last"].endswith("adapters_last")
+
+    run(cfg(tmp_path / "b", 2), reward_fn=_low_ids)  # saves the mean of step 2 in its checkpoint
+    resumed = run(cfg(tmp_path / "b", 4), resume=True, reward_fn=_low_ids)
+    for k, v in _adapters(resumed).items():
+        np.testing.assert_allclose(v, mean[k], atol=1e-5)

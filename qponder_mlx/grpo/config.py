@@ -43,6 +43,10 @@ class GRPOConfig:
     # the loss, KL included). GRPO moved every answer's first decimal to one shared digit
     # (docs/reproduction.md, History AJ); this keeps them nearer where the cold start put them.
     train_decimals: bool = True
+    # 0: the run's adapters are the last step's weights. N: they are the mean of the weights
+    # after steps N, 2N, ... (the last step's stay in adapters_last/). GRPO's held-out SRCC
+    # swings between nearby steps; the mean sits in the middle (docs/reproduction.md, AL).
+    average_every: int = 0
     max_rows: int = 8  # decode at most this many rows at once (memory bound: one G=8 group)
     # Completions differentiated together; fewer = less memory, same gradient (>= G: one pass).
     loss_rows: int = 2
@@ -68,6 +72,8 @@ class GRPOConfig:
                      "keep_checkpoints", "max_bad_steps"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.average_every < 0:
+            raise ConfigError(f"average_every must be >= 0 (0 = off), got {self.average_every}")
         if self.group_size < 2:
             raise ConfigError(f"group_size must be >= 2 (advantages compare samples within a "
                               f"group), got {self.group_size}")

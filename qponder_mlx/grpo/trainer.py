@@ -22,11 +22,13 @@ from qponder_mlx.model import LoadedModel, load_model
 from qponder_mlx.progress import console, progress_bar
 from qponder_mlx.prompts import chat_messages
 from qponder_mlx.train import checkpoint as ckpt_mod
+from qponder_mlx.train.averaging import AVERAGE_FILE, WeightAverage
 from qponder_mlx.train.config import ConfigError, config_dict, save_config
 from qponder_mlx.train.data import DataOrder, image_size
 from qponder_mlx.train.distributed import World, init_world
 from qponder_mlx.train.loop import make_optimizer, peak_memory_gb
 from qponder_mlx.train.lora import (
+    adapter_weights,
     adapters_disabled,
     attach_lora,
     load_adapters,
@@ -37,6 +39,7 @@ from qponder_mlx.train.lora import (
 from qponder_mlx.train.runlog import METRICS_FILE, MetricsLog, write_curves
 
 ADAPTERS_DIR = "adapters"
+LAST_DIR = "adapters_last"  # with average_every: the last step's weights
 PROBLEMS_FILE = "data_problems.jsonl"
 SUMMARY_FILE = "summary.json"
 
@@ -164,8 +167,10 @@ def run(cfg: GRPOConfig, *, resume: bool = False, loaded: LoadedModel | None = N
     order = DataOrder(lengths, cfg.batch_size, cfg.seed,
                       state=ckpt.state.get("data") if ckpt else None)
     start = 0
+    average = WeightAverage(cfg.average_every)
     if ckpt is not None:
         ckpt_mod.restore_checkpoint(ckpt, model, optimizer)
+        average.restore(ckpt.path, ckpt.state)
         start = ckpt.step
         console.print(f"resumed from {ckpt.path} (step {start})")
     if world.is_main:
@@ -179,9 +184,12 @@ def run(cfg: GRPOConfig, *, resume: bool = False, loaded: LoadedModel | None = N
     def save(step: int) -> None:
         if not world.is_main:
             return
+        mean = average.weights()
         ckpt_mod.save_run(run_dir, step, model, adapter_cfg, optimizer,
-                          {"data": order.state(), "bad_steps": bad_steps}, config_dict(cfg),
-                          cfg.keep_checkpoints, ADAPTERS_DIR)
+                          {"data": order.state(), "bad_steps": bad_steps, **average.state()},
+                          config_dict(cfg), cfg.keep_checkpoints, ADAPTERS_DIR,
+                          arrays={AVERAGE_FILE: mean} if mean else None, adapters=mean,
+                          last_dir=LAST_DIR)
 
     bad_steps = int(ckpt.state.get("bad_steps", 0)) if ckpt else 0
     consecutive_bad = 0
@@ -212,6 +220,8 @@ def run(cfg: GRPOConfig, *, resume: bool = False, loaded: LoadedModel | None = N
                 consecutive_bad = 0
                 if step % cfg.steps_per_report == 0 or step == cfg.iters:
                     log.append({"step": step, "kind": "train", **m})
+            if average.due(step):
+                average.add(adapter_weights(model))
             advance(1, reward=f"{m['reward_mean']:.3f}", fmt=f"{m['format_rate']:.2f}",
                     mem=f"{peak_memory_gb():.2f}GB")
             if (step % cfg.steps_per_save == 0 or step == cfg.iters) and world.is_main:
@@ -223,7 +233,9 @@ def run(cfg: GRPOConfig, *, resume: bool = False, loaded: LoadedModel | None = N
         "steps": cfg.iters, "resumed_from": start, "skipped_steps": bad_steps,
         "images": len(samples), "skipped_rows": len(problems) + len(order.bad),
         "seconds": round(time.perf_counter() - t_run, 2),
-        "peak_memory_gb": round(peak_memory_gb(), 4), "adapters": str(run_dir / ADAPTERS_DIR)})
+        "peak_memory_gb": round(peak_memory_gb(), 4), "adapters": str(run_dir / ADAPTERS_DIR),
+        "averaged_steps": average.count,
+        "adapters_last": str(run_dir / (LAST_DIR if average.count else ADAPTERS_DIR))})
     return run_dir
 
 
