@@ -63,6 +63,7 @@ BENCH = Path(__file__).resolve().parent
 BRISQUE_DIR = Path("/usr/share/opencv4/quality")  # Debian/Ubuntu `opencv-data`
 GOALS = {"srcc": 0.93, "grpo_minus_sft": 0.03, "grpo_minus_brisque": 0.0}
 ALL_VIEWS = ", all views"  # row-name suffix for the scores on every view of the held-out photos
+LAST_STEP = "Q-Ponder (GRPO, last step)"  # rows of GRPO's last weights when adapters averages
 EXPECTED = ", expected read-out"  # reason rows read as E[answer] (qponder eval --readout expected)
 
 
@@ -439,6 +440,14 @@ def run_pipeline(cfg: ReproConfig, pipeline_dir: Path, out: Path, *, in_process:
                 evals[f"{name}, {mode}{ALL_VIEWS}"] = (run_name, mode, "held_out_views")
     evals["Q-Ponder-CI (SFT), reason, train photos"] = ("sft", "reason", "train_photos")
     evals["Q-Ponder (GRPO), reason, train photos"] = ("grpo", "reason", "train_photos")
+    # With GRPO's average_every, grpo/adapters is the weight mean; the last step's weights are
+    # scored beside it (reason mode, held-out photos), so the table shows what averaging did.
+    adapter_dirs = {"sft": out / "sft" / "adapters", "grpo": out / "grpo" / "adapters",
+                    "grpo_last": out / "grpo" / "adapters_last"}
+    if adapter_dirs["grpo_last"].is_dir():
+        evals[f"{LAST_STEP}, reason"] = ("grpo_last", "reason", "test")
+        if cfg.data.test_crops:
+            evals[f"{LAST_STEP}, reason{ALL_VIEWS}"] = ("grpo_last", "reason", "held_out_views")
     photos_of = {"test": "held-out", "held_out_views": "held-out, all views",
                  "train_photos": "seen"}
 
@@ -451,7 +460,7 @@ def run_pipeline(cfg: ReproConfig, pipeline_dir: Path, out: Path, *, in_process:
         stage(report.stem, report,
               lambda r=run_name, m=mode, p=report, sp=split: run(
                   f"eval_{p.stem}", ["eval", "--data", str(data / f"{sp}.jsonl"),
-                                     "--model", str(base), "--adapter", str(out / r / "adapters"),
+                                     "--model", str(base), "--adapter", str(adapter_dirs[r]),
                                      "--mode", m, "--batch-size", str(cfg.eval.batch_size),
                                      # one greedy decode gives both read-outs (written, expected)
                                      *(["--readout", "expected"] if m == "reason" else []),

@@ -55,6 +55,7 @@ batch_size = 1
 group_size = 2
 beta = 0.0
 max_completion_length = 8
+average_every = 1   # adapters = the mean of the (one) step: the last-step rows get scored too
 [rewards]
 consistency_weight = 0.5
 """
@@ -151,7 +152,15 @@ def test_toy_pipeline_writes_every_artefact_and_resumes(reproduce, tmp_path, cap
         for suffix in ("", "_all_views", "_expected_readout", "_all_views_expected_readout"):
             assert f"RESULT {measure}{suffix} " in printed
     # reason-mode evals read both ways in one decode: a row per read-out, fast mode one row
-    assert commands.count("--readout expected") == 6 and "--mode fast --readout" not in commands
+    assert commands.count("--readout expected") == 8 and "--mode fast --readout" not in commands
+    # average_every: GRPO's last-step weights are scored beside the mean, from adapters_last/;
+    # with one step averaged the two are the same weights, so the same answers
+    last = json.loads((out / "eval" / "grpo_last_reason.json").read_text())
+    assert last["adapter"].endswith("adapters_last")
+    grpo = json.loads((out / "eval" / "grpo_reason.json").read_text())
+    assert [r["text"] for r in last["samples"]] == [r["text"] for r in grpo["samples"]]
+    assert results["rows"]["Q-Ponder (GRPO, last step), reason, all views"]["photos"] == \
+        "held-out, all views"
     for name in ("Q-Ponder (GRPO), reason, expected read-out",
                  "Q-Ponder-CI (SFT), reason, expected read-out, all views"):
         assert name in results["rows"]
