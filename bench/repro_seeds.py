@@ -22,7 +22,14 @@ import numpy as np
 from qponder_mlx.metrics import srcc
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from reproduce import ALL_VIEWS, GOALS, expected_row, pooled, report_scores  # noqa: E402
+from reproduce import (  # noqa: E402
+    ALL_VIEWS,
+    GOALS,
+    LAST_STEP,
+    expected_row,
+    pooled,
+    report_scores,
+)
 
 # (results.json headline key, row-name suffix, label in the table, RESULT suffix, read-out)
 SETS = [("headline", "", "45 centre views", "", "text"),
@@ -34,7 +41,10 @@ SETS = [("headline", "", "45 centre views", "", "text"),
 GOAL_MEASURES = {"GRPO SRCC": ("grpo_srcc", "srcc"),
                  "GRPO − SFT SRCC": ("grpo_minus_sft_srcc", "grpo_minus_sft"),
                  "GRPO − BRISQUE SRCC": ("grpo_minus_brisque_srcc", "grpo_minus_brisque")}
-STUDENTS = [("SFT", "Q-Ponder-CI (SFT), reason"), ("GRPO", "Q-Ponder (GRPO), reason")]
+# the last step's weights appear only in runs with GRPO weight averaging (rows missing in any
+# run are left out of the table)
+STUDENTS = [("SFT", "Q-Ponder-CI (SFT), reason"), ("GRPO", "Q-Ponder (GRPO), reason"),
+            ("GRPO last step", f"{LAST_STEP}, reason")]
 
 
 def load(run: Path) -> dict:
