@@ -119,3 +119,20 @@ def test_levels_table_means_per_distortion_level(seeds, tmp_path, capsys):
     assert [c.strip() for c in line.strip("|").split("|")] == ["3", "SFT", "4.10", "3.33"]
     assert seeds.level_of("coffee_crop12_blur_5") == ("blur", 5)
     assert seeds.level_of("odd-name") is None
+
+
+def test_last_step_rows_appear_only_when_every_run_has_them(seeds, tmp_path, capsys):
+    runs = [_run(tmp_path / "a", 0, 0.95, 0.90, 0.75, None),
+            _run(tmp_path / "b", 1, 0.92, 0.91, 0.75, None)]
+    for r, last in zip(runs, (0.80, 0.86)):
+        res = json.loads((r / "results.json").read_text())
+        res["rows"]["Q-Ponder (GRPO, last step), reason"] = {
+            "agreement": {"pooled": {"srcc": last, "plcc": last}}, "mae": 1 - last}
+        (r / "results.json").write_text(json.dumps(res))
+    seeds.main([str(r) for r in runs])
+    line = next(x for x in capsys.readouterr().out.splitlines()
+                if x.startswith("| 45 centre views | GRPO last step SRCC |"))
+    assert [c.strip() for c in line.strip("|").split("|")][2:5] == ["0.800", "0.860", "0.830"]
+    third = _run(tmp_path / "c", 2, 0.94, 0.93, 0.75, None)  # a run without averaging
+    seeds.main([str(r) for r in [*runs, third]])
+    assert "last step" not in capsys.readouterr().out
