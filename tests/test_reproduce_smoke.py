@@ -206,7 +206,10 @@ def test_pipeline_base_fills_what_the_variant_leaves_out(reproduce, tmp_path):
     cold = reproduce.load_pipeline(bench / "repro_pipeline_cold.toml")
     assert (main.student.hidden_size, old.student.hidden_size, cold.student.hidden_size) == \
         (256, 128, 256)
-    assert (main.grpo_set, old.grpo_set, cold.distill.views) == (["iters=60"], [], 5)
+    assert (main.grpo_set, old.grpo_set, cold.distill.views) == (
+        ["iters=60", "average_every=10"], [], 5)
+    # the 384-wide variants were measured on GRPO's last step: they pin it over the base's mean
+    assert reproduce.load_pipeline(bench / "repro_pipeline_384.toml").grpo_set == ["iters=60"]
     short = reproduce.load_pipeline(bench / "repro_pipeline_short_sft.toml")
     assert (short.sft_set, short.grpo_set, short.student.hidden_size) == \
         (["iters=500"], ["iters=100"], 256)
