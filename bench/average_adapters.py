@@ -10,13 +10,13 @@ OUT gets adapters.safetensors (the mean) and the first folder's adapter_config.j
 from __future__ import annotations
 
 import argparse
-import shutil
+import json
 from pathlib import Path
 
 import mlx.core as mx
 
 from qponder_mlx.train.averaging import WeightAverage
-from qponder_mlx.train.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, save_safetensors_atomic
+from qponder_mlx.train.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, write_adapters
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -33,9 +33,8 @@ def main(argv: list[str] | None = None) -> int:
             avg.add(dict(mx.load(str(folder / ADAPTER_WEIGHTS))))
         except ValueError as e:
             raise SystemExit(f"error: {folder}: {e} — average adapters of one run only") from None
-    args.out.mkdir(parents=True, exist_ok=True)
-    shutil.copy(args.adapters[0] / ADAPTER_CONFIG, args.out / ADAPTER_CONFIG)
-    save_safetensors_atomic(args.out / ADAPTER_WEIGHTS, avg.weights(), metadata={"format": "mlx"})
+    config = json.loads((args.adapters[0] / ADAPTER_CONFIG).read_text())
+    write_adapters(avg.weights(), config, args.out)
     print(f"{args.out}: mean of {avg.count} adapters")
     return 0
 

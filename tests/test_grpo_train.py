@@ -27,9 +27,12 @@ def _cfg(tiny_model_dir, cc0_labels, out, iters):
                       lr_schedule="constant", **SMALL)
 
 
+def _weights(folder):
+    return {k: np.array(v) for k, v in mx.load(str(folder / "adapters.safetensors")).items()}
+
+
 def _adapters(run_dir):
-    return {k: np.array(v) for k, v in mx.load(str(run_dir / "adapters" /
-                                                   "adapters.safetensors")).items()}
+    return _weights(run_dir / "adapters")
 
 
 def test_resume_gives_the_same_adapters_as_a_straight_run(tiny_model_dir, cc0_labels, tmp_path):
@@ -109,10 +112,6 @@ def test_reference_is_the_starting_adapter_also_after_resume(tiny_model_dir, cc0
     for k in a:
         np.testing.assert_allclose(a[k], b[k], atol=1e-5)
     np.testing.assert_allclose(metric_curve(resumed, "kl"), kl, atol=1e-6)
-
-
-def _weights(folder):
-    return {k: np.array(v) for k, v in mx.load(str(folder / "adapters.safetensors")).items()}
 
 
 def test_average_every_saves_the_mean_of_the_trajectory_and_resumes_it(

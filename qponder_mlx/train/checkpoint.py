@@ -36,7 +36,7 @@ from qponder_mlx.train.lora import (
     load_adapter_weights,
     save_adapters,
     save_safetensors_atomic,
-    weights_swapped,
+    write_adapters,
 )
 
 CHECKPOINTS = "checkpoints"
@@ -148,8 +148,7 @@ def save_run(run_dir: str | Path, step: int, model: nn.Module, adapter_config: d
         save_adapters(model, adapter_config, Path(run_dir) / adapters_dir)
         return
     save_adapters(model, adapter_config, Path(run_dir) / last_dir)
-    with weights_swapped(model, adapters):
-        save_adapters(model, adapter_config, Path(run_dir) / adapters_dir)
+    write_adapters(adapters, adapter_config, Path(run_dir) / adapters_dir)
 
 
 def read_checkpoint(path: str | Path) -> Checkpoint:

@@ -186,7 +186,7 @@ def save_safetensors_atomic(path: Path, arrays: dict[str, mx.array],
         raise
 
 
-def save_adapters(model: nn.Module, config: dict, out_dir: str | Path) -> Path:
+def write_adapters(weights: dict[str, mx.array], config: dict, out_dir: str | Path) -> Path:
     """Write adapters.safetensors + adapter_config.json (mlx-vlm's format), each atomically.
 
     The config goes first: it only changes between runs, so a crash between the two renames
@@ -195,9 +195,13 @@ def save_adapters(model: nn.Module, config: dict, out_dir: str | Path) -> Path:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out / ADAPTER_CONFIG, config)
-    save_safetensors_atomic(out / ADAPTER_WEIGHTS, adapter_weights(model),
-                            metadata={"format": "mlx"})
+    save_safetensors_atomic(out / ADAPTER_WEIGHTS, weights, metadata={"format": "mlx"})
     return out
+
+
+def save_adapters(model: nn.Module, config: dict, out_dir: str | Path) -> Path:
+    """The model's own trainable weights as an adapter folder (`write_adapters`)."""
+    return write_adapters(adapter_weights(model), config, out_dir)
 
 
 def load_adapter_weights(model: nn.Module, path: str | Path) -> None:
