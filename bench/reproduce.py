@@ -56,6 +56,7 @@ import numpy as np  # noqa: E402
 
 from qponder_mlx import metrics  # noqa: E402
 from qponder_mlx.io import atomic_write_json, atomic_write_text, read_jsonl  # noqa: E402
+from qponder_mlx.stem_whitening import RECORD  # noqa: E402
 from qponder_mlx.synth import view_index  # noqa: E402
 from qponder_mlx.train.config import ConfigError, load_config, read_config_file  # noqa: E402
 
@@ -95,6 +96,9 @@ class StudentSettings:
     vision_hidden: int = 320
     vision_depth: int = 3
     vision_stem: str = "dct"  # qponder_mlx.vision_stem; "random" = a plain random tower
+    # Whiten the image tokens over the TRAIN images (qponder dev whiten-stem; labels unused):
+    # every direction the tokens vary in equally strong for the language model to read
+    whiten: bool = False
 
 
 @dataclass
@@ -380,6 +384,8 @@ def run_pipeline(cfg: ReproConfig, pipeline_dir: Path, out: Path, *, in_process:
                          vocab_size=s.vocab_size, vision_hidden=s.vision_hidden,
                          vision_depth=s.vision_depth, vision_stem=s.vision_stem)
         run.record(f"# student base: qponder_mlx.testing.build_tiny_model({base}, {asdict(s)})")
+        if s.whiten:
+            run("student", ["dev", "whiten-stem", str(base), "--data", str(data / "train.jsonl")])
 
     def distill():
         d = cfg.distill
@@ -408,7 +414,7 @@ def run_pipeline(cfg: ReproConfig, pipeline_dir: Path, out: Path, *, in_process:
 
     # Each stage is done when the LAST file it writes exists.
     stage("synth", data / "train.jsonl", synth)
-    stage("student", base / "generation_config.json", student)
+    stage("student", base / (RECORD if cfg.student.whiten else "generation_config.json"), student)
     stage("distill", out / "distill" / "train.summary.json", distill)
     stage("sft", out / "sft" / "summary.json",
           lambda: train("sft", ["--data", str(out / "distill" / "train.jsonl")], sft_cfg,

@@ -39,26 +39,12 @@ KNN = (5, 25)
 def tower_features(model_dir: Path, data: Path, splits: list[str]) -> list[tuple[np.ndarray, list]]:
     """Mean merger output per image (what the language model receives), for each split; the
     model is loaded once."""
-    import mlx.core as mx
+    from qponder_mlx.stem_whitening import image_token_means
 
-    from qponder_mlx import generate as gen
-    from qponder_mlx.images import load_image
-    from qponder_mlx.model import load_model
-
-    loaded = load_model(str(model_dir))
-    result = []
-    for split in splits:
-        rows = list(read_jsonl(data / f"{split}.jsonl"))
-        out = []
-        for i in range(0, len(rows), 32):
-            ims = [load_image(data / r["image"]) for r in rows[i:i + 32]]
-            prompts = ["<|vision_start|><|image_pad|><|vision_end|>"] * len(ims)
-            inp = gen.encode(loaded.processor, prompts, ims)
-            tokens = loaded.model.vision_tower(inp["pixel_values"], inp["image_grid_thw"])
-            out.append(np.array(tokens.reshape(len(ims), -1, tokens.shape[-1]).mean(1)))
-            mx.clear_cache()
-        result.append((np.concatenate(out), rows))
-    return result
+    rows = [list(read_jsonl(data / f"{split}.jsonl")) for split in splits]
+    feats = image_token_means(model_dir, [data / r["image"] for part in rows for r in part])
+    cuts = np.cumsum([len(part) for part in rows])[:-1]
+    return list(zip(np.split(feats, cuts), rows))
 
 
 def readouts(xtr: np.ndarray, ytr: np.ndarray, xte: np.ndarray) -> dict[str, np.ndarray]:

@@ -46,6 +46,27 @@ def tiny_model(
     typer.echo(f"tiny Qwen2.5-VL written to {out} ({size:.1f} MB)")
 
 
+@dev.command("whiten-stem")
+def whiten_stem(
+    model: Path = typer.Argument(..., help="A tiny model folder (qponder dev tiny-model)."),
+    data: Path = typer.Option(..., help="Label file whose images to whiten over (the TRAIN "
+                              "split: MOS values are not read)."),
+    rel: float = typer.Option(0.01, min=0.0, max=1.0, help="Keep the directions whose spread "
+                              "is above this fraction of the strongest one."),
+) -> None:
+    """Whiten the image tokens a tiny model hands its language model over a set of images
+    (qponder_mlx.stem_whitening): same mean and total spread, every direction equally strong."""
+    from qponder_mlx.data import LabelError
+    from qponder_mlx.stem_whitening import WhiteningError, images_of, whiten_merger
+
+    try:
+        record = whiten_merger(model, images_of(data), rel)
+    except (LabelError, WhiteningError) as e:
+        fail(f"qponder dev whiten-stem: {e}")
+    typer.echo(f"{model}: image tokens whitened over {record['images']} images "
+               f"({record['directions']} of {record['hidden']} directions kept)")
+
+
 @dev.command("synth-iqa")
 def synth_iqa(
     out: Path = typer.Argument(..., help="Folder for the images and label files."),

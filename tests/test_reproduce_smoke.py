@@ -32,6 +32,7 @@ hidden_size = 64
 vision_hidden = 320
 vision_depth = 3
 vision_stem = "dct"
+whiten = true        # qponder dev whiten-stem over the train images
 [distill]
 samples_per_image = 1
 views = 1            # cold start on the centre views only; GRPO on every view
@@ -97,6 +98,11 @@ def test_toy_pipeline_writes_every_artefact_and_resumes(reproduce, tmp_path, cap
                 "qponder train --stage sft", "qponder train --stage grpo", "--mode fast",
                 "--mode reason", "--no-progress --seed 0"]:
         assert cmd in commands
+
+    # The student's image tokens were whitened over the 60 train images (2 photos x 2 views x
+    # 15), before anything trained on it
+    assert json.loads((out / "student_base" / "whitening.json").read_text())["images"] == 60
+    assert commands.index("qponder dev whiten-stem") < commands.index("qponder distill")
 
     # Cold-start subset: the teacher saw only the photos' own views (2 train photos x 15), GRPO
     # every view (+ 1 crop each: 60 rows).
