@@ -11,6 +11,8 @@ image's tokens), fits two read-outs on the training images and scores the held-o
 - kNN: the mean MOS of the k nearest training images — a *local, non-linear* read-out, which is
   closer to what a small language model learns from a few photos: it generalises only where a
   held-out image lands near training images of the same quality (not of the same content).
+- classes: the MOS of the (distortion, level) class a softmax probe on standardised features
+  picks — what a student that answers one value per recognised level (as ours do) could reach.
 
 Extra --model folders (e.g. an older student_base) are probed the same way. Ends with
 `RESULT stem_probe_<read-out>_srcc <x> goal 0.93` lines for the --model tower. `--test-split
@@ -61,13 +63,44 @@ def readouts(xtr: np.ndarray, ytr: np.ndarray, xte: np.ndarray) -> dict[str, np.
     return preds
 
 
+def softmax_probe(ztr: np.ndarray, ctr: np.ndarray, n_classes: int, l2: float = 1e-3,
+                  steps: int = 3000, lr: float = 0.5) -> tuple[np.ndarray, np.ndarray]:
+    """(W, b) of a multinomial logistic regression (mean cross-entropy + l2/2·|W|², full-batch
+    gradient descent from zero) on standardised features ztr and integer classes ctr."""
+    w, b = np.zeros((ztr.shape[1], n_classes)), np.zeros(n_classes)
+    onehot = np.eye(n_classes)[ctr]
+    for _ in range(steps):
+        z = ztr @ w + b
+        p = np.exp(z - z.max(1, keepdims=True))
+        g = (p / p.sum(1, keepdims=True) - onehot) / len(ztr)
+        w -= lr * (ztr.T @ g + l2 * w)
+        b -= lr * g.sum(0)
+    return w, b
+
+
+def class_readout(xtr: np.ndarray, tr: list, xte: np.ndarray) -> np.ndarray:
+    """The MOS of the (distortion, level) class a softmax probe on standardised features picks:
+    how well the 15 classes can be told apart, read as the scores a perfect near-classifier
+    student would write."""
+    classes = sorted({(r["distortion"], r["level"]) for r in tr})
+    mos = np.array([next(r["mos"] for r in tr if (r["distortion"], r["level"]) == c)
+                    for c in classes])
+    mu, sd = xtr.mean(0), xtr.std(0) + 1e-9
+    w, b = softmax_probe((xtr - mu) / sd, np.array([classes.index((r["distortion"], r["level"]))
+                                                    for r in tr]), len(classes))
+    return mos[(((xte - mu) / sd) @ w + b).argmax(1)]
+
+
 def probe(model_dir: Path, data: Path, test_split: str) -> dict[str, dict]:
     (xtr, tr), (xte, te) = tower_features(model_dir, data, ["train", test_split])
     ytr = np.array([r["mos"] for r in tr])
     yte = np.array([r["mos"] for r in te])
     photos = sorted({r["reference"] for r in te})
     out = {}
-    for name, p in readouts(xtr, ytr, xte).items():
+    preds = readouts(xtr, ytr, xte)
+    if all("distortion" in r and "level" in r for r in tr):  # synth-iqa rows
+        preds["classes"] = class_readout(xtr, tr, xte)
+    for name, p in preds.items():
         per = {ph: float(spearmanr(p[[r["reference"] == ph for r in te]],
                                    yte[[r["reference"] == ph for r in te]])[0]) for ph in photos}
         out[name] = {"srcc": float(spearmanr(p, yte)[0]), "per_photo": per}

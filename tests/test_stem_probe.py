@@ -1,0 +1,54 @@
+"""bench/stem_probe.py's softmax class probe: its gradient descent reaches the optimum scipy finds
+for the same objective, and its read-out is the picked class's MOS."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from scipy.optimize import minimize
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def stem_probe():
+    spec = importlib.util.spec_from_file_location("stem_probe", ROOT / "bench" / "stem_probe.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["stem_probe"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_softmax_probe_reaches_the_scipy_optimum(stem_probe):
+    rng = np.random.default_rng(0)
+    c = rng.integers(0, 3, 90)
+    x = rng.normal(size=(90, 4)) + np.eye(3, 4)[c] * 1.5
+    l2 = 0.1
+    w, b = stem_probe.softmax_probe(x, c, 3, l2=l2, steps=4000, lr=0.5)
+
+    def loss(theta):
+        ww, bb = theta[:12].reshape(4, 3), theta[12:]
+        z = x @ ww + bb
+        lse = np.log(np.exp(z - z.max(1, keepdims=True)).sum(1)) + z.max(1)
+        return (lse - z[np.arange(90), c]).mean() + l2 / 2 * (ww ** 2).sum()
+
+    ref = minimize(loss, np.zeros(15), method="BFGS", options={"gtol": 1e-10}).x
+    np.testing.assert_allclose(w, ref[:12].reshape(4, 3), atol=1e-5)
+    np.testing.assert_allclose(b - b.mean(), ref[12:] - ref[12:].mean(), atol=1e-5)
+
+
+def test_class_readout_answers_the_picked_class_mos(stem_probe):
+    rng = np.random.default_rng(1)
+    rows, feats = [], []
+    for kind, level, mos, centre in [("blur", 1, 4.6, 0.0), ("blur", 2, 4.4, 3.0),
+                                     ("jpeg", 1, 4.3, 6.0)]:
+        for _ in range(20):
+            rows.append({"distortion": kind, "level": level, "mos": mos})
+            feats.append(rng.normal(centre, 0.3, size=2))
+    test = np.array([[0.1, -0.1], [2.9, 3.2], [6.1, 5.8]])
+    np.testing.assert_array_equal(stem_probe.class_readout(np.array(feats), rows, test),
+                                  [4.6, 4.4, 4.3])
