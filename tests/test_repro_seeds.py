@@ -3,24 +3,17 @@ the RESULT lines — from reproduce.py's results.json files."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import statistics
-import sys
 from pathlib import Path
 
 import pytest
-
-ROOT = Path(__file__).resolve().parents[1]
+from bench_loader import load_bench
 
 
 @pytest.fixture(scope="module")
 def seeds():
-    sys.path.insert(0, str(ROOT / "bench"))
-    spec = importlib.util.spec_from_file_location("repro_seeds", ROOT / "bench" / "repro_seeds.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_bench("repro_seeds")
 
 
 def _run(folder: Path, seed: int, grpo: float, sft: float, brisque: float,

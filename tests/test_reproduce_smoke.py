@@ -7,12 +7,11 @@ this test's: two SFT steps and one GRPO step teach a random model nothing.
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
+from bench_loader import load_bench
 from scipy import stats
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -64,11 +63,7 @@ consistency_weight = 0.5
 
 @pytest.fixture(scope="module")
 def reproduce():
-    spec = importlib.util.spec_from_file_location("reproduce", ROOT / "bench" / "reproduce.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["reproduce"] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_bench("reproduce")
 
 
 def test_toy_pipeline_writes_every_artefact_and_resumes(reproduce, tmp_path, capsys):

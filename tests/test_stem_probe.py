@@ -3,24 +3,15 @@ for the same objective, and its read-out is the picked class's MOS."""
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import numpy as np
 import pytest
+from bench_loader import load_bench
 from scipy.optimize import minimize
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
 def stem_probe():
-    spec = importlib.util.spec_from_file_location("stem_probe", ROOT / "bench" / "stem_probe.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["stem_probe"] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_bench("stem_probe")
 
 
 def test_softmax_probe_reaches_the_scipy_optimum(stem_probe):

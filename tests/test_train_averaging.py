@@ -59,14 +59,11 @@ def test_restore_picks_up_the_saved_mean_and_refuses_a_changed_schedule(tmp_path
 
 
 def test_bench_average_adapters_writes_the_mean_of_adapter_folders(tmp_path):
-    import importlib.util
     import json
-    from pathlib import Path
 
-    spec = importlib.util.spec_from_file_location(
-        "average_adapters", Path(__file__).resolve().parents[1] / "bench" / "average_adapters.py")
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
+    from bench_loader import load_bench
+
+    tool = load_bench("average_adapters")
     pts = _points(3, seed=1)
     dirs = []
     for i, p in enumerate(pts):
