@@ -7,6 +7,7 @@ this test's: two SFT steps and one GRPO step teach a random model nothing.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -208,7 +209,14 @@ def test_pipeline_base_fills_what_the_variant_leaves_out(reproduce, tmp_path):
     assert (main.student.hidden_size, old.student.hidden_size, cold.student.hidden_size) == \
         (256, 128, 256)
     assert (main.grpo_set, old.grpo_set, cold.distill.views) == (
-        ["iters=60", "average_every=10"], [], 5)
+        ["iters=60", "average_every=10", "train_decimals=false"], [], 5)
+    # the student is whitened since History AP; every variant measured before pins it off
+    assert main.student.whiten
+    for variant in sorted(bench.glob("repro_pipeline_*.toml")):
+        cfg = reproduce.load_pipeline(variant)
+        assert cfg.student.whiten == ("whiten" in variant.name), variant.name
+    alias = reproduce.load_pipeline(bench / "repro_pipeline_whiten_nodec.toml")
+    assert dataclasses.replace(alias, base="") == main  # the name the first runs used
     # the 384-wide variants were measured on GRPO's last step: they pin it over the base's mean
     assert reproduce.load_pipeline(bench / "repro_pipeline_384.toml").grpo_set == ["iters=60"]
     short = reproduce.load_pipeline(bench / "repro_pipeline_short_sft.toml")
