@@ -2,9 +2,10 @@
 
 Why: the DCT stem's image-level features reach the language model as a few strong directions
 (the overall texture level: the first singular value of the merger output over the training
-images is 2.4x the second and 17x the tenth) while what tells neighbouring distortion levels
+images is 2.4x the second and 20x the tenth) while what tells neighbouring distortion levels
 apart lies in weak ones. A linear softmax probe on *standardised* tower features tells the 15
-(type, level) classes of the held-out views apart well enough for SRCC 0.965, yet the student's
+(type, level) classes of the held-out views apart well enough for SRCC 0.948 (bench/stem_probe.py,
+`classes`), yet the student's
 language model, reading the raw tokens through LoRA on a random base, confused JPEG 4 with 5 and
 noise 4 with 5 even on its training photos (train-photo SRCC 0.88). Gradient descent learns weak
 input directions slowly; whitening makes every direction the data varies in equally strong.
@@ -23,7 +24,6 @@ second-order statistics of the training images only — no labels, no held-out i
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -85,6 +85,8 @@ def whiten_merger(model_dir: str | Path, images: Sequence[str | Path],
     is already whitened (whitening twice would fit T to whitened tokens: a different model)."""
     import mlx.core as mx
 
+    from qponder_mlx.train.lora import save_safetensors_atomic
+
     model_dir = Path(model_dir)
     weights_file = model_dir / "model.safetensors"
     if (model_dir / RECORD).exists():
@@ -102,9 +104,7 @@ def whiten_merger(model_dir: str | Path, images: Sequence[str | Path],
     weights[MERGER_OUT + ".weight"] = mx.array((t @ w2).astype(np.float32))
     weights[MERGER_OUT + ".bias"] = mx.array((t @ (b2 - mu) + mu).astype(np.float32))
     # Atomic: a crash leaves the old weights and no record, so the step can simply be rerun.
-    tmp = weights_file.with_name(weights_file.name + ".tmp.safetensors")
-    mx.save_safetensors(str(tmp), weights, metadata={"format": "mlx"})
-    tmp.replace(weights_file)
+    save_safetensors_atomic(weights_file, weights, metadata={"format": "mlx"})
     record = {"layer": MERGER_OUT, "images": len(images), "rel": rel, "directions": k,
               "hidden": int(w2.shape[0])}
     atomic_write_json(model_dir / RECORD, record)
@@ -117,7 +117,3 @@ def images_of(label_file: str | Path) -> list[Path]:
 
     return [s.image for s in load_labels(label_file)]
 
-
-def read_record(model_dir: str | Path) -> dict | None:
-    path = Path(model_dir) / RECORD
-    return json.loads(path.read_text()) if path.exists() else None
