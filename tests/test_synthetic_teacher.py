@@ -22,6 +22,7 @@ from qponder_mlx.distill.synthetic_teacher import (
     SyntheticTeacher,
     describe,
     quality_word,
+    read_level,
 )
 from qponder_mlx.io import read_jsonl
 from qponder_mlx.prompts import parse_response
@@ -76,6 +77,19 @@ def test_reasoning_describes_the_known_distortion_in_its_own_dimension_only():
     assert any(s in severe for s in COMPRESSION["jpeg"][4])
     with pytest.raises(ValueError, match="unknown distortion"):
         describe("contrast", 2, rng)
+
+
+def test_read_level_inverts_describe_for_every_phrasing():
+    rng = __import__("random").Random(1)
+    for kind in KADID:
+        for level in range(1, 6):
+            for _ in range(40):  # 3 phrasings per dimension: every combination shows up
+                assert read_level(describe(kind, level, rng)) == (kind, level)
+    # a blur-1 image is described as clean in every dimension: that reads as blur 1
+    assert read_level(" ".join(p[0] for p in (SHARPNESS["clean"], NOISE["clean"],
+                                              COMPRESSION["clean"]))) == ("blur", 1)
+    assert read_level("Edges are crisp. The image is dominated by noise.") == ("noise", 5)
+    assert read_level("no known phrase here") is None
 
 
 def test_wording_varies_between_images_of_the_same_level():

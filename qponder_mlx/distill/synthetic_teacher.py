@@ -116,6 +116,23 @@ def describe(distortion: str, level: int, rng: random.Random) -> str:
                      rng.choice(EXPOSURE)])
 
 
+def read_level(text: str) -> tuple[str, int] | None:
+    """The (distortion, level) a reasoning text describes in this teacher's words — the inverse
+    of `describe`, for reading what a student trained on them chose (bench/level_reads.py).
+
+    A noise or JPEG phrase names that distortion; otherwise the focus phrase names the blur level
+    (level 1 reads as the clean wording, as `describe` writes it). None when no phrase is found.
+    """
+    for kind, table in (("noise", NOISE), ("jpeg", COMPRESSION)):
+        for level, phrases in enumerate(table[kind], start=1):
+            if any(p in text for p in phrases):
+                return kind, level
+    for level, phrases in enumerate(SHARPNESS["blur"], start=1):
+        if any(p in text for p in phrases):
+            return "blur", level
+    return None
+
+
 def read_metadata(path: str | Path) -> dict[str, tuple[str, int]]:
     """{id and resolved image path: (distortion, level)} from a synth-iqa label file."""
     path = Path(path)
