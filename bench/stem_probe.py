@@ -12,7 +12,9 @@ image's tokens), fits two read-outs on the training images and scores the held-o
   closer to what a small language model learns from a few photos: it generalises only where a
   held-out image lands near training images of the same quality (not of the same content).
 - classes: the MOS of the (distortion, level) class a softmax probe on standardised features
-  picks — what a student that answers one value per recognised level (as ours do) could reach.
+  picks — what a student that answers one value per recognised level (as ours do) could reach;
+  also printed: the share of held-out images it puts in their own level, and the mean MOS gap
+  between its pick and the true level (bench/level_reads.py measures the students the same way).
 
 Extra --model folders (e.g. an older student_base) are probed the same way. Ends with
 `RESULT stem_probe_<read-out>_srcc <x> goal 0.93` lines for the --model tower. `--test-split
@@ -104,6 +106,9 @@ def probe(model_dir: Path, data: Path, test_split: str) -> dict[str, dict]:
         per = {ph: float(spearmanr(p[[r["reference"] == ph for r in te]],
                                    yte[[r["reference"] == ph for r in te]])[0]) for ph in photos}
         out[name] = {"srcc": float(spearmanr(p, yte)[0]), "per_photo": per}
+    if "classes" in preds:  # the 15 level MOS values are distinct: same value = same class
+        out["classes"]["level_accuracy"] = float(np.mean(preds["classes"] == yte))
+        out["classes"]["mos_gap"] = float(np.mean(np.abs(preds["classes"] - yte)))
     return out
 
 
@@ -133,6 +138,9 @@ def main(argv: list[str] | None = None) -> int:
         for k, r in res.items():
             per = " ".join(f"{ph} {v:.2f}" for ph, v in r["per_photo"].items())
             print(f"    {k:6s} per photo {per}")
+            if "level_accuracy" in r:
+                print(f"    {k:6s} right level {r['level_accuracy']:.2f}, mean MOS gap of the "
+                      f"picked level {r['mos_gap']:.3f} (bench/level_reads.py's measures)")
     for k, r in results[f"stem ({args.model})"].items():
         print(f"RESULT stem_probe_{k}_srcc {r['srcc']:.3f} goal {GOAL}")
     return 0

@@ -43,3 +43,20 @@ def test_class_readout_answers_the_picked_class_mos(stem_probe):
     test = np.array([[0.1, -0.1], [2.9, 3.2], [6.1, 5.8]])
     np.testing.assert_array_equal(stem_probe.class_readout(np.array(feats), rows, test),
                                   [4.6, 4.4, 4.3])
+
+
+def test_probe_reports_the_class_probes_level_accuracy_and_mos_gap(stem_probe, monkeypatch):
+    rng = np.random.default_rng(2)
+    levels = [("blur", 1, 4.6, 0.0), ("blur", 2, 4.4, 3.0), ("jpeg", 1, 4.3, 6.0)]
+    tr = [{"distortion": k, "level": lv, "mos": m, "reference": "a"}
+          for k, lv, m, _ in levels for _ in range(20)]
+    xtr = np.array([rng.normal(c, 0.3, size=2) for *_, c in levels for _ in range(20)])
+    # four held-out images: blur 1, blur 2 and jpeg 1 where they belong; a blur-1 image that
+    # looks like blur 2 (picked 4.4 against 4.6): 3 of 4 right, MOS gap 0.2 / 4 = 0.05
+    te = [{"distortion": k, "level": lv, "mos": m, "reference": "b"} for k, lv, m, _ in levels]
+    te.append({"distortion": "blur", "level": 1, "mos": 4.6, "reference": "b"})
+    xte = np.array([[0.0, 0.0], [3.0, 3.0], [6.0, 6.0], [3.1, 2.9]])
+    monkeypatch.setattr(stem_probe, "tower_features", lambda *a: [(xtr, tr), (xte, te)])
+    out = stem_probe.probe(None, None, "test")["classes"]
+    assert out["level_accuracy"] == 0.75
+    assert out["mos_gap"] == pytest.approx(0.05)
