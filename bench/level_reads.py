@@ -14,7 +14,9 @@ level each names (`synthetic_teacher.read_level`) and reports, per level and ove
 - right: the share of answers naming the image's own level (greedy: `--group 1 --temperature 0`);
 - mixed: the share of groups whose answers name more than one level — only there can GRPO's
   group-normalised reward say which level is better;
-- any right: the share of groups with at least one answer at the right level.
+- any right: the share of groups with at least one answer at the right level;
+- MOS gap: the mean |MOS of the named level − MOS of the true level| over readable answers (what
+  a level confusion costs under GRPO's accuracy reward: JPEG 1 read as JPEG 2 costs 0.09).
 
 Ends with `RESULT level_reads_right <x> goal 1.0` and `RESULT level_reads_mixed_groups <x> goal
 0.5` (GRPO gets a level signal on at least half of its images).
@@ -34,13 +36,17 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 Level = tuple[str, int]
 
 
-def group_stats(truths: Sequence[Level], reads: Sequence[Sequence[Level | None]]
-                ) -> dict[Level, Counter]:
+def group_stats(truths: Sequence[Level], reads: Sequence[Sequence[Level | None]],
+                level_mos: dict[str, Sequence[float]]) -> dict[Level, Counter]:
     """Per true level: images, answers, answers at the right level, mixed groups, groups with
-    any right answer, unreadable answers (None)."""
+    any right answer, unreadable answers (None), and the summed MOS gap of the readable ones."""
+    def mos(level: Level) -> float:
+        return level_mos[level[0]][level[1] - 1]
+
     out: dict[Level, Counter] = defaultdict(Counter)
     for truth, group in zip(truths, reads, strict=True):
         c = out[truth]
+        c["mos_gap"] += sum(abs(mos(r) - mos(truth)) for r in group if r is not None)
         c["images"] += 1
         c["answers"] += len(group)
         c["right"] += sum(r == truth for r in group)
@@ -51,8 +57,10 @@ def group_stats(truths: Sequence[Level], reads: Sequence[Sequence[Level | None]]
 
 
 def shares(c: Counter) -> dict[str, float]:
+    read = c["answers"] - c["unread"]
     return {"right": c["right"] / c["answers"], "mixed": c["mixed"] / c["images"],
-            "any_right": c["any_right"] / c["images"]}
+            "any_right": c["any_right"] / c["images"],
+            "mos_gap": c["mos_gap"] / read if read else float("nan")}
 
 
 def pick_rows(rows: list[dict], per_level: int, seed: int) -> list[dict]:
@@ -86,6 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     from qponder_mlx.io import read_jsonl
     from qponder_mlx.model import load_model
     from qponder_mlx.prompts import chat_messages
+    from qponder_mlx.synth import LEVEL_MOS
 
     data = Path(args.data)
     rows = pick_rows(list(read_jsonl(data)), args.per_level, args.seed)
@@ -103,17 +112,18 @@ def main(argv: list[str] | None = None) -> int:
         truths += [(r["distortion"], int(r["level"])) for r in chunk]
         reads += [[read_level(c.text) for c in group] for group in ro.completions]
 
-    stats = group_stats(truths, reads)
+    stats = group_stats(truths, reads, LEVEL_MOS)
     total: Counter = Counter()
-    print("| level | images | right | mixed groups | any right |\n|---|---|---|---|---|")
+    print("| level | images | right | mixed groups | any right | MOS gap |")
+    print("|---|---|---|---|---|---|")
     for level in sorted(stats):
         total.update(stats[level])
         s = shares(stats[level])
         print(f"| {level[0]} {level[1]} | {stats[level]['images']} | {s['right']:.2f} | "
-              f"{s['mixed']:.2f} | {s['any_right']:.2f} |")
+              f"{s['mixed']:.2f} | {s['any_right']:.2f} | {s['mos_gap']:.3f} |")
     s = shares(total)
     print(f"| all | {total['images']} | {s['right']:.2f} | {s['mixed']:.2f} | "
-          f"{s['any_right']:.2f} |")
+          f"{s['any_right']:.2f} | {s['mos_gap']:.3f} |")
     print(f"unreadable answers: {total['unread']} of {total['answers']}")
     print(f"RESULT level_reads_right {s['right']:.3f} goal 1.0")
     print(f"RESULT level_reads_mixed_groups {s['mixed']:.3f} goal 0.5")

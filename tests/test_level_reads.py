@@ -17,15 +17,19 @@ def test_group_stats_counts_right_mixed_and_any_right_by_hand(level_reads):
     reads = [[("jpeg", 2), ("jpeg", 3), ("jpeg", 2), None],   # mixed, 2 right, 1 unreadable
              [("jpeg", 1), ("jpeg", 1), ("jpeg", 1), ("jpeg", 1)],  # one level, the wrong one
              [("blur", 1)] * 4]                                  # all right, not mixed
-    stats = level_reads.group_stats(truths, reads)
+    mos = {"jpeg": [4.338, 4.246, 3.866, 1.945, 1.35], "blur": [4.612, 4.382, 2.911, 1.873, 1.303]}
+    stats = level_reads.group_stats(truths, reads, mos)
     j2 = stats[("jpeg", 2)]
     assert (j2["images"], j2["answers"], j2["right"], j2["mixed"], j2["any_right"],
             j2["unread"]) == (2, 8, 2, 1, 1, 1)
-    assert level_reads.shares(j2) == {"right": 0.25, "mixed": 0.5, "any_right": 0.5}
+    s = level_reads.shares(j2)
+    assert (s["right"], s["mixed"], s["any_right"]) == (0.25, 0.5, 0.5)
+    # 7 readable answers: jpeg 3 once (|3.866 - 4.246| = 0.380), jpeg 1 four times (0.092 each)
+    assert s["mos_gap"] == pytest.approx((0.380 + 4 * 0.092) / 7)
     assert level_reads.shares(stats[("blur", 1)]) == {"right": 1.0, "mixed": 0.0,
-                                                      "any_right": 1.0}
+                                                      "any_right": 1.0, "mos_gap": 0.0}
     with pytest.raises(ValueError):  # one group per image, or the counts would be silently off
-        level_reads.group_stats(truths, reads[:2])
+        level_reads.group_stats(truths, reads[:2], mos)
 
 
 def test_pick_rows_takes_per_level_rows_of_every_level_reproducibly(level_reads):
