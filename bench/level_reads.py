@@ -116,14 +116,16 @@ def main(argv: list[str] | None = None) -> int:
     total: Counter = Counter()
     print("| level | images | right | mixed groups | any right | MOS gap |")
     print("|---|---|---|---|---|---|")
+    def row(name: str, c: Counter) -> dict[str, float]:
+        s = shares(c)
+        print(f"| {name} | {c['images']} | {s['right']:.2f} | {s['mixed']:.2f} | "
+              f"{s['any_right']:.2f} | {s['mos_gap']:.3f} |")
+        return s
+
     for level in sorted(stats):
         total.update(stats[level])
-        s = shares(stats[level])
-        print(f"| {level[0]} {level[1]} | {stats[level]['images']} | {s['right']:.2f} | "
-              f"{s['mixed']:.2f} | {s['any_right']:.2f} | {s['mos_gap']:.3f} |")
-    s = shares(total)
-    print(f"| all | {total['images']} | {s['right']:.2f} | {s['mixed']:.2f} | "
-          f"{s['any_right']:.2f} | {s['mos_gap']:.3f} |")
+        row(f"{level[0]} {level[1]}", stats[level])
+    s = row("all", total)
     print(f"unreadable answers: {total['unread']} of {total['answers']}")
     print(f"RESULT level_reads_right {s['right']:.3f} goal 1.0")
     print(f"RESULT level_reads_mixed_groups {s['mixed']:.3f} goal 0.5")
