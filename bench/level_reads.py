@@ -112,16 +112,16 @@ def main(argv: list[str] | None = None) -> int:
         truths += [(r["distortion"], int(r["level"])) for r in chunk]
         reads += [[read_level(c.text) for c in group] for group in ro.completions]
 
-    stats = group_stats(truths, reads, LEVEL_MOS)
-    total: Counter = Counter()
-    print("| level | images | right | mixed groups | any right | MOS gap |")
-    print("|---|---|---|---|---|---|")
     def row(name: str, c: Counter) -> dict[str, float]:
         s = shares(c)
         print(f"| {name} | {c['images']} | {s['right']:.2f} | {s['mixed']:.2f} | "
               f"{s['any_right']:.2f} | {s['mos_gap']:.3f} |")
         return s
 
+    stats = group_stats(truths, reads, LEVEL_MOS)
+    total: Counter = Counter()
+    print("| level | images | right | mixed groups | any right | MOS gap |")
+    print("|---|---|---|---|---|---|")
     for level in sorted(stats):
         total.update(stats[level])
         row(f"{level[0]} {level[1]}", stats[level])

@@ -212,17 +212,16 @@ def test_pipeline_base_fills_what_the_variant_leaves_out(reproduce, tmp_path):
         ["iters=60", "average_every=10", "train_decimals=false"], [], 5)
     # the student is whitened since History AP; every variant measured before pins it off
     assert main.student.whiten
+    # SFT runs 1500 steps since History AT; every variant measured before pins 1000 (or its own;
+    # the 384-wide one measured 1500 steps too)
+    assert main.sft_set == ["iters=1500"]
+    sft1500 = {"repro_pipeline_whiten_sft1500.toml", "repro_pipeline_384_sft1500.toml"}
     for variant in sorted(bench.glob("repro_pipeline_*.toml")):
         cfg = reproduce.load_pipeline(variant)
         assert cfg.student.whiten == ("whiten" in variant.name), variant.name
+        assert (cfg.sft_set == ["iters=1500"]) == (variant.name in sft1500), variant.name
     alias = reproduce.load_pipeline(bench / "repro_pipeline_whiten_sft1500.toml")
     assert dataclasses.replace(alias, base="") == main  # the name the first runs used
-    # SFT runs 1500 steps since History AT; every variant measured before pins 1000 (or its own)
-    assert main.sft_set == ["iters=1500"]
-    for variant in sorted(bench.glob("repro_pipeline_*.toml")):
-        if variant.name != "repro_pipeline_whiten_sft1500.toml":
-            assert reproduce.load_pipeline(variant).sft_set != ["iters=1500"] or \
-                "384_sft1500" in variant.name, variant.name
     previous = reproduce.load_pipeline(bench / "repro_pipeline_whiten_nodec.toml")
     assert dataclasses.replace(previous, base="", sft_set=["iters=1500"]) == main
     # the 384-wide variants were measured on GRPO's last step: they pin it over the base's mean
