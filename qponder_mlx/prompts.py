@@ -71,17 +71,23 @@ def _blocks(text: str, open_tag: str, close_tag: str) -> list[str]:
     return out
 
 
-_DECIMALS_RE = re.compile(r"\s*\d+\.(\d+)")
+# The number that opens an answer block: group 1 = the whole number, group 2 = its decimals.
+_ANSWER_NUMBER_RE = re.compile(r"\s*(\d+(?:\.(\d+))?)")
 
 
-def answer_decimals_span(text: str) -> tuple[int, int] | None:
-    """Character span of the digits after the point of the number that opens the last answer
-    block ("3.72" -> the span of "72"), closed or not; None when there is no such number."""
+def answer_number_span(text: str, part: str = "decimals") -> tuple[int, int] | None:
+    """Character span of the number that opens the last answer block, closed or not: part
+    "number" -> all of it ("3.72" -> "3.72"), "decimals" -> the digits after its point ("72");
+    None when there is no such number (or, for "decimals", no digits after a point)."""
+    if part not in ("number", "decimals"):
+        raise ValueError(f"part must be 'number' or 'decimals', got {part!r}")
     i = text.rfind(ANSWER_OPEN)
     if i < 0:
         return None
-    m = _DECIMALS_RE.match(text, i + len(ANSWER_OPEN))
-    return None if m is None else m.span(1)
+    m = _ANSWER_NUMBER_RE.match(text, i + len(ANSWER_OPEN))
+    if m is None or m.start(1 if part == "number" else 2) < 0:
+        return None
+    return m.span(1 if part == "number" else 2)
 
 
 def parse_response(text: str) -> ParsedResponse:

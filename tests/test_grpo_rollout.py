@@ -66,22 +66,25 @@ def test_completion_logps_temperature_scales_logits(tiny_loaded, prompt):
     assert (np.exp(b) > 0).all() and (b <= 0).all()
 
 
-def test_decimal_tokens_are_the_answer_decimals_only(tiny_loaded):
-    """The flags cover exactly the tokens of the answer's decimals, and the masked copy drops
-    those and keeps padding at 0."""
+@pytest.mark.parametrize("part", ["decimals", "number"])
+def test_answer_tokens_are_the_answer_number_only(tiny_loaded, part):
+    """The flags cover exactly the tokens of the answer's decimals (or its whole number), and
+    the masked copy drops those and keeps padding at 0."""
     tok = tiny_loaded.tokenizer
-    head, decimals, tail = "<think>blur 2.5, noisy</think><answer>3.", "72", "</answer>"
-    ids = tok.encode(head + decimals + tail, add_special_tokens=False)
-    flags = R.decimal_tokens(tok, ids)
+    head, number, tail = "<think>blur 2.5, noisy</think><answer>", "3.72", "</answer>"
+    ids = tok.encode(head + number + tail, add_special_tokens=False)
+    flags = R.answer_tokens(tok, ids, part)
+    want = "72" if part == "decimals" else number
     picked = tok.decode([t for t, f in zip(ids, flags) if f])
-    assert picked == decimals and sum(flags) == len(tok.encode(decimals,
-                                                               add_special_tokens=False))
-    assert not any(R.decimal_tokens(tok, tok.encode("<think>2.5</think><answer>4</answer>",
-                                                     add_special_tokens=False)))
+    assert picked == want and sum(flags) == len(tok.encode(want, add_special_tokens=False))
+    whole = tok.encode("<think>2.5</think><answer>4</answer>", add_special_tokens=False)
+    # An integer answer has a number but no decimals; the reasoning's 2.5 is never picked.
+    assert tok.decode([t for t, f in zip(whole, R.answer_tokens(tok, whole, part)) if f]) \
+        == ("4" if part == "number" else "")
     group = [gen.Completion(ids, [0.0] * len(ids), "stop"), gen.Completion(ids[:3], [0.0] * 3,
                                                                            "length")]
     _, mask = R.pad_completions(group, 0)
-    kept = R.without_decimals(mask, group, tok)
+    kept = R.without_answer_tokens(mask, group, tok, part)
     assert kept.dtype == mask.dtype
     np.testing.assert_array_equal(np.array(kept[0]), 1 - np.array(flags))
     np.testing.assert_array_equal(np.array(kept[1]), np.array(mask[1]))

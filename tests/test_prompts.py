@@ -7,7 +7,7 @@ from hypothesis import strategies as st
 from qponder_mlx.prompts import (
     PROMPT_VERSION,
     USER_PROMPT,
-    answer_decimals_span,
+    answer_number_span,
     format_response,
     parse_response,
 )
@@ -71,15 +71,19 @@ def test_well_formed_answers_always_parse(reasoning, score):
     assert p.reasoning == reasoning.strip()
 
 
-@pytest.mark.parametrize("text, decimals", [
-    ("<think>a</think><answer>3.72</answer>", "72"),
-    ("<think>a</think><answer> 4.3", "3"),  # cut off before the closing tag: still the decimals
-    ("<think>2.5 looks</think><answer>1.05</answer>", "05"),  # the answer's, not the reasoning's
-    ("<answer>2.1</answer><answer>4.55</answer>", "55"),  # the last answer block
-    ("<think>a</think><answer>4</answer>", None),  # no point
-    ("<think>a</think><answer>4.</answer>", None),  # a point, no decimals
-    ("<think>3.2</think>", None),  # no answer block
+@pytest.mark.parametrize("text, number, decimals", [
+    ("<think>a</think><answer>3.72</answer>", "3.72", "72"),
+    ("<think>a</think><answer> 4.3", "4.3", "3"),  # cut off before the closing tag: still found
+    ("<think>2.5 looks</think><answer>1.05</answer>", "1.05", "05"),  # the answer's, not the
+    ("<answer>2.1</answer><answer>4.55</answer>", "4.55", "55"),  # reasoning's; the last block
+    ("<think>a</think><answer>4</answer>", "4", None),  # no point
+    ("<think>a</think><answer>4.</answer>", "4", None),  # a point, no decimals
+    ("<think>a</think><answer>good</answer>", None, None),  # no number
+    ("<think>3.2</think>", None, None),  # no answer block
 ])
-def test_answer_decimals_span(text, decimals):
-    span = answer_decimals_span(text)
-    assert (None if span is None else text[span[0]:span[1]]) == decimals
+def test_answer_number_span(text, number, decimals):
+    for part, want in (("number", number), ("decimals", decimals)):
+        span = answer_number_span(text, part)
+        assert (None if span is None else text[span[0]:span[1]]) == want, part
+    with pytest.raises(ValueError, match="part"):
+        answer_number_span(text, "digits")

@@ -215,10 +215,16 @@ def test_pipeline_base_fills_what_the_variant_leaves_out(reproduce, tmp_path):
     # SFT runs 1500 steps since History AT; every variant measured before pins 1000 (or its own;
     # the 384-wide one measured 1500 steps too)
     assert main.sft_set == ["iters=1500"]
-    sft1500 = {"repro_pipeline_whiten_sft1500.toml", "repro_pipeline_384_sft1500.toml"}
+    # variants measured since History AT change GRPO only: whitened, SFT 1500 from the base
+    since_at = {"repro_pipeline_noans.toml"}
+    sft1500 = {"repro_pipeline_whiten_sft1500.toml", "repro_pipeline_384_sft1500.toml", *since_at}
     for variant in sorted(bench.glob("repro_pipeline_*.toml")):
         cfg = reproduce.load_pipeline(variant)
-        assert cfg.student.whiten == ("whiten" in variant.name), variant.name
+        assert cfg.student.whiten == ("whiten" in variant.name or variant.name in since_at), \
+            variant.name
+        if variant.name in since_at:
+            assert (dataclasses.replace(cfg, base="", grpo_set=main.grpo_set) == main), \
+                variant.name
         assert (cfg.sft_set == ["iters=1500"]) == (variant.name in sft1500), variant.name
     alias = reproduce.load_pipeline(bench / "repro_pipeline_whiten_sft1500.toml")
     assert dataclasses.replace(alias, base="") == main  # the name the first runs used

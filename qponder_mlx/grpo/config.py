@@ -43,6 +43,11 @@ class GRPOConfig:
     # the loss, KL included). GRPO moved every answer's first decimal to one shared digit
     # (docs/reproduction.md, History AJ); this keeps them nearer where the cold start put them.
     train_decimals: bool = True
+    # False: the answer's whole number is out of the loss (train_decimals then does not matter),
+    # so GRPO can raise a reward only through the reasoning that leads to the number. Why: in the
+    # miniature GRPO re-mapped the number written after a level phrase instead of choosing the
+    # right phrase (docs/reproduction.md, History AQ, AU).
+    train_answer: bool = True
     # 0: the run's adapters are the last step's weights. N: they are the mean of the weights
     # after steps N, 2N, ... (the last step's stay in adapters_last/). GRPO's held-out SRCC
     # swings between nearby steps; the mean sits in the middle (docs/reproduction.md, AL).
@@ -62,6 +67,13 @@ class GRPOConfig:
     keep_checkpoints: int = 3
     max_bad_steps: int = 20  # consecutive NaN/inf steps before the run stops
     progress: bool = True
+
+    def untrained_answer_part(self) -> str | None:
+        """Which part of the answer's number GRPO leaves out of its loss: "number", "decimals"
+        or None (all of it trained)."""
+        if not self.train_answer:
+            return "number"
+        return None if self.train_decimals else "decimals"
 
     def validate(self) -> None:
         self.lora.validate()

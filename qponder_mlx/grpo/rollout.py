@@ -19,7 +19,7 @@ from mlx_vlm.models.cache import ConcatenateKVCache
 from PIL import Image
 
 from qponder_mlx import generate as gen
-from qponder_mlx.prompts import answer_decimals_span
+from qponder_mlx.prompts import answer_number_span
 
 
 @dataclass
@@ -74,12 +74,12 @@ def pad_completions(group: list[gen.Completion], pad_id: int,
     return mx.array(ids, dtype=mx.int32), mx.array(mask, dtype=mx.int32)
 
 
-def decimal_tokens(tokenizer, token_ids: list[int]) -> list[bool]:
-    """Which tokens of a completion lie wholly inside its answer's decimals (`3.72` -> the
-    tokens of `72`). Offsets come from decoding token by token: the answer is ASCII, so the
-    joined pieces locate it as the whole decode would."""
+def answer_tokens(tokenizer, token_ids: list[int], part: str = "decimals") -> list[bool]:
+    """Which tokens of a completion lie wholly inside its answer's number (part "number") or its
+    decimals (part "decimals": `3.72` -> the tokens of `72`). Offsets come from decoding token by
+    token: the answer is ASCII, so the joined pieces locate it as the whole decode would."""
     pieces = [tokenizer.decode([t]) for t in token_ids]
-    span = answer_decimals_span("".join(pieces))
+    span = answer_number_span("".join(pieces), part)
     out, pos = [], 0
     for piece in pieces:
         end = pos + len(piece)
@@ -88,9 +88,11 @@ def decimal_tokens(tokenizer, token_ids: list[int]) -> list[bool]:
     return out
 
 
-def without_decimals(mask: mx.array, group: list[gen.Completion], tokenizer) -> mx.array:
-    """`mask` (G, T) with each completion's answer decimals set to 0 (left out of the loss)."""
-    flags = [decimal_tokens(tokenizer, c.token_ids) for c in group]
+def without_answer_tokens(mask: mx.array, group: list[gen.Completion], tokenizer,
+                          part: str = "decimals") -> mx.array:
+    """`mask` (G, T) with each completion's answer number or decimals (`part`, as in
+    `answer_tokens`) set to 0: left out of the loss."""
+    flags = [answer_tokens(tokenizer, c.token_ids, part) for c in group]
     drop = [f + [False] * (mask.shape[1] - len(f)) for f in flags]
     return mx.where(mx.array(drop), 0, mask).astype(mask.dtype)
 

@@ -28,7 +28,7 @@ from qponder_mlx.grpo.rollout import (
     pad_completions,
     prompt_state,
     rollout,
-    without_decimals,
+    without_answer_tokens,
 )
 from qponder_mlx.prompts import ParsedResponse, parse_response
 from qponder_mlx.train.distributed import World
@@ -167,8 +167,9 @@ def grpo_step(model, processor, prompt: str, images: Sequence[Image.Image],
 
     pad = processor.tokenizer.pad_token_id or 0
     batch = [pad_completions(group, pad) for group in ro.completions]
-    if not cfg.train_decimals:
-        batch = [(ids, without_decimals(m, group, processor.tokenizer))
+    untrained = cfg.untrained_answer_part()
+    if untrained:
+        batch = [(ids, without_answer_tokens(m, group, processor.tokenizer, untrained))
                  for (ids, m), group in zip(batch, ro.completions)]
     counts = world.sum({"rows": len(ro.texts),
                         "tokens": sum(int(m.sum().item()) for _, m in batch)})
