@@ -364,7 +364,9 @@ def run_pipeline(cfg: ReproConfig, pipeline_dir: Path, out: Path, *, in_process:
         echo(f"[{name}]")
         t0 = time.perf_counter()
         work()
-        timings[name] = round(timings.get(name, 0.0) + time.perf_counter() - t0, 2)
+        # This run's time only: a stage that finished before was skipped above, so an entry
+        # here is a stale one (its output was deleted to redo it, e.g. GRPO-only variants).
+        timings[name] = round(time.perf_counter() - t0, 2)
         atomic_write_json(timings_path, timings)
         echo(f"[{name}] {timings[name]:.0f} s")
 

@@ -173,6 +173,15 @@ def test_toy_pipeline_writes_every_artefact_and_resumes(reproduce, tmp_path, cap
     again = capsys.readouterr().out
     assert "done earlier" in again and "$ qponder" not in again
     assert (out / "commands.sh").read_text() == commands
+    # A stage redone from scratch (its output deleted, as GRPO-only variants do) records its
+    # own time, not the sum with the stale one
+    timings = json.loads((out / "timings.json").read_text())
+    (out / "timings.json").write_text(json.dumps({**timings, "grpo_fast": 1e6}))
+    (out / "eval" / "grpo_fast.json").unlink()
+    assert reproduce.main(argv) == 0
+    assert "[grpo_fast]" in capsys.readouterr().out
+    redone = json.loads((out / "timings.json").read_text())
+    assert 0 < redone["grpo_fast"] < 1e5 and redone["sft"] == timings["sft"]
 
 
 def test_report_scores_reads_the_written_or_the_expected_answer(reproduce):
