@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 
 import mlx.core as mx
 from mlx_lm.sample_utils import make_sampler
-from mlx_vlm.models.cache import KVCache
+from mlx_vlm.models.cache import ConcatenateKVCache, KVCache
 from PIL import Image
 
 Inputs = dict[str, mx.array]
@@ -130,6 +130,18 @@ class PrefixCache:
             mx.eval(self._state)
             self._ids = tuple(ids)
         return self._state
+
+
+def repeated_cache(keys: list[mx.array], values: list[mx.array],
+                   n: int) -> list[ConcatenateKVCache]:
+    """A cache holding one prefix's keys/values n times (one row per continuation). Built by
+    concatenation, so gradients flow back through it into the prefix (training code)."""
+    cache = []
+    for k, v in zip(keys, values):
+        c = ConcatenateKVCache()
+        c.state = (mx.repeat(k, n, axis=0), mx.repeat(v, n, axis=0))
+        cache.append(c)
+    return cache
 
 
 def _prompt_hidden(model, inputs: Inputs, cache: list[KVCache],

@@ -3,6 +3,7 @@
 import json
 
 import mlx.core as mx
+import mlx.nn as nn
 import numpy as np
 import pytest
 from PIL import Image
@@ -18,6 +19,7 @@ from qponder_mlx.train.data import (
     encode_row,
     problem_summary,
     read_sft_rows,
+    shared_prefix,
 )
 from qponder_mlx.train.sft import sft_loss, sft_loss_sum
 from qponder_mlx.train.testing import CC0_IMAGES, cc0_sft_rows, sft_row, write_jsonl
@@ -85,6 +87,48 @@ def test_padding_does_not_change_a_rows_loss(tmp_path, tiny_loaded, small_pixels
     # the mean is over assistant tokens of the whole batch
     np.testing.assert_allclose(sft_loss(m, both).item(), sum(singles) / both.n_supervised,
                                rtol=1e-5)
+
+
+@pytest.mark.parametrize("rows, want", [
+    ([[1, 2, 3, 9, 5], [1, 2, 3, 9, 6, 7]], 3),   # up to the image token
+    ([[1, 2, 3, 4], [1, 7, 3, 4]], 1),            # up to the first difference
+    ([[1, 2, 3], [1, 2, 3, 4]], 3),               # the shorter row, all shared
+    ([[9, 2], [9, 2]], 0),                        # an image token first
+])
+def test_shared_prefix_by_hand(rows, want):
+    assert shared_prefix([np.array(r) for r in rows], image_token_id=9) == want
+
+
+def test_shared_prefix_gives_the_full_rows_loss_and_gradient(tmp_path, tiny_loaded):
+    """Three rows of different lengths (different photos, answers, image sizes): running their
+    common prefix once gives the loss and every gradient of running each row in full."""
+    from mlx.utils import tree_flatten
+
+    tok, proc, m = tiny_loaded.tokenizer, tiny_loaded.processor, tiny_loaded.model
+    imgs = sorted(CC0_IMAGES.iterdir())
+    pixels = PixelPolicy(56 * 56, 112 * 112)
+    long = "<think>" + "Soft edges, some blocking. " * 3 + "</think><answer>2.35</answer>"
+    rows, _ = _rows(tmp_path, tok, pixels, [sft_row(imgs[0], ANSWER), sft_row(imgs[3], long),
+                                            sft_row(imgs[7], ANSWER)])
+    encs = [encode_row(proc, r, pixels) for r in rows]
+    image = m.config.image_token_id
+    plain, shared = collate(encs, tok.pad_token_id), collate(encs, tok.pad_token_id,
+                                                             image_token_id=image)
+    first_image = int(np.argmax(encs[0].input_ids == image))
+    assert plain.shared_prefix == 0 and 10 < shared.shared_prefix == first_image
+    assert collate(encs[:1], tok.pad_token_id, image_token_id=image).shared_prefix == 0
+    grad = nn.value_and_grad(m, sft_loss_sum)
+    (la, ga), (lb, gb) = grad(m, plain), grad(m, shared)
+    np.testing.assert_allclose(lb.item(), la.item(), rtol=1e-5)
+    flat_a, flat_b = dict(tree_flatten(ga)), dict(tree_flatten(gb))
+    assert flat_a.keys() == flat_b.keys()
+    for k in flat_a:
+        a, b = np.array(flat_a[k]), np.array(flat_b[k])
+        np.testing.assert_allclose(b, a, rtol=1e-3, atol=1e-5 * max(1.0, np.abs(a).max()),
+                                   err_msg=k)
+    # the prefix's own weights do get gradient (through the repeated keys/values)
+    emb = flat_b["language_model.model.embed_tokens.weight"]
+    assert float(mx.abs(emb[int(encs[0].input_ids[1])]).max()) > 0
 
 
 def test_loss_matches_an_independent_full_forward(tmp_path, tiny_loaded, small_pixels):
@@ -167,3 +211,41 @@ def test_rows_from_cc0_all_parse(tmp_path, tiny_loaded, small_pixels):
     rows, problems = _rows(tmp_path, tiny_loaded.tokenizer, small_pixels, cc0_sft_rows(6))
     assert len(rows) == 6 and not problems
     assert all(r.mos is not None for r in rows)
+
+
+def test_cached_tower_features_give_the_models_own_loss_and_gradient(tmp_path, tiny_model_dir):
+    """With LoRA on the language model only, the tower's features are computed once per image
+    (per image, not per batch) and the loss and gradients equal the model's own computation;
+    a trainable tower (train_vision) gets no cache."""
+    from mlx.utils import tree_flatten
+
+    from qponder_mlx.model import load_model
+    from qponder_mlx.train.config import LoraConfig
+    from qponder_mlx.train.image_features import tower_features
+    from qponder_mlx.train.lora import attach_lora
+    from qponder_mlx.train.sft import Encoder
+
+    loaded = load_model(str(tiny_model_dir))
+    m, proc, tok = loaded.model, loaded.processor, loaded.tokenizer
+    mx.random.seed(0)
+    attach_lora(m, LoraConfig(rank=4, target_modules=["q_proj", "v_proj"]))
+    pixels = PixelPolicy(56 * 56, 112 * 112)
+    imgs = sorted(CC0_IMAGES.iterdir())
+    rows, _ = _rows(tmp_path, tok, pixels, [sft_row(imgs[i], ANSWER) for i in (0, 3, 0, 7)])
+    features = tower_features(m, 16)
+    assert features is not None and tower_features(m, 0) is None
+    plain, cached = Encoder(proc, rows, pixels, 0), Encoder(proc, rows, pixels, 0,
+                                                            features=features)
+    grad = nn.value_and_grad(m, sft_loss_sum)
+    for idx in ([0, 1], [2, 3]):  # row 2 is row 0's image again: served from the cache
+        a, b = plain(idx), cached(idx)
+        assert a.image_features is None and b.image_features.shape[0] == \
+            int((a.input_ids == m.config.image_token_id).sum())
+        (la, ga), (lb, gb) = grad(m, a), grad(m, b)
+        np.testing.assert_allclose(lb.item(), la.item(), rtol=1e-5)
+        for (k, x), (_, y) in zip(tree_flatten(ga), tree_flatten(gb)):
+            np.testing.assert_allclose(np.array(y), np.array(x), rtol=1e-3, atol=1e-6, err_msg=k)
+    assert features.computed == 3  # three distinct images
+    fresh = load_model(str(tiny_model_dir)).model
+    attach_lora(fresh, LoraConfig(rank=4, target_modules=["q_proj"], train_vision=True))
+    assert tower_features(fresh, 16) is None

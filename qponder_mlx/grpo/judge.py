@@ -20,8 +20,8 @@ import mlx.core as mx
 import numpy as np
 from mlx_vlm.models.cache import ConcatenateKVCache
 
-from qponder_mlx.generate import lm_head
-from qponder_mlx.grpo.rollout import repeated_cache, text_positions
+from qponder_mlx.generate import lm_head, repeated_cache
+from qponder_mlx.grpo.rollout import text_positions
 from qponder_mlx.prompts import ANSWER_OPEN, THINK_CLOSE, THINK_OPEN
 from qponder_mlx.scoring import digits_value, expected_score, score_token_ids, single_token_ids
 

@@ -118,17 +118,6 @@ def text_positions(start, rows: int, length: int) -> mx.array:
     return mx.broadcast_to(pos, (3, rows, length))
 
 
-def repeated_cache(keys: list[mx.array], values: list[mx.array],
-                   n: int) -> list[ConcatenateKVCache]:
-    """A cache holding one prefix's keys/values n times (one row per continuation)."""
-    cache = []
-    for k, v in zip(keys, values):
-        c = ConcatenateKVCache()
-        c.state = (mx.repeat(k, n, axis=0), mx.repeat(v, n, axis=0))
-        cache.append(c)
-    return cache
-
-
 def logps_after_prompt(model, first: mx.array, keys: list[mx.array], values: list[mx.array],
                        start: mx.array, completion_ids: mx.array, *,
                        temperature: float = 1.0) -> mx.array:
@@ -137,7 +126,7 @@ def logps_after_prompt(model, first: mx.array, keys: list[mx.array], values: lis
     g, t = completion_ids.shape
     logits = mx.repeat(first, g, axis=0)  # (G, 1, V): scores token 0
     if t > 1:
-        h = lm.model(completion_ids[:, :-1], cache=repeated_cache(keys, values, g),
+        h = lm.model(completion_ids[:, :-1], cache=gen.repeated_cache(keys, values, g),
                      position_ids=text_positions(start, g, t - 1))
         logits = mx.concatenate([logits, gen.lm_head(lm, h)], axis=1)
     logits = logits.astype(mx.float32) / temperature

@@ -79,6 +79,12 @@ class Batch:
     n_tokens: int  # real input tokens (image tokens included)
     n_supervised: int
     ids: list[str]
+    # Leading tokens every row shares, all before the first image token (system prompt and
+    # instruction): the loss runs them once for the whole batch. 0 = run every row in full.
+    shared_prefix: int = 0
+    # The rows' image features in row order (the frozen tower's output, train/image_features),
+    # or None: the model computes them from pixel_values.
+    image_features: mx.array | None = None
 
 
 def _text_of(content: Any) -> str | None:
@@ -246,10 +252,22 @@ def encode_row(processor, row: SFTRow, pixels: PixelPolicy) -> EncodedRow:
     return EncodedRow(ids, len(prompt_ids), inputs["pixel_values"], inputs["image_grid_thw"])
 
 
-def collate(rows: list[EncodedRow], pad_id: int, ids: list[str] | None = None) -> Batch:
+def shared_prefix(rows: list[np.ndarray], image_token_id: int) -> int:
+    """How many leading tokens all rows share before any of them reaches an image token. Up
+    to there every row has the same embeddings, positions and (causal) attention, so the same
+    hidden states; an image token's embedding is its image's, so sharing stops before it."""
+    n = min(len(r) for r in rows)
+    first = np.stack([r[:n] for r in rows])
+    same = (first == first[0]).all(axis=0) & (first[0] != image_token_id)
+    return n if same.all() else int(np.argmin(same))
+
+
+def collate(rows: list[EncodedRow], pad_id: int, ids: list[str] | None = None, *,
+            image_token_id: int | None = None) -> Batch:
     """Right-pad to the longest row. Position t is supervised when token t+1 is an answer
     token; padding and prompt positions are never selected, so they add nothing to the loss
-    (and, the attention being causal, right padding cannot change a real position)."""
+    (and, the attention being causal, right padding cannot change a real position).
+    With `image_token_id`, a batch of several rows records its shared prefix (`Batch`)."""
     B, L = len(rows), max(len(r.input_ids) for r in rows)
     input_ids = np.full((B, L), pad_id, dtype=np.int32)
     mask = np.zeros((B, L), dtype=np.int32)
@@ -267,7 +285,11 @@ def collate(rows: list[EncodedRow], pad_id: int, ids: list[str] | None = None) -
         pixel_values=mx.concatenate([r.pixel_values for r in rows], axis=0),
         image_grid_thw=mx.concatenate([r.image_grid_thw for r in rows], axis=0),
         positions=mx.array(positions.astype(np.int32)), targets=mx.array(targets),
-        n_tokens=int(mask.sum()), n_supervised=len(targets), ids=ids or [])
+        n_tokens=int(mask.sum()), n_supervised=len(targets), ids=ids or [],
+        # never into the prompt's last token, whose next token is the first supervised one
+        shared_prefix=(min(shared_prefix([r.input_ids for r in rows], image_token_id),
+                           min(r.n_prompt for r in rows) - 1)
+                       if image_token_id is not None and B > 1 else 0))
 
 
 class DataOrder:

@@ -26,6 +26,7 @@ from pathlib import Path
 import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
+from mlx_vlm.models.cache import ConcatenateKVCache
 
 from qponder_mlx import generate as gen
 from qponder_mlx.images import ImageError, PixelPolicy
@@ -47,6 +48,7 @@ from qponder_mlx.train.data import (
     read_sft_rows,
 )
 from qponder_mlx.train.distributed import World, init_world
+from qponder_mlx.train.image_features import TowerFeatures, tower_features
 from qponder_mlx.train.loop import (
     Window,
     add_trees,
@@ -77,15 +79,33 @@ RESUME_MUST_MATCH = ("model", "data", "lora", "quantize_base", "quantize_group_s
 
 
 def sft_loss_sum(model: nn.Module, batch: Batch) -> mx.array:
-    """Summed cross-entropy of the supervised tokens of a batch (divide by n_supervised)."""
+    """Summed cross-entropy of the supervised tokens of a batch (divide by n_supervised).
+
+    With a shared prefix (`Batch.shared_prefix`: the system prompt and instruction, ~2/3 of a
+    reproduction row) the prefix runs once and its keys/values are repeated for every row; the
+    gradient through the repeat sums the rows' contributions, so loss and gradient are those
+    of the full rows (tested), for fewer FLOPs."""
     feats = model.get_input_embeddings(batch.input_ids, batch.pixel_values,
                                        image_grid_thw=batch.image_grid_thw,
-                                       mask=batch.attention_mask)
+                                       mask=batch.attention_mask,
+                                       cached_image_features=batch.image_features)
     lm = model.language_model
-    h = lm.model(batch.input_ids, inputs_embeds=feats.inputs_embeds,
-                 position_ids=feats.position_ids)
+    ids, emb, pos, p = batch.input_ids, feats.inputs_embeds, feats.position_ids, \
+        batch.shared_prefix
+    cache = None
+    if p:
+        head = [ConcatenateKVCache() for _ in lm.layers]
+        lm.model(ids[:1, :p], inputs_embeds=emb[:1, :p], cache=head, position_ids=pos[:, :1, :p])
+        cache = gen.repeated_cache([c.keys for c in head], [c.values for c in head],
+                                   ids.shape[0])
+    h = lm.model(ids[:, p:], inputs_embeds=emb[:, p:], cache=cache, position_ids=pos[:, :, p:])
     B, L, D = h.shape
-    h = h.reshape(B * L, D)[batch.positions]
+    # positions index the full rows (b * (L + p) + t); supervised positions all lie after the
+    # image, so past the prefix: the same position in the suffix is b * L + t - p
+    flat = batch.positions
+    if p:
+        flat = flat - p * (flat // (L + p) + 1)
+    h = h.reshape(B * L, D)[flat]
     logits = gen.lm_head(lm, h).astype(mx.float32)
     return nn.losses.cross_entropy(logits, batch.targets, reduction="sum")
 
@@ -107,15 +127,19 @@ class Encoder:
     pixels: PixelPolicy
     pad_id: int
     problems_path: Path | None = None
+    image_token_id: int | None = None  # set: batches share their common prefix (collate)
+    features: TowerFeatures | None = None  # set: the frozen tower runs once per image
 
     def __call__(self, indices: list[int], order: DataOrder | None = None) -> Batch | None:
         enc: list[EncodedRow] = []
         ids: list[str] = []
+        images: list[str] = []
         for i in indices:
             row = self.rows[i]
             try:
                 enc.append(encode_row(self.processor, row, self.pixels))
                 ids.append(row.id)
+                images.append(str(row.image))
             except (ImageError, OSError, ValueError) as e:
                 if order is not None:
                     order.bad.add(i)
@@ -124,7 +148,14 @@ class Encoder:
                     append_jsonl(self.problems_path, RowProblem(
                         str(row.image), row.line, "image_runtime", msg).to_dict())
                 say(f"skipped row {row.id}: {msg}")
-        return collate(enc, self.pad_id, ids) if enc else None
+        if not enc:
+            return None
+        batch = collate(enc, self.pad_id, ids, image_token_id=self.image_token_id)
+        if self.features is not None:
+            batch.image_features = mx.concatenate([
+                self.features(key, e.pixel_values, e.image_grid_thw)
+                for key, e in zip(images, enc)])
+        return batch
 
 
 # ---------------------------------------------------------------- validation
@@ -269,9 +300,12 @@ def run_sft(cfg: SFTConfig, *, resume: bool = False, loaded: LoadedModel | None 
         save_config(cfg, run_dir)
     log = MetricsLog(run_dir, resume_step=start if ckpt is not None else None,
                      enabled=world.is_main)
+    image_token = model.config.image_token_id if cfg.share_prefix else None
+    features = tower_features(model, cfg.vision_cache)  # after attach_lora: knows what trains
     encoder = Encoder(processor, rows, pixels, tok.pad_token_id or 0,
-                      problems_path if world.is_main else None)
-    val_encoder = Encoder(processor, val_rows, pixels, tok.pad_token_id or 0)
+                      problems_path if world.is_main else None, image_token, features)
+    val_encoder = Encoder(processor, val_rows, pixels, tok.pad_token_id or 0,
+                          image_token_id=image_token, features=features)
     value_and_grad = nn.value_and_grad(model, sft_loss_sum)
     n_params = sum(a.size for _, a in tree_flatten(model.trainable_parameters()))
     say(f"LoRA r{cfg.lora.rank} on {len(adapter_cfg['lora_parameters']['keys'])} layers, "
