@@ -148,7 +148,8 @@ def _prompt_hidden(model, inputs: Inputs, cache: list[KVCache],
                    prefix: PrefixCache | None = None):
     ids = inputs["input_ids"]
     feats = model.get_input_embeddings(ids, inputs.get("pixel_values"),
-                                       image_grid_thw=inputs.get("image_grid_thw"))
+                                       image_grid_thw=inputs.get("image_grid_thw"),
+                                       cached_image_features=inputs.get("image_features"))
     start = prefix.length(ids) if prefix is not None else 0
     if start:
         b = ids.shape[0]

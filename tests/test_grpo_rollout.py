@@ -88,3 +88,28 @@ def test_answer_tokens_are_the_answer_number_only(tiny_loaded, part):
     assert kept.dtype == mask.dtype
     np.testing.assert_array_equal(np.array(kept[0]), 1 - np.array(flags))
     np.testing.assert_array_equal(np.array(kept[1]), np.array(mask[1]))
+
+
+def test_frozen_tower_runs_once_per_image_and_changes_nothing(tiny_model_dir, prompt):
+    """With LoRA on the language model only, the rollout computes each image's features once
+    and hands them to every later pass: the sampled tokens (greedy) and the completions'
+    log-probs equal those of the model computing the features itself, from the stock call."""
+    from qponder_mlx.model import load_model
+    from qponder_mlx.train.config import LoraConfig
+    from qponder_mlx.train.lora import attach_lora
+
+    loaded = load_model(str(tiny_model_dir))
+    m, proc = loaded.model, loaded.processor
+    mx.random.seed(0)
+    attach_lora(m, LoraConfig(rank=4, target_modules=["q_proj", "v_proj"]))
+    imgs = _images([(56, 56), (112, 56), (56, 56)], seed=4)
+    ro = R.rollout(m, proc, prompt, imgs, 2, gen.SamplingConfig(max_tokens=6))
+    for img, x, group in zip(imgs, ro.inputs, ro.completions):
+        own = m.vision_tower(x["pixel_values"], x["image_grid_thw"], output_hidden_states=False)
+        np.testing.assert_array_equal(np.array(x["image_features"]), np.array(own))
+        (single,), = gen.generate_rows(m, proc, [prompt], [img], gen.SamplingConfig(max_tokens=6))
+        assert all(c.token_ids == single.token_ids for c in group)
+        ids, _ = R.pad_completions(group, pad_id=0)
+        plain = {k: v for k, v in x.items() if k != "image_features"}
+        np.testing.assert_allclose(np.array(R.completion_logps(m, x, ids)),
+                                   np.array(R.completion_logps(m, plain, ids)), atol=1e-5)

@@ -20,6 +20,7 @@ from PIL import Image
 
 from qponder_mlx import generate as gen
 from qponder_mlx.prompts import answer_number_span
+from qponder_mlx.train.image_features import tower_features
 
 
 @dataclass
@@ -38,6 +39,12 @@ def rollout(model, processor, prompt: str, images: list[Image.Image], group_size
     """G sampled completions for each image (same prompt), grouped per image in input order."""
     stops = gen.stop_tokens(model, processor.tokenizer)
     per_image = [gen.encode(processor, [prompt], [im]) for im in images]
+    # A frozen tower's features serve the rollout and every later pass over this step's images
+    # (reference and policy log-probs): once per image instead of three times.
+    tower = tower_features(model, len(images))
+    if tower is not None:
+        for k, x in enumerate(per_image):
+            x["image_features"] = tower(str(k), x["pixel_values"], x["image_grid_thw"])
     completions: list[list[gen.Completion] | None] = [None] * len(images)
     lengths = [x["input_ids"].shape[1] for x in per_image]
     per_batch = max(1, max_rows // group_size)
@@ -59,7 +66,7 @@ def _stack(rows: list[gen.Inputs]) -> gen.Inputs:
     if len(rows) == 1:
         return rows[0]
     out = {"input_ids": mx.concatenate([r["input_ids"] for r in rows], axis=0)}
-    for k in ("pixel_values", "image_grid_thw"):
+    for k in ("pixel_values", "image_grid_thw", "image_features"):
         if k in rows[0]:
             out[k] = mx.concatenate([r[k] for r in rows], axis=0)
     return out
@@ -102,7 +109,8 @@ def prompt_state(model, inputs: gen.Inputs):
     layer's keys and values, and where the completion's positions start (1, 1)."""
     lm = model.language_model
     feats = model.get_input_embeddings(inputs["input_ids"], inputs.get("pixel_values"),
-                                       image_grid_thw=inputs.get("image_grid_thw"))
+                                       image_grid_thw=inputs.get("image_grid_thw"),
+                                       cached_image_features=inputs.get("image_features"))
     cache = [ConcatenateKVCache() for _ in lm.layers]
     h = lm.model(inputs["input_ids"], inputs_embeds=feats.inputs_embeds, cache=cache,
                  position_ids=feats.position_ids)
