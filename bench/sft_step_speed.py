@@ -11,8 +11,8 @@ batches:
     .venv/bin/python bench/sft_step_speed.py                    # reproduction-shaped student
     .venv/bin/python bench/sft_step_speed.py --run runs/whl_s3  # a reproduction's own rows
 
-One optimizer step = forward, backward and AdamW update of LoRA (r32 on every linear incl.
-lm_head, as bench/repro_sft.toml) over `--batch` rows. Ways take turns in blocks of steps on
+One optimizer step = forward, backward and AdamW update of LoRA (bench/repro_sft.toml's: r32 on
+every linear incl. lm_head) over `--batch` rows. Ways take turns in blocks of steps on
 the same batches, each way's time is the median of its steps (a shared 2-core machine); the tower
 cache is filled before timing (the steady state from the second epoch; in the reproduction's
 1500 x 8 rows 2,550 images are computed once, 21 % of the rows). Every way's loss on the same
@@ -41,7 +41,7 @@ import mlx.optimizers as optim  # noqa: E402
 from qponder_mlx.images import PixelPolicy  # noqa: E402
 from qponder_mlx.model import load_model  # noqa: E402
 from qponder_mlx.testing import build_tiny_model  # noqa: E402
-from qponder_mlx.train.config import LoraConfig  # noqa: E402
+from qponder_mlx.train.config import SFTConfig, load_config  # noqa: E402
 from qponder_mlx.train.data import read_sft_rows  # noqa: E402
 from qponder_mlx.train.image_features import tower_features  # noqa: E402
 from qponder_mlx.train.lora import attach_lora  # noqa: E402
@@ -51,7 +51,7 @@ from qponder_mlx.train.testing import cc0_sft_rows, write_jsonl  # noqa: E402
 # The synthetic teacher's style and length (qponder_mlx/distill/synthetic_teacher.py)
 REASONING = ("Moderate blur softens edges and texture. Noise is low. Compression artifacts are "
              "absent. Exposure is fine and colours are normal. Overall, {q} quality.")
-TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head"]
+SFT_TOML = Path(__file__).resolve().parent / "repro_sft.toml"  # the reproduction's LoRA
 
 
 def setup(a: argparse.Namespace, work: Path):
@@ -65,8 +65,7 @@ def setup(a: argparse.Namespace, work: Path):
     pixels = PixelPolicy(a.pixels, a.pixels)
     rows, _ = read_sft_rows(data, loaded.processor.tokenizer, pixels, 4096)
     mx.random.seed(0)
-    attach_lora(loaded.model, LoraConfig(rank=32, alpha=128.0, dropout=0.0,
-                                         target_modules=TARGETS))
+    attach_lora(loaded.model, load_config(SFTConfig, SFT_TOML, {"data": str(data)}).lora)
     return loaded, rows, pixels
 
 
@@ -126,6 +125,7 @@ def main() -> None:
         print(f"RESULT sft_shared_prefix_speedup {med['plain rows'] / med['shared prefix']:.2f} "
               f"goal 1.5")
         print(f"RESULT sft_step_speedup {med['plain rows'] / med['+ tower cache']:.2f} goal 2.0")
+
 
 if __name__ == "__main__":
     main()

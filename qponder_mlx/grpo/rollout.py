@@ -20,7 +20,7 @@ from PIL import Image
 
 from qponder_mlx import generate as gen
 from qponder_mlx.prompts import answer_number_span
-from qponder_mlx.train.image_features import tower_features
+from qponder_mlx.train.image_features import features_are_fixed, tower_output
 
 
 @dataclass
@@ -41,10 +41,9 @@ def rollout(model, processor, prompt: str, images: list[Image.Image], group_size
     per_image = [gen.encode(processor, [prompt], [im]) for im in images]
     # A frozen tower's features serve the rollout and every later pass over this step's images
     # (reference and policy log-probs): once per image instead of three times.
-    tower = tower_features(model, len(images))
-    if tower is not None:
-        for k, x in enumerate(per_image):
-            x["image_features"] = tower(str(k), x["pixel_values"], x["image_grid_thw"])
+    if features_are_fixed(model):
+        for x in per_image:
+            x["image_features"] = tower_output(model, x["pixel_values"], x["image_grid_thw"])
     completions: list[list[gen.Completion] | None] = [None] * len(images)
     lengths = [x["input_ids"].shape[1] for x in per_image]
     per_batch = max(1, max_rows // group_size)

@@ -86,7 +86,7 @@ class SFTConfig:
     grad_checkpoint: bool = False  # recompute decoder layers in backward: less memory, slower
     # Run the tokens every row of a batch shares (system prompt + instruction, before the image)
     # once per batch instead of once per row: same loss and gradient up to float rounding,
-    # fewer FLOPs (bench/sft_speed.py). False = every row in full, as before this option.
+    # fewer FLOPs (bench/sft_step_speed.py). False = every row in full, as before this option.
     share_prefix: bool = True
     # Keep the frozen vision tower's output of up to this many images in memory, so it runs once
     # per image, not once per step (0 = off; unused when the tower trains). Memory: tokens per

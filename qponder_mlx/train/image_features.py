@@ -24,6 +24,19 @@ def tower_is_frozen(model: nn.Module) -> bool:
     return not tree_flatten(model.vision_tower.trainable_parameters())
 
 
+def features_are_fixed(model: nn.Module) -> bool:
+    """The tower's output depends on the pixels alone (no trainable weights), and the model
+    family takes precomputed features (`MODEL_TYPES`)."""
+    return getattr(model.config, "model_type", "") in MODEL_TYPES and tower_is_frozen(model)
+
+
+def tower_output(model: nn.Module, pixel_values: mx.array, grid_thw: mx.array) -> mx.array:
+    """What `get_input_embeddings` computes from the pixels: (image tokens, hidden)."""
+    tower = model.vision_tower
+    dtype = tower.patch_embed.proj.weight.dtype
+    return tower(pixel_values.astype(dtype), grid_thw, output_hidden_states=False)
+
+
 class TowerFeatures:
     """Image features by key (the image's path); valid while the tower's weights stay fixed."""
 
@@ -35,9 +48,7 @@ class TowerFeatures:
     def __call__(self, key: str, pixel_values: mx.array, grid_thw: mx.array) -> mx.array:
         feats = self.cache.get(key)
         if feats is None:
-            tower = self.model.vision_tower
-            dtype = tower.patch_embed.proj.weight.dtype
-            feats = tower(pixel_values.astype(dtype), grid_thw, output_hidden_states=False)
+            feats = tower_output(self.model, pixel_values, grid_thw)
             mx.eval(feats)
             self.cache.put(key, feats)
             self.computed += 1
@@ -47,7 +58,6 @@ class TowerFeatures:
 def tower_features(model: nn.Module, max_images: int) -> TowerFeatures | None:
     """A feature cache for `model`, or None where caching would be wrong (a trainable tower)
     or unsupported (another model family) or switched off (`max_images` 0)."""
-    model_type = getattr(model.config, "model_type", "")
-    if max_images <= 0 or model_type not in MODEL_TYPES or not tower_is_frozen(model):
+    if max_images <= 0 or not features_are_fixed(model):
         return None
     return TowerFeatures(model, max_images)
