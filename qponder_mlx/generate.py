@@ -22,6 +22,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import mlx.core as mx
+import numpy as np
 from mlx_lm.sample_utils import make_sampler
 from mlx_vlm.models.cache import ConcatenateKVCache, KVCache
 from PIL import Image
@@ -93,6 +94,17 @@ def lm_head(lm, h: mx.array) -> mx.array:
     return lm.lm_head(h)
 
 
+def shared_prefix(rows: Sequence[Sequence[int]], image_token_id: int) -> int:
+    """How many leading tokens all rows share before any of them reaches an image token. Up
+    to there every row has the same embeddings, positions and (causal) attention, so the same
+    hidden states; an image token's embedding is its image's, so sharing stops before it. The
+    one rule for every prefix shared across rows (scoring, GRPO rollout, SFT batches)."""
+    n = min(len(r) for r in rows)
+    first = np.stack([np.asarray(r[:n]) for r in rows])
+    same = (first == first[0]).all(axis=0) & (first[0] != image_token_id)
+    return n if same.all() else int(np.argmin(same))
+
+
 class PrefixCache:
     """The keys/values of the text before the image, shared by every row of one prompt.
 
@@ -104,20 +116,15 @@ class PrefixCache:
     depend on the LoRA weights being trained).
     """
 
-    def __init__(self, vision_start_id: int):
-        self.vision_start_id = vision_start_id
+    def __init__(self, image_token_id: int):
+        self.image_token_id = image_token_id
         self._ids: tuple[int, ...] | None = None
         self._state: list[tuple[mx.array, mx.array]] = []
 
     def length(self, input_ids: mx.array) -> int:
-        """Shared prefix length of a batch: up to the first <|vision_start|>, if all rows agree."""
+        """Shared prefix length of a batch (`shared_prefix`), leaving the last token to run."""
         rows = input_ids.tolist()
-        try:
-            n = rows[0].index(self.vision_start_id) + 1
-        except ValueError:
-            return 0
-        head = rows[0][:n]
-        return n if all(r[:n] == head for r in rows) else 0
+        return min(shared_prefix(rows, self.image_token_id), len(rows[0]) - 1)
 
     def states(self, model, ids: list[int]) -> list[tuple[mx.array, mx.array]]:
         if self._ids != tuple(ids):

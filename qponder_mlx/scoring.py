@@ -179,7 +179,7 @@ class Scorer:
             *self.watch_ids, self.dot_id = single_token_ids(tok, "0123456789.",
                                                            "the expected read-out")
         # The prompt text before the image runs through the model once, not once per photo.
-        self.prefix = gen.PrefixCache(loaded.model.config.vision_start_token_id)
+        self.prefix = gen.PrefixCache(loaded.model.config.image_token_id)
 
     @classmethod
     def load(cls, model: str = DEFAULT_MODEL, adapter: str | Path | None = None, *,

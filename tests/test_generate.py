@@ -120,7 +120,7 @@ def test_prefix_cache_gives_the_same_logits_and_answers(tiny_loaded, prompt):
     import mlx.core as mx
 
     m, proc = tiny_loaded.model, tiny_loaded.processor
-    prefix = gen.PrefixCache(m.config.vision_start_token_id)
+    prefix = gen.PrefixCache(m.config.image_token_id)
     inputs = gen.encode(proc, [prompt] * 3, _images(3, seed=7))
     n = prefix.length(inputs["input_ids"])
     assert n > 50  # the whole instruction comes before the image

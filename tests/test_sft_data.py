@@ -9,6 +9,7 @@ import pytest
 from PIL import Image
 
 from qponder_mlx import generate as gen
+from qponder_mlx.generate import shared_prefix
 from qponder_mlx.images import PixelPolicy, load_image
 from qponder_mlx.prompts import chat_messages
 from qponder_mlx.scoring import ScoreConfig, Scorer
@@ -19,7 +20,6 @@ from qponder_mlx.train.data import (
     encode_row,
     problem_summary,
     read_sft_rows,
-    shared_prefix,
 )
 from qponder_mlx.train.sft import sft_loss, sft_loss_sum
 from qponder_mlx.train.testing import CC0_IMAGES, cc0_sft_rows, sft_row, write_jsonl
@@ -97,6 +97,7 @@ def test_padding_does_not_change_a_rows_loss(tmp_path, tiny_loaded, small_pixels
 ])
 def test_shared_prefix_by_hand(rows, want):
     assert shared_prefix([np.array(r) for r in rows], image_token_id=9) == want
+    assert shared_prefix(rows, image_token_id=9) == want  # plain lists (scoring's PrefixCache)
 
 
 def test_shared_prefix_gives_the_full_rows_loss_and_gradient(tmp_path, tiny_loaded):

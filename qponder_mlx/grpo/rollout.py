@@ -48,7 +48,7 @@ def rollout(model, processor, prompt: str, images: list[Image.Image], group_size
     lengths = [x["input_ids"].shape[1] for x in per_image]
     per_batch = max(1, max_rows // group_size)
     # Fresh each rollout: the weights changed since the last step.
-    prefix = gen.PrefixCache(model.config.vision_start_token_id)
+    prefix = gen.PrefixCache(model.config.image_token_id)
     for batch in gen.bucket_by_length(lengths, per_batch):
         inputs = _stack([per_image[i] for i in batch])
         pre = gen.repeat_cache(gen.prefill(model, inputs, prefix), group_size)

@@ -252,16 +252,6 @@ def encode_row(processor, row: SFTRow, pixels: PixelPolicy) -> EncodedRow:
     return EncodedRow(ids, len(prompt_ids), inputs["pixel_values"], inputs["image_grid_thw"])
 
 
-def shared_prefix(rows: list[np.ndarray], image_token_id: int) -> int:
-    """How many leading tokens all rows share before any of them reaches an image token. Up
-    to there every row has the same embeddings, positions and (causal) attention, so the same
-    hidden states; an image token's embedding is its image's, so sharing stops before it."""
-    n = min(len(r) for r in rows)
-    first = np.stack([r[:n] for r in rows])
-    same = (first == first[0]).all(axis=0) & (first[0] != image_token_id)
-    return n if same.all() else int(np.argmin(same))
-
-
 def collate(rows: list[EncodedRow], pad_id: int, ids: list[str] | None = None, *,
             image_token_id: int | None = None) -> Batch:
     """Right-pad to the longest row. Position t is supervised when token t+1 is an answer
@@ -287,7 +277,7 @@ def collate(rows: list[EncodedRow], pad_id: int, ids: list[str] | None = None, *
         positions=mx.array(positions.astype(np.int32)), targets=mx.array(targets),
         n_tokens=int(mask.sum()), n_supervised=len(targets), ids=ids or [],
         # never into the prompt's last token, whose next token is the first supervised one
-        shared_prefix=(min(shared_prefix([r.input_ids for r in rows], image_token_id),
+        shared_prefix=(min(gen.shared_prefix([r.input_ids for r in rows], image_token_id),
                            min(r.n_prompt for r in rows) - 1)
                        if image_token_id is not None and B > 1 else 0))
 
