@@ -96,6 +96,21 @@ def test_nan_step_is_skipped_and_weights_unchanged(tiny_model_dir):
         np.testing.assert_array_equal(np.array(v), before[k])
 
 
+def test_group_and_batch_reward_spread_by_hand(tiny_model_dir):
+    """reward_group_std is the mean of the groups' unbiased SDs (group scaling's divisors)."""
+    lm, prompt, imgs = _setup(tiny_model_dir)
+    cfg = GRPOConfig(data="-", group_size=4, max_completion_length=4, beta=0.0)
+
+    def fixed(ro, parsed, mos):
+        return np.array([0.0, 1.0, 2.0, 3.0, 5.0, 5.0, 5.0, 5.0]), {}
+
+    res = grpo_step(lm.model, lm.processor, prompt, imgs, [3.0, 3.0], cfg,
+                    optim.Adam(learning_rate=1e-3), fixed)
+    # SD of 0,1,2,3 with n-1: sqrt(5/3) = 1.2910; the tied group adds 0
+    assert res.metrics["reward_group_std"] == pytest.approx(np.sqrt(5 / 3) / 2, rel=1e-6)
+    assert res.metrics["reward_std"] == pytest.approx(np.std([0, 1, 2, 3, 5, 5, 5, 5]), rel=1e-6)
+
+
 @pytest.mark.parametrize("loss_type", ["grpo", "dapo", "dr_grpo"])
 def test_per_image_accumulation_equals_the_full_batch_loss(tiny_model_dir, loss_type):
     """Σ over images of the chunked loss == grpo_loss on all rows at once."""

@@ -222,7 +222,7 @@ def grpo_step(model, processor, prompt: str, images: Sequence[Image.Image],
     t3 = time.perf_counter()
 
     metrics = world.mean_metrics(
-        _metrics(ro, parsed, rewards, parts, mos_rows, totals, n_tokens, loss_value),
+        _metrics(ro, parsed, rewards, parts, mos_rows, totals, n_tokens, loss_value, g),
         len(ro.texts))
     # Token-level sums were already global: undo the per-rank averaging for them.
     metrics.update({k: v for k, v in _token_metrics(totals, n_tokens).items()})
@@ -244,11 +244,16 @@ def _token_metrics(totals: dict[str, float], n_tokens: int) -> dict[str, float]:
 
 
 def _metrics(ro: Rollout, parsed, rewards, parts, mos_rows, totals, n_tokens,
-             loss_value) -> dict[str, float]:
+             loss_value, group_size: int) -> dict[str, float]:
     scores = np.array([np.nan if p.score is None else p.score for p in parsed])
     has = ~np.isnan(scores)
     out = {"loss": loss_value, "reward_mean": float(np.mean(rewards)),
            "reward_std": float(np.std(rewards)),
+           # the mean of the divisors `scale="group"` uses: set against reward_std it says how
+           # much group scaling magnifies the within-group differences over batch scaling
+           "reward_group_std": (float(np.std(np.reshape(rewards, (-1, group_size)), axis=1,
+                                             ddof=1).mean()) if group_size > 1 and len(rewards)
+                                else 0.0),
            "format_rate": float(np.mean([p.format_ok for p in parsed])),
            "score_rate": float(has.mean()),
            "score_mae": float(np.abs(scores[has] - mos_rows[has]).mean()) if has.any() else
