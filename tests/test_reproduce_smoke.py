@@ -225,7 +225,8 @@ def test_pipeline_base_fills_what_the_variant_leaves_out(reproduce, tmp_path):
     # the 384-wide one measured 1500 steps too)
     assert main.sft_set == ["iters=1500"]
     # variants measured since History AT change GRPO only: whitened, SFT 1500 from the base
-    since_at = {"repro_pipeline_noans.toml", "repro_pipeline_noans_lr3.toml"}
+    since_at = {"repro_pipeline_noans.toml", "repro_pipeline_noans_lr3.toml",
+                "repro_pipeline_bscale.toml"}
     sft1500 = {"repro_pipeline_whiten_sft1500.toml", "repro_pipeline_384_sft1500.toml", *since_at}
     for variant in sorted(bench.glob("repro_pipeline_*.toml")):
         cfg = reproduce.load_pipeline(variant)
