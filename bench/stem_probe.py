@@ -27,6 +27,7 @@ import argparse
 import json
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -80,16 +81,57 @@ def softmax_probe(ztr: np.ndarray, ctr: np.ndarray, n_classes: int, l2: float = 
     return w, b
 
 
+def mlp_probe(ztr: np.ndarray, ctr: np.ndarray, n_classes: int, hidden: int = 128,
+              l2: float = 1e-3, steps: int = 4000, lr: float = 0.05, seed: int = 0
+              ) -> Callable[[np.ndarray], np.ndarray]:
+    """A one-hidden-layer ReLU classifier (mean cross-entropy + l2/2·|W|², full-batch gradient
+    descent with momentum 0.9): the non-linear counterpart of `softmax_probe`. Returns the map
+    from standardised features to class probabilities."""
+    rng = np.random.default_rng(seed)
+    d = ztr.shape[1]
+    params = [rng.normal(0, d ** -0.5, (d, hidden)), np.zeros(hidden),
+              rng.normal(0, hidden ** -0.5, (hidden, n_classes)), np.zeros(n_classes)]
+    velocity = [np.zeros_like(p) for p in params]
+    onehot = np.eye(n_classes)[ctr]
+
+    def forward(z):
+        w1, b1, w2, b2 = params
+        a = np.maximum(z @ w1 + b1, 0)
+        return a, softmax(a @ w2 + b2)
+
+    for _ in range(steps):
+        w1, _, w2, _ = params
+        a, p = forward(ztr)
+        g = (p - onehot) / len(ztr)
+        ga = g @ w2.T * (a > 0)
+        grads = [ztr.T @ ga + l2 * w1, ga.sum(0), a.T @ g + l2 * w2, g.sum(0)]
+        for param, v, grad in zip(params, velocity, grads):
+            v *= 0.9
+            v += grad
+            param -= lr * v
+    return lambda z: forward(z)[1]
+
+
+def softmax(z: np.ndarray) -> np.ndarray:
+    e = np.exp(z - z.max(1, keepdims=True))
+    return e / e.sum(1, keepdims=True)
+
+
+def level_classes(tr: list) -> tuple[list, np.ndarray, np.ndarray]:
+    """The (distortion, level) classes of synth-iqa rows, each class's MOS, each row's class."""
+    classes = sorted({(r["distortion"], r["level"]) for r in tr})
+    mos = np.array([next(r["mos"] for r in tr if (r["distortion"], r["level"]) == c)
+                    for c in classes])
+    return classes, mos, np.array([classes.index((r["distortion"], r["level"])) for r in tr])
+
+
 def class_readout(xtr: np.ndarray, tr: list, xte: np.ndarray) -> np.ndarray:
     """The MOS of the (distortion, level) class a softmax probe on standardised features picks:
     how well the 15 classes can be told apart, read as the scores a perfect near-classifier
     student would write."""
-    classes = sorted({(r["distortion"], r["level"]) for r in tr})
-    mos = np.array([next(r["mos"] for r in tr if (r["distortion"], r["level"]) == c)
-                    for c in classes])
+    classes, mos, ctr = level_classes(tr)
     mu, sd = xtr.mean(0), xtr.std(0) + 1e-9
-    w, b = softmax_probe((xtr - mu) / sd, np.array([classes.index((r["distortion"], r["level"]))
-                                                    for r in tr]), len(classes))
+    w, b = softmax_probe((xtr - mu) / sd, ctr, len(classes))
     return mos[(((xte - mu) / sd) @ w + b).argmax(1)]
 
 

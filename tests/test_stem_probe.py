@@ -60,3 +60,39 @@ def test_probe_reports_the_class_probes_level_accuracy_and_mos_gap(stem_probe, m
     out = stem_probe.probe(None, None, "test")["classes"]
     assert out["level_accuracy"] == 0.75
     assert out["mos_gap"] == pytest.approx(0.05)
+
+
+def test_mlp_probe_separates_xor_where_the_linear_probe_cannot(stem_probe):
+    """Four clusters in an XOR layout: no linear map puts them in their two classes."""
+    rng = np.random.default_rng(3)
+    centres = np.array([[1, 1], [-1, -1], [1, -1], [-1, 1]], dtype=float)
+    labels = np.array([0, 0, 1, 1])
+    pick = rng.integers(0, 4, 200)
+    x, c = centres[pick] + rng.normal(0, 0.2, (200, 2)), labels[pick]
+    probs = stem_probe.mlp_probe(x, c, 2, hidden=16, steps=2000, lr=0.1)(centres)
+    np.testing.assert_allclose(probs.sum(1), 1.0, atol=1e-12)
+    assert (probs.argmax(1) == labels).all() and probs.max(1).min() > 0.9
+    w, b = stem_probe.softmax_probe(x, c, 2, steps=2000)
+    assert ((centres @ w + b).argmax(1) == labels).sum() <= 3  # at best 3 of the 4 clusters
+
+
+def test_readout_ceiling_sweep_scores_each_readout_by_spearman(monkeypatch):
+    ceiling = load_bench("readout_ceiling")
+    rng = np.random.default_rng(4)
+    levels = [("blur", 1, 4.6, 0.0), ("blur", 2, 4.4, 3.0), ("jpeg", 1, 4.3, 6.0)]
+    tr = [{"distortion": k, "level": lv, "mos": m} for k, lv, m, _ in levels for _ in range(20)]
+    xtr = np.array([rng.normal(c, 0.3, size=2) for *_, c in levels for _ in range(20)])
+    te = [{"mos": m} for _, _, m, _ in levels] + [{"mos": 4.6}]
+    xte = np.array([[0.0, 0.0], [3.0, 3.0], [6.0, 6.0], [3.1, 2.9]])  # the last: blur 1 as 2
+    out = ceiling.sweep(xtr, tr, {"": (xte, te)})[""]
+    # every class probe picks 4.6 / 4.4 / 4.3 / 4.4 (argmax): SRCC by scipy of those against
+    # the truth; the expected read-outs see the same ordering of the clusters
+    from scipy.stats import spearmanr
+    want = spearmanr([4.6, 4.4, 4.3, 4.4], [4.6, 4.4, 4.3, 4.6])[0]
+    assert {k for k in out if k.endswith("argmax")} == {
+        "linear l2=0.0001 argmax", "linear l2=0.001 argmax", "linear l2=0.01 argmax",
+        "mlp 64 argmax", "mlp 256 argmax"}
+    for k in out:
+        if k.endswith("argmax"):
+            assert out[k] == pytest.approx(want), k
+    assert {"ridge", "knn5", "knn25"} <= set(out)
