@@ -54,14 +54,14 @@ def sweep(xtr: np.ndarray, tr: list, tests: dict[str, tuple[np.ndarray, list]]
     """{held-out set: {read-out: SRCC}} for every read-out of the sweep."""
     ytr = np.array([r["mos"] for r in tr])
     classes, mos, ctr = sp.level_classes(tr)
-    mu, sd = xtr.mean(0), xtr.std(0) + 1e-9
-    probes = class_probes((xtr - mu) / sd, ctr, len(classes))
+    z = sp.standardiser(xtr)
+    probes = class_probes(z(xtr), ctr, len(classes))
     out = {}
     for name, (xte, te) in tests.items():
         yte = np.array([r["mos"] for r in te])
         preds = sp.readouts(xtr, ytr, xte)
         for probe_name, probe in probes.items():
-            p = probe((xte - mu) / sd)
+            p = probe(z(xte))
             preds[f"{probe_name} argmax"] = mos[p.argmax(1)]
             preds[f"{probe_name} expected"] = p @ mos
         out[name] = {k: float(spearmanr(v, yte)[0]) for k, v in preds.items()}

@@ -52,10 +52,16 @@ def tower_features(model_dir: Path, data: Path, splits: list[str]) -> list[tuple
     return list(zip(np.split(feats, cuts), rows))
 
 
+def standardiser(xtr: np.ndarray) -> Callable[[np.ndarray], np.ndarray]:
+    """x -> (x - mean) / SD of the training features, per feature."""
+    mu, sd = xtr.mean(0), xtr.std(0) + 1e-9
+    return lambda x: (x - mu) / sd
+
+
 def readouts(xtr: np.ndarray, ytr: np.ndarray, xte: np.ndarray) -> dict[str, np.ndarray]:
     """Held-out predictions of a ridge (λ = 1 on standardised features) and of kNN means."""
-    mu, sd = xtr.mean(0), xtr.std(0) + 1e-9
-    ztr, zte = (xtr - mu) / sd, (xte - mu) / sd
+    z = standardiser(xtr)
+    ztr, zte = z(xtr), z(xte)
     a = np.c_[ztr, np.ones(len(ztr))]
     w = np.linalg.solve(a.T @ a + np.eye(a.shape[1]), a.T @ ytr)
     preds = {"ridge": np.c_[zte, np.ones(len(zte))] @ w}
@@ -73,9 +79,7 @@ def softmax_probe(ztr: np.ndarray, ctr: np.ndarray, n_classes: int, l2: float = 
     w, b = np.zeros((ztr.shape[1], n_classes)), np.zeros(n_classes)
     onehot = np.eye(n_classes)[ctr]
     for _ in range(steps):
-        z = ztr @ w + b
-        p = np.exp(z - z.max(1, keepdims=True))
-        g = (p / p.sum(1, keepdims=True) - onehot) / len(ztr)
+        g = (softmax(ztr @ w + b) - onehot) / len(ztr)
         w -= lr * (ztr.T @ g + l2 * w)
         b -= lr * g.sum(0)
     return w, b
@@ -130,9 +134,9 @@ def class_readout(xtr: np.ndarray, tr: list, xte: np.ndarray) -> np.ndarray:
     how well the 15 classes can be told apart, read as the scores a perfect near-classifier
     student would write."""
     classes, mos, ctr = level_classes(tr)
-    mu, sd = xtr.mean(0), xtr.std(0) + 1e-9
-    w, b = softmax_probe((xtr - mu) / sd, ctr, len(classes))
-    return mos[(((xte - mu) / sd) @ w + b).argmax(1)]
+    z = standardiser(xtr)
+    w, b = softmax_probe(z(xtr), ctr, len(classes))
+    return mos[(z(xte) @ w + b).argmax(1)]
 
 
 def probe(model_dir: Path, data: Path, test_split: str) -> dict[str, dict]:

@@ -9,7 +9,6 @@ import pytest
 from PIL import Image
 
 from qponder_mlx import generate as gen
-from qponder_mlx.generate import shared_prefix
 from qponder_mlx.images import PixelPolicy, load_image
 from qponder_mlx.prompts import chat_messages
 from qponder_mlx.scoring import ScoreConfig, Scorer
@@ -96,8 +95,8 @@ def test_padding_does_not_change_a_rows_loss(tmp_path, tiny_loaded, small_pixels
     ([[9, 2], [9, 2]], 0),                        # an image token first
 ])
 def test_shared_prefix_by_hand(rows, want):
-    assert shared_prefix([np.array(r) for r in rows], image_token_id=9) == want
-    assert shared_prefix(rows, image_token_id=9) == want  # plain lists (scoring's PrefixCache)
+    assert gen.shared_prefix([np.array(r) for r in rows], image_token_id=9) == want
+    assert gen.shared_prefix(rows, image_token_id=9) == want  # plain lists (scoring's PrefixCache)
 
 
 def test_shared_prefix_gives_the_full_rows_loss_and_gradient(tmp_path, tiny_loaded):
