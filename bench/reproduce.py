@@ -110,6 +110,10 @@ class DistillSettings:
     # train photo (the photo itself, then its crops in order); 0 = every view. GRPO still trains on
     # every view: its reward needs only the MOS, the teacher's text is the costly part.
     views: int = 0
+    # A miscalibrated teacher (`qponder distill --synthetic-bias`): offsets of its scores per
+    # distortion type, "" = calibrated. GRPO's reward reads the human MOS, so correcting what the
+    # filter let through is GRPO's job (History AX).
+    bias: str = ""
 
 
 @dataclass
@@ -403,7 +407,8 @@ def run_pipeline(cfg: ReproConfig, pipeline_dir: Path, out: Path, *, in_process:
                         "--out", str(out / "distill" / "train.jsonl"), "--teacher", "synthetic",
                         "--samples-per-image", str(d.samples_per_image),
                         "--temperature", str(d.temperature),
-                        "--max-score-error", str(d.max_score_error)])
+                        "--max-score-error", str(d.max_score_error),
+                        *(["--synthetic-bias", d.bias] if d.bias else [])])
 
     def train(stage_name: str, extra: list[str], config: Path, sets: list[str]):
         run_dir = out / stage_name

@@ -37,6 +37,9 @@ def distill(
     concurrency: int | None = typer.Option(None, help="Requests in flight. Default: 8."),
     temperature: float | None = typer.Option(None, help="Teacher sampling temperature. "
                                              "Default: 0.7."),
+    synthetic_bias: str | None = typer.Option(None, help="synthetic only: offsets of its scores "
+                                              "per distortion type, e.g. 'noise=+0.5,blur=-0.4' "
+                                              "(a miscalibrated teacher). Default: none."),
     max_tokens: int | None = typer.Option(None, help="Teacher token budget. Default: 1024."),
     max_pixels: int | None = typer.Option(None, help="Downscale images to at most this many "
                                           "pixels. Default: 1003520."),
@@ -68,8 +71,9 @@ def distill(
     flags = {"teacher": teacher, "teacher_url": teacher_url, "teacher_model": teacher_model,
              "api_key_env": api_key_env, "adapter": adapter, "mode": mode,
              "max_score_error": max_score_error, "samples_per_image": samples_per_image,
-             "concurrency": concurrency, "temperature": temperature, "max_tokens": max_tokens,
-             "max_pixels": max_pixels, "timeout_s": timeout_s, "max_retries": max_retries}
+             "concurrency": concurrency, "temperature": temperature,
+             "synthetic_bias": synthetic_bias, "max_tokens": max_tokens, "max_pixels": max_pixels,
+             "timeout_s": timeout_s, "max_retries": max_retries}
     try:
         cfg = DistillConfig.from_toml(config) if config else DistillConfig()
         for name, value in flags.items():

@@ -15,6 +15,8 @@ import pytest
 from bench_loader import load_bench
 from scipy import stats
 
+from qponder_mlx.io import read_jsonl
+
 ROOT = Path(__file__).resolve().parents[1]
 
 PIPELINE = """
@@ -36,6 +38,7 @@ whiten = true        # qponder dev whiten-stem over the train images
 [distill]
 samples_per_image = 1
 views = 1            # cold start on the centre views only; GRPO on every view
+bias = "noise=+0.3"  # a miscalibrated teacher reaches `qponder distill`
 [eval]
 batch_size = 16
 max_tokens = 8
@@ -106,6 +109,9 @@ def test_toy_pipeline_writes_every_artefact_and_resumes(reproduce, tmp_path, cap
     assert len(cold) == 30 and all(r["view"] == r["reference"] for r in cold)
     assert json.loads((out / "distill" / "train.summary.json").read_text())["total"] == 30
     assert "distill --data " + str(out / "data" / "cold_start.jsonl") in commands
+    assert "--synthetic-bias noise=+0.3" in commands
+    assert all("noise+0.30" in r["teacher_model"] for r in read_jsonl(out / "distill" /
+                                                                       "train.jsonl"))
     assert "--data " + str(out / "data" / "train.jsonl") in commands.split("--stage grpo")[1]
     # sft_set reaches the trainer as --set flags, over the train TOML
     assert json.loads((out / "sft" / "summary.json").read_text())["steps"] == 3
@@ -227,11 +233,16 @@ def test_pipeline_base_fills_what_the_variant_leaves_out(reproduce, tmp_path):
     # variants measured since History AT change GRPO only: whitened, SFT 1500 from the base
     since_at = {"repro_pipeline_noans.toml", "repro_pipeline_noans_lr3.toml",
                 "repro_pipeline_bscale.toml"}
-    sft1500 = {"repro_pipeline_whiten_sft1500.toml", "repro_pipeline_384_sft1500.toml", *since_at}
+    teacher_only = {"repro_pipeline_biased.toml"}  # the shipped recipe, another teacher (AX)
+    sft1500 = {"repro_pipeline_whiten_sft1500.toml", "repro_pipeline_384_sft1500.toml", *since_at,
+               *teacher_only}
     for variant in sorted(bench.glob("repro_pipeline_*.toml")):
         cfg = reproduce.load_pipeline(variant)
-        assert cfg.student.whiten == ("whiten" in variant.name or variant.name in since_at), \
-            variant.name
+        assert cfg.student.whiten == ("whiten" in variant.name or
+                                      variant.name in since_at | teacher_only), variant.name
+        if variant.name in teacher_only:
+            assert cfg.distill.bias and \
+                dataclasses.replace(cfg, base="", distill=main.distill) == main, variant.name
         if variant.name in since_at:
             assert (dataclasses.replace(cfg, base="", grpo_set=main.grpo_set) == main), \
                 variant.name

@@ -21,6 +21,7 @@ from qponder_mlx.distill.synthetic_teacher import (
     SHARPNESS,
     SyntheticTeacher,
     describe,
+    parse_bias,
     quality_word,
     read_level,
 )
@@ -184,3 +185,51 @@ def test_config_accepts_synthetic_without_a_model_and_rejects_a_missing_label_fi
     with pytest.raises(ValueError, match="missing.jsonl.*synth-iqa"):
         build_teacher(DistillConfig(teacher="synthetic",
                                     teacher_model=str(tmp_path / "missing.jsonl")))
+
+
+def test_bias_shifts_blind_answers_per_type_and_guided_ones_not_at_all():
+    t = SyntheticTeacher(temperature=0, bias="noise=+0.5, blur=-0.4")
+    assert "noise+0.50" in t.model and "blur-0.40" in t.model
+    offset = {"noise": 0.5, "blur": -0.4, "jpeg": 0.0}
+    for kind, table in KADID.items():
+        for level, mos in enumerate(table, start=1):
+            p = parse_response(t.ask((kind, level), _sample(kind, level), BLIND).text)
+            want = min(5.0, max(1.0, mos + offset[kind]))  # hand: the level's MOS + offset
+            assert p.score == pytest.approx(want, abs=0.005), (kind, level)
+            assert quality_word(want) in p.reasoning  # the verdict follows the teacher's scale
+    s = Sample(id="g", image=Path("/nowhere/g.png"), mos=3.21)
+    assert parse_response(t.ask(("noise", 2), s, teacher_prompt("guided", 3.21)).text).score \
+        == pytest.approx(3.21)
+
+
+@pytest.mark.parametrize("text", ["speckle=+0.3", "noise", "noise=lots", "noise=0.1,noise=0.2",
+                                  "blur=-9"])
+def test_bad_bias_is_one_line_naming_the_field(text):
+    with pytest.raises(ValueError, match=r"synthetic_bias: bad entry .*TYPE=OFFSET"):
+        parse_bias(text)
+    with pytest.raises(ValueError, match="synthetic_bias"):
+        DistillConfig(teacher="synthetic", synthetic_bias=text).validate()
+
+
+def test_bias_is_for_the_synthetic_teacher_only_and_reaches_the_rows(synth_set, tmp_path):
+    assert parse_bias("") == {} and parse_bias("jpeg=0.25,") == {"jpeg": 0.25}
+    with pytest.raises(ValueError, match="synthetic_bias: only the synthetic teacher"):
+        DistillConfig(teacher="openai", teacher_url="http://x/v1", teacher_model="m",
+                      synthetic_bias="noise=0.3").validate()
+    toml = tmp_path / "d.toml"
+    toml.write_text('[distill]\nteacher = "synthetic"\nsynthetic_bias = "noise=+0.3"\n')
+    assert DistillConfig.from_toml(toml).synthetic_bias == "noise=+0.3"
+
+    out = tmp_path / "biased.jsonl"
+    res = CliRunner().invoke(app, ["distill", "--data", str(synth_set / "labels.jsonl"),
+                                   "--out", str(out), "--teacher", "synthetic", "--temperature",
+                                   "0", "--synthetic-bias", "noise=+0.3,blur=-0.3"])
+    assert res.exit_code == 0, res.output
+    rows = list(read_jsonl(out))
+    assert len(rows) == 30  # 0.3 off passes the 0.5 filter
+    kinds = {json.loads(line)["id"]: json.loads(line)["distortion"]
+             for line in (synth_set / "labels.jsonl").read_text().splitlines()}
+    for kind, offset in {"noise": 0.3, "blur": -0.3, "jpeg": 0.0}.items():
+        errors = [r["teacher_score"] - r["mos"] for r in rows if kinds[r["id"]] == kind]
+        # the answers are written with 2 decimals, the MOS has 3
+        assert len(errors) == 10 and errors == pytest.approx([offset] * 10, abs=0.0051), kind

@@ -36,6 +36,8 @@ class DistillConfig:
     min_reasoning_words: int = 5  # a kept answer must reason, not just score
     concurrency: int = 8  # requests in flight
     temperature: float = 0.7
+    # synthetic only: a miscalibrated stand-in, offsets per distortion type ("noise=+0.5,...")
+    synthetic_bias: str = ""
     max_tokens: int = 1024
     max_pixels: int = DEFAULT_MAX_PIXELS  # images are downscaled to at most this many pixels
     timeout_s: float = 120.0  # per request
@@ -66,6 +68,11 @@ class DistillConfig:
         if self.teacher == "openai" and not self.teacher_url:
             bad("teacher_url", "the openai teacher needs --teacher-url (e.g. "
                 "http://127.0.0.1:8000/v1)")
+        if self.synthetic_bias:
+            if self.teacher != "synthetic":
+                bad("synthetic_bias", "only the synthetic teacher has one — drop it")
+            from qponder_mlx.distill.synthetic_teacher import parse_bias
+            parse_bias(self.synthetic_bias)  # its own one-line error names the field
         if not self.teacher_model and self.teacher != "synthetic":
             bad("teacher_model", "pass --teacher-model: the model name the server serves "
                 "(openai), or a repo id / folder (local)")
@@ -142,7 +149,8 @@ def build_teacher(config: DistillConfig, environ: Mapping[str, str] | None = Non
     if config.teacher == "synthetic":
         from qponder_mlx.distill.synthetic_teacher import SyntheticTeacher
 
-        return SyntheticTeacher(config.teacher_model, temperature=config.temperature)
+        return SyntheticTeacher(config.teacher_model, temperature=config.temperature,
+                                bias=config.synthetic_bias)
     if config.teacher == "openai":
         from qponder_mlx.distill.openai_teacher import OpenAIConfig, OpenAITeacher
 

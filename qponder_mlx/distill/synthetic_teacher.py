@@ -7,6 +7,12 @@ the image to pick the right description, not memorise one sentence), and a score
 mean human MOS for that (type, level) — with seeded noise, and now and then a misread level
 (described and scored as the neighbouring level), so the blind agreement filter has real work.
 
+Optionally MISCALIBRATED (`bias`, e.g. "noise=+0.5,blur=-0.4"): a real teacher's scale is not
+the human one, and how far it is off depends on the distortion (a VLM may read grain as milder
+than people do). The blind answers are then centred on the level's MOS plus that type's offset;
+the agreement filter removes the worst of it, the rest reaches the student — what GRPO's reward,
+which reads the human MOS, is there to correct (docs/reproduction.md, History AX).
+
 Used by the miniature reproduction (bench/reproduce.py) and tests; never a real teacher. Its
 `model` name starts with "synthetic-" and lands in every row's `teacher_model`.
 
@@ -99,6 +105,24 @@ OVERALL = ["Overall the quality is {word}.", "Overall, {word} quality.",
 QUALITY_WORDS = [(4.5, "excellent"), (3.5, "good"), (2.5, "fair"), (1.5, "poor"), (-1, "bad")]
 
 
+def parse_bias(text: str) -> dict[str, float]:
+    """"noise=+0.5,blur=-0.4" -> {"noise": 0.5, "blur": -0.4}; "" -> {}. Types are synth-iqa's."""
+    out: dict[str, float] = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        kind, sep, value = part.partition("=")
+        kind = kind.strip()
+        try:
+            offset = float(value) if sep else float("nan")
+        except ValueError:
+            offset = float("nan")
+        if kind not in LEVEL_MOS or not abs(offset) < 4 or kind in out:
+            raise ValueError(f"synthetic_bias: bad entry {part!r} — write TYPE=OFFSET pairs, "
+                             f"each type once ({', '.join(LEVEL_MOS)}), offsets on the 1-5 "
+                             "scale, e.g. 'noise=+0.5,blur=-0.4'")
+        out[kind] = offset
+    return out
+
+
 def quality_word(score: float) -> str:
     return next(word for floor, word in QUALITY_WORDS if score >= floor)
 
@@ -160,18 +184,23 @@ class SyntheticTeacher:
     """`Teacher` that knows each image's distortion and level (see module docstring).
 
     `temperature` scales the imperfection: score noise SD 0.35·T and a 0.15·T chance of
-    misreading the level by one; T = 0 answers the level's MOS exactly. Answers are seeded by
-    (seed, sample id, attempt number), so a rerun writes the same file.
+    misreading the level by one; T = 0 answers the level's MOS exactly. `bias` shifts blind
+    answers by a fixed offset per distortion type (`parse_bias`; guided prompts show the human
+    score, which the teacher then follows). Answers are seeded by (seed, sample id, attempt
+    number), so a rerun writes the same file.
     """
 
     max_concurrency = None  # no model: every call is a few microseconds
 
     def __init__(self, labels: str | Path | None = None, *, temperature: float = 0.7,
-                 seed: int = 0):
+                 seed: int = 0, bias: str = ""):
         self.noise_sd = NOISE_SD_AT_T1 * temperature
         self.confusion = min(1.0, CONFUSION_AT_T1 * temperature)
+        self.bias = parse_bias(bias)
         self.seed = seed
-        self.model = f"{TEACHER_NAME}(sd={self.noise_sd:.3f},confuse={self.confusion:.3f})"
+        offsets = "".join(f",{k}{v:+.2f}" for k, v in self.bias.items())
+        self.model = (f"{TEACHER_NAME}(sd={self.noise_sd:.3f},confuse={self.confusion:.3f}"
+                      f"{offsets})")
         self._explicit = read_metadata(labels) if labels else None
         self._found: dict[Path, dict[str, tuple[str, int]]] = {}
         self._asked: Counter[str] = Counter()
@@ -212,7 +241,8 @@ class SyntheticTeacher:
         guided = prompt.user != teacher_prompt("blind").user  # guided prompts show the MOS
         if not guided and rng.random() < self.confusion:
             level = min(5, max(1, level + rng.choice((-1, 1))))  # a misread neighbour level
-        centre = sample.mos if guided else LEVEL_MOS[distortion][level - 1]
+        centre = (sample.mos if guided
+                  else LEVEL_MOS[distortion][level - 1] + self.bias.get(distortion, 0.0))
         score = min(5.0, max(1.0, round(centre + rng.gauss(0.0, self.noise_sd), 2)))
         reasoning = (describe(distortion, level, rng) + " "
                      + rng.choice(OVERALL).format(word=quality_word(score)))
