@@ -144,6 +144,16 @@ def level_of(sample_id: str) -> tuple[str, int] | None:
     return (parts[1], int(parts[2])) if len(parts) == 3 and parts[2].isdigit() else None
 
 
+def answers_by_level(report: dict, written: dict) -> list[tuple[tuple[str, int], float, float]]:
+    """((distortion, level), MOS, written answer) for every answered synth-iqa row."""
+    out = []
+    for x in report["samples"]:
+        level = level_of(x["id"])
+        if level is not None and written[x["id"]] is not None:
+            out.append((level, float(x["mos"]), float(written[x["id"]])))
+    return out
+
+
 def levels_table(runs: list[dict]) -> str:
     """Per seed and student, on all views of the held-out photos: the mean written answer per
     (distortion, level), under the level's MOS — which levels a student tells apart, which it
@@ -153,12 +163,9 @@ def levels_table(runs: list[dict]) -> str:
     mos: dict[tuple[str, int], float] = {}
     for seed, name, report, written in held_out_answers(runs):
         per: dict[tuple[str, int], list[float]] = {}
-        for x in report["samples"]:
-            level = level_of(x["id"])
-            if level is None or written[x["id"]] is None:
-                continue
-            mos[level] = float(x["mos"])
-            per.setdefault(level, []).append(written[x["id"]])
+        for level, m, answer in answers_by_level(report, written):
+            mos[level] = m
+            per.setdefault(level, []).append(answer)
         cells[(seed, name)] = {k: float(np.mean(v)) for k, v in per.items()}
     if not cells:
         return ""
@@ -172,6 +179,39 @@ def levels_table(runs: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def type_offsets(rows: list[tuple[tuple[str, int], float, float]]) -> dict[str, float]:
+    """Mean signed error (answer − MOS) per distortion type."""
+    per: dict[str, list[float]] = {}
+    for (kind, _), m, answer in rows:
+        per.setdefault(kind, []).append(answer - m)
+    return {k: float(np.mean(v)) for k, v in sorted(per.items())}
+
+
+def offsets_table(runs: list[dict]) -> str:
+    """Per seed and student, on all views of the held-out photos: how far the answers sit from
+    the MOS per distortion type (a teacher's miscalibration that reached the student, History
+    AX), and the SRCC with each type's mean offset taken out — the rank order that offsets cost
+    (SRCC minus it is what removing them would gain)."""
+    lines, kinds = [], None
+    for seed, name, report, written in held_out_answers(runs):
+        rows = answers_by_level(report, written)
+        if len(rows) < 2:
+            continue
+        off = type_offsets(rows)
+        if kinds is None:
+            kinds = list(off)
+            lines += ["| seed | student | " + " | ".join(f"{k} answer − MOS" for k in kinds)
+                      + " | SRCC | SRCC, type offsets removed |",
+                      "|" + "---|" * (len(kinds) + 4)]
+        mos = [m for _, m, _ in rows]
+        plain = srcc([a for _, _, a in rows], mos)
+        fixed = srcc([a - off[kind] for (kind, _), _, a in rows], mos)
+        lines.append(f"| {seed} | {name} | " + " | ".join(
+            f"{off[k]:+.3f}" if k in off else "–" for k in kinds)
+            + f" | {plain:.3f} | {fixed:.3f} |")
+    return "\n".join(lines) + "\n" if lines else ""
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("runs", nargs="+", type=Path, help="reproduce.py --out folders")
@@ -181,9 +221,9 @@ def main(argv: list[str] | None = None) -> int:
     table, results = summary(runs)
     photos = [p for p in runs[0]["config"]["data"]["test_photos"].split(",") if p]
     table += "\n" + answers_table(runs, photos)
-    levels = levels_table(runs)
-    if levels:
-        table += "\n" + levels
+    for extra in (levels_table(runs), offsets_table(runs)):
+        if extra:
+            table += "\n" + extra
     if args.out:
         args.out.write_text(table)
     print(table)

@@ -114,6 +114,30 @@ def test_levels_table_means_per_distortion_level(seeds, tmp_path, capsys):
     assert seeds.level_of("odd-name") is None
 
 
+def test_offsets_table_signed_error_per_type_and_srcc_without_it(seeds, tmp_path, capsys):
+    from scipy import stats
+
+    run = _run(tmp_path / "a", 1, 0.95, 0.90, 0.75, (0.94, 0.89, 0.82))
+    (run / "eval").mkdir()
+    # noise read 0.3 too high (and one view 0.5), blur 0.2 too low: by hand, noise
+    # (0.3 + 0.3 + 0.5) / 3 = +0.367, blur (-0.2 - 0.2) / 2 = -0.200
+    rows = [("coffee_noise_1", 3.893, 4.193), ("coffee_noise_3", 3.045, 3.345),
+            ("rocket_noise_5", 2.301, 2.801), ("coffee_blur_2", 4.382, 4.182),
+            ("rocket_blur_3", 2.911, 2.711)]
+    samples = [{"id": i, "mos": m, "score": a} for i, m, a in rows]
+    (run / "eval" / "grpo_reason_held_out_views.json").write_text(json.dumps({"samples": samples}))
+    assert seeds.main([str(run)]) == 0
+    out = capsys.readouterr().out.splitlines()
+    head = next(x for x in out if "blur answer − MOS" in x)
+    line = [c.strip() for c in out[out.index(head) + 2].strip("|").split("|")]
+    assert line[:4] == ["1", "GRPO", "-0.200", "+0.367"]
+    mos, answers = [m for _, m, _ in rows], [a for _, _, a in rows]
+    assert float(line[4]) == pytest.approx(stats.spearmanr(answers, mos)[0], abs=5e-4)
+    fixed = [a - (0.367 if "noise" in i else -0.2) for i, _, a in rows]
+    assert float(line[5]) == pytest.approx(stats.spearmanr(fixed, mos)[0], abs=5e-4)
+    assert float(line[5]) > float(line[4])  # here the offsets cost rank order
+
+
 def test_last_step_rows_appear_only_when_every_run_has_them(seeds, tmp_path, capsys):
     runs = [_run(tmp_path / "a", 0, 0.95, 0.90, 0.75, None),
             _run(tmp_path / "b", 1, 0.92, 0.91, 0.75, None)]
