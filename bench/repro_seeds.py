@@ -117,13 +117,13 @@ def held_out_answers(runs: list[dict]):
                 yield run["seed"], name, report, report_scores(report, "text")
 
 
-def answers_table(runs: list[dict], photos: list[str]) -> str:
+def answers_table(answers: list, photos: list[str]) -> str:
     """Per seed and student, on all views of the held-out photos: SRCC per photo, the share of
     answers whose first decimal is 3, and the most frequent answers — the ties GRPO makes
     (the numbers written, the paper's read-out)."""
     lines = ["| seed | student | " + " | ".join(photos) + " | first decimal 3 | top answers |",
              "|" + "---|" * (len(photos) + 4)]
-    for seed, name, report, written in held_out_answers(runs):
+    for seed, name, report, written in answers:
         answered = [(written[x["id"]], x["mos"], x["id"]) for x in report["samples"]
                     if written[x["id"]] is not None]
         cells = []
@@ -154,14 +154,14 @@ def answers_by_level(report: dict, written: dict) -> list[tuple[tuple[str, int],
     return out
 
 
-def levels_table(runs: list[dict]) -> str:
+def levels_table(answers: list) -> str:
     """Per seed and student, on all views of the held-out photos: the mean written answer per
     (distortion, level), under the level's MOS — which levels a student tells apart, which it
     answers alike (e.g. three JPEG levels all at 4.3) and which it moves to the wrong side of
     another level."""
     cells: dict[tuple[int, str], dict] = {}
     mos: dict[tuple[str, int], float] = {}
-    for seed, name, report, written in held_out_answers(runs):
+    for seed, name, report, written in answers:
         per: dict[tuple[str, int], list[float]] = {}
         for level, m, answer in answers_by_level(report, written):
             mos[level] = m
@@ -187,29 +187,29 @@ def type_offsets(rows: list[tuple[tuple[str, int], float, float]]) -> dict[str, 
     return {k: float(np.mean(v)) for k, v in sorted(per.items())}
 
 
-def offsets_table(runs: list[dict]) -> str:
+def offsets_table(answers: list) -> str:
     """Per seed and student, on all views of the held-out photos: how far the answers sit from
     the MOS per distortion type (a teacher's miscalibration that reached the student, History
     AX), and the SRCC with each type's mean offset taken out — the rank order that offsets cost
     (SRCC minus it is what removing them would gain)."""
-    lines, kinds = [], None
-    for seed, name, report, written in held_out_answers(runs):
+    cells = []
+    for seed, name, report, written in answers:
         rows = answers_by_level(report, written)
-        if len(rows) < 2:
-            continue
-        off = type_offsets(rows)
-        if kinds is None:
-            kinds = list(off)
-            lines += ["| seed | student | " + " | ".join(f"{k} answer − MOS" for k in kinds)
-                      + " | SRCC | SRCC, type offsets removed |",
-                      "|" + "---|" * (len(kinds) + 4)]
-        mos = [m for _, m, _ in rows]
-        plain = srcc([a for _, _, a in rows], mos)
-        fixed = srcc([a - off[kind] for (kind, _), _, a in rows], mos)
+        if len(rows) >= 2:
+            off = type_offsets(rows)
+            mos = [m for _, m, _ in rows]
+            cells.append((seed, name, off, srcc([a for _, _, a in rows], mos),
+                          srcc([a - off[kind] for (kind, _), _, a in rows], mos)))
+    if not cells:
+        return ""
+    kinds = sorted({k for _, _, off, _, _ in cells for k in off})
+    lines = ["| seed | student | " + " | ".join(f"{k} answer − MOS" for k in kinds)
+             + " | SRCC | SRCC, type offsets removed |", "|" + "---|" * (len(kinds) + 4)]
+    for seed, name, off, plain, fixed in cells:
         lines.append(f"| {seed} | {name} | " + " | ".join(
             f"{off[k]:+.3f}" if k in off else "–" for k in kinds)
             + f" | {plain:.3f} | {fixed:.3f} |")
-    return "\n".join(lines) + "\n" if lines else ""
+    return "\n".join(lines) + "\n"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -220,8 +220,9 @@ def main(argv: list[str] | None = None) -> int:
     runs = [load(r) for r in args.runs]
     table, results = summary(runs)
     photos = [p for p in runs[0]["config"]["data"]["test_photos"].split(",") if p]
-    table += "\n" + answers_table(runs, photos)
-    for extra in (levels_table(runs), offsets_table(runs)):
+    answers = list(held_out_answers(runs))  # each eval report read once, for all three tables
+    table += "\n" + answers_table(answers, photos)
+    for extra in (levels_table(answers), offsets_table(answers)):
         if extra:
             table += "\n" + extra
     if args.out:

@@ -109,10 +109,10 @@ def parse_bias(text: str) -> dict[str, float]:
     """"noise=+0.5,blur=-0.4" -> {"noise": 0.5, "blur": -0.4}; "" -> {}. Types are synth-iqa's."""
     out: dict[str, float] = {}
     for part in filter(None, (p.strip() for p in text.split(","))):
-        kind, sep, value = part.partition("=")
+        kind, _, value = part.partition("=")
         kind = kind.strip()
         try:
-            offset = float(value) if sep else float("nan")
+            offset = float(value)  # "" (no "=") fails here too
         except ValueError:
             offset = float("nan")
         if kind not in LEVEL_MOS or not abs(offset) < 4 or kind in out:
