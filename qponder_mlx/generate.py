@@ -198,13 +198,29 @@ def repeat_cache(pre: Prefill, n: int) -> Prefill:
                    pre.prompt_len)
 
 
-def _select_rows(pre_cache: list[KVCache], rows: mx.array) -> list[KVCache]:
+def _with_room(k: mx.array, v: mx.array, room: int) -> KVCache:
+    """A cache holding keys/values (B, heads, L, dim) with space for `room` more positions.
+
+    mlx-vlm's KVCache grows in blocks of 256 positions, and a cache set from a prefill's state is
+    full, so the first decode step copies it into L + 256 slots. Sizing it once for the tokens
+    still to come avoids that copy and the unused slots (G rows x 256 positions x every layer).
+    """
+    c = KVCache()
+    if room > 0:
+        k = mx.concatenate([k, mx.zeros((*k.shape[:2], room, k.shape[3]), k.dtype)], axis=2)
+        v = mx.concatenate([v, mx.zeros((*v.shape[:2], room, v.shape[3]), v.dtype)], axis=2)
+    c.keys, c.values, c.offset = k, v, k.shape[2] - max(room, 0)
+    return c
+
+
+def _select_rows(pre_cache: list[KVCache], rows: mx.array | None, room: int) -> list[KVCache]:
+    """Some rows of a cache (all with `rows=None`), with space for `room` more positions."""
     out = []
     for c in pre_cache:
         k, v = c.state
-        nc = KVCache()
-        nc.state = (k[rows], v[rows])
-        out.append(nc)
+        if rows is not None:
+            k, v = k[rows], v[rows]
+        out.append(_with_room(k, v, room))
     return out
 
 
@@ -232,7 +248,9 @@ def decode(model, pre: Prefill, cfg: SamplingConfig, stops: StopTokens,
     watch = mx.array(list(watch_ids)) if watch_ids else None
     done = [False] * n
     active = list(range(n))  # original row index of each live batch row
-    cache, logits, deltas = pre.cache, pre.logits, pre.rope_deltas
+    # Every step but the last feeds its token back: at most max_tokens - 1 positions to add.
+    cache = _select_rows(pre.cache, None, cfg.max_tokens - 1)
+    logits, deltas = pre.logits, pre.rope_deltas
     ban = None
     if stops.banned:
         ban = mx.zeros((logits.shape[-1],), dtype=mx.bool_)
@@ -262,7 +280,7 @@ def decode(model, pre: Prefill, cfg: SamplingConfig, stops: StopTokens,
         # decode step, and every later step then runs on fewer rows.
         if len(live) <= 0.75 * len(active):
             sel = mx.array(live)
-            cache = _select_rows(cache, sel)
+            cache = _select_rows(cache, sel, cfg.max_tokens - 1 - step)
             deltas = deltas[sel]
             tok = tok[sel]
             active = [active[j] for j in live]

@@ -134,3 +134,45 @@ def test_prefix_cache_gives_the_same_logits_and_answers(tiny_loaded, prompt):
     assert ([c.token_ids for c in gen.decode(m, plain, cfg, stops)]
             == [c.token_ids for c in gen.decode(m, cached, cfg, stops)])
     assert mx.array_equal(gen.prefill(m, inputs, prefix).logits, cached.logits)
+
+
+def test_decode_cache_is_sized_once_for_the_tokens_to_come(tiny_loaded, prompt, monkeypatch):
+    """The decode cache never regrows (mlx-vlm's KVCache would add 256 slots at the first step)
+    and ends full: capacity = prompt + the max_tokens - 1 tokens fed back, also after rows drop."""
+    from mlx_vlm.models.cache import KVCache
+
+    m, proc = tiny_loaded.model, tiny_loaded.processor
+    cfg = gen.SamplingConfig(max_tokens=12)
+    stops = gen.stop_tokens(m, proc.tokenizer)
+    imgs = _images(2, seed=5)
+    inputs = gen.encode(proc, [prompt] * 2, imgs)
+    base = gen.decode(m, gen.prefill(m, inputs), cfg, stops)
+    # stop row 0 early on a token row 1 never emits: row 1 then runs alone (a row drop)
+    pos, tok = next((i, t) for i, t in enumerate(base[0].token_ids[1:], 1)
+                    if t not in base[1].token_ids)
+    stops2 = gen.StopTokens(stop=stops.stop | {tok}, banned=stops.banned)
+
+    seen, selects = [], []
+    update, select = KVCache.update_and_fetch, gen._select_rows
+
+    def spy_update(self, k, v):
+        if self.keys is not None:  # None: the prefill's fresh cache
+            seen.append((self.offset, self.keys.shape[2], self.keys.shape[0]))
+        return update(self, k, v)
+
+    def spy_select(cache, rows, room):
+        selects.append(room)
+        return select(cache, rows, room)
+
+    monkeypatch.setattr(KVCache, "update_and_fetch", spy_update)
+    monkeypatch.setattr(gen, "_select_rows", spy_select)
+    out = gen.decode(m, gen.prefill(m, inputs), cfg, stops2)
+    monkeypatch.undo()
+
+    L = inputs["input_ids"].shape[1]
+    assert out[0].token_ids == base[0].token_ids[:pos + 1] and out[1].token_ids == base[1].token_ids
+    assert len(selects) == 2 and selects[0] == cfg.max_tokens - 1  # the start and one row drop
+    decode_updates = [s for s in seen if s[0] >= L]  # the prefill's own updates come first
+    assert all(cap == L + cfg.max_tokens - 1 for _, cap, _ in decode_updates)  # never regrown
+    assert decode_updates[-1][0] + 1 == L + cfg.max_tokens - 1  # the last slot is the last used
+    assert decode_updates[-1][2] == 1 and decode_updates[0][2] == 2  # the drop really happened

@@ -163,20 +163,46 @@ def test_chunked_gradient_equals_the_one_pass_gradient(tiny_model_dir, rows):
     ref = old + 0.1
     n_tok = int(mask.sum().item())
     results = {}
-    for loss_rows in (4, rows):
+    # the prompt run again, and the rollout's own prefill state (same weights) reused
+    for key, loss_rows, state in ((4, 4, None), (rows, rows, None),
+                                  ("state", rows, ro.prompt_states[0])):
         cfg = GRPOConfig(data="-", group_size=4, beta=0.04, loss_rows=loss_rows,
                          max_completion_length=6)
-        results[loss_rows] = image_loss_and_grads(lm.model, ro.inputs[0], ids, mask, adv, old,
-                                                  ref, cfg, 4, n_tok)
-    (l1, s1, g1), (l2, s2, g2) = results[4], results[rows]
-    assert l2 == pytest.approx(l1, abs=1e-6)  # the loss is a small sum of +/- terms
-    for k in s1:
-        assert float(s2[k]) == pytest.approx(float(s1[k]), rel=1e-5)
-    a, b = dict(tree_flatten(g1)), dict(tree_flatten(g2))
-    scale = max(float(mx.abs(v).max()) for v in a.values())
-    assert scale > 0
-    for k in a:
-        np.testing.assert_allclose(np.array(b[k]), np.array(a[k]), atol=1e-5 * scale, err_msg=k)
+        results[key] = image_loss_and_grads(lm.model, ro.inputs[0], ids, mask, adv, old,
+                                            ref, cfg, 4, n_tok, state)
+    l1, s1, g1 = results[4]
+    for l2, s2, g2 in (results[rows], results["state"]):
+        assert l2 == pytest.approx(l1, abs=1e-6)  # the loss is a small sum of +/- terms
+        for k in s1:
+            assert float(s2[k]) == pytest.approx(float(s1[k]), rel=1e-5)
+        a, b = dict(tree_flatten(g1)), dict(tree_flatten(g2))
+        scale = max(float(mx.abs(v).max()) for v in a.values())
+        assert scale > 0
+        for k in a:
+            np.testing.assert_allclose(np.array(b[k]), np.array(a[k]), atol=1e-5 * scale,
+                                       err_msg=k)
+
+
+@pytest.mark.parametrize("num_iterations", [1, 2])
+def test_the_policy_prompt_is_not_run_again_before_the_first_update(tiny_model_dir, monkeypatch,
+                                                                    num_iterations):
+    """The first update (and the old-policy log-probs) start from the rollout's prefill state;
+    prompts run again only for the KL reference and for updates after the weights changed."""
+    from qponder_mlx.grpo import step as S
+
+    lm, prompt, imgs = _setup(tiny_model_dir)
+    calls = []
+    real = S.prompt_state
+    monkeypatch.setattr(S, "prompt_state", lambda m, x: calls.append(1) or real(m, x))
+    cfg = GRPOConfig(data="-", group_size=4, beta=0.04, loss_rows=2, max_completion_length=4,
+                     num_iterations=num_iterations)
+    res = grpo_step(lm.model, lm.processor, prompt, imgs, [2.0, 4.0], cfg,
+                    optim.SGD(learning_rate=0.1),
+                    lambda ro, parsed, mos: (np.arange(8, dtype=float), {}))
+    assert not res.skipped and len(res.rollout.prompt_states) == 2
+    # 2 images: the reference's prompts, each update's VJP through the prompts, and the
+    # policy's prompts without a graph for updates after the first only (before: 6 / 12 calls)
+    assert len(calls) == 2 + 2 * num_iterations + 2 * (num_iterations - 1)
 
 
 def test_reference_judge_scores_under_the_reference_policy(tiny_model_dir):

@@ -52,7 +52,11 @@ class GRPOConfig:
     # after steps N, 2N, ... (the last step's stay in adapters_last/). GRPO's held-out SRCC
     # swings between nearby steps; the mean sits in the middle (docs/reproduction.md, AL).
     average_every: int = 0
-    max_rows: int = 8  # decode at most this many rows at once (memory bound: one G=8 group)
+    # Decode at most this many rows at once (a memory bound): 16 = the default step's B=2
+    # groups of 8 in one decode, whose caches are sized once for max_completion_length
+    # (generate.decode). 8 rows cost the same peak here but 1.3x the rollout time
+    # (docs/bench_grpo.md, 2026-12-03).
+    max_rows: int = 16
     # Completions differentiated together; fewer = less memory, same gradient (>= G: one pass).
     loss_rows: int = 2
     rewards: RewardConfig = field(default_factory=RewardConfig)

@@ -22,12 +22,20 @@ from qponder_mlx import generate as gen
 from qponder_mlx.prompts import answer_number_span
 from qponder_mlx.train.image_features import features_are_fixed, tower_output
 
+# One prompt's state after the prefill (see `prompt_state`): the last position's logits
+# (1, 1, V), every layer's keys and values (1, heads, L, dim), where the completion's positions
+# start (1, 1).
+PromptState = tuple[mx.array, list[mx.array], list[mx.array], mx.array]
+
 
 @dataclass
 class Rollout:
     inputs: list[gen.Inputs]  # per image: input_ids (1, L), pixel_values, image_grid_thw
     completions: list[list[gen.Completion]]  # per image: G completions
     texts: list[str]  # B·G decoded texts, groups contiguous
+    # Per image, the prefill's state under the weights that sampled: the update's policy pass
+    # starts from it instead of running each prompt again (valid until the weights change).
+    prompt_states: list[PromptState] | None = None
 
     @property
     def group_size(self) -> int:
@@ -45,19 +53,30 @@ def rollout(model, processor, prompt: str, images: list[Image.Image], group_size
         for x in per_image:
             x["image_features"] = tower_output(model, x["pixel_values"], x["image_grid_thw"])
     completions: list[list[gen.Completion] | None] = [None] * len(images)
+    states: list[PromptState | None] = [None] * len(images)
     lengths = [x["input_ids"].shape[1] for x in per_image]
     per_batch = max(1, max_rows // group_size)
     # Fresh each rollout: the weights changed since the last step.
     prefix = gen.PrefixCache(model.config.image_token_id)
     for batch in gen.bucket_by_length(lengths, per_batch):
         inputs = _stack([per_image[i] for i in batch])
-        pre = gen.repeat_cache(gen.prefill(model, inputs, prefix), group_size)
+        pre = gen.prefill(model, inputs, prefix)
+        for k, i in enumerate(batch):
+            states[i] = _row_state(pre, k)
+        pre = gen.repeat_cache(pre, group_size)
         comps = gen.detokenize(processor.tokenizer, gen.decode(model, pre, sampling, stops),
                                stops)
         for k, i in enumerate(batch):
             completions[i] = comps[k * group_size:(k + 1) * group_size]
     texts = [c.text for group in completions for c in group]
-    return Rollout(per_image, completions, texts)
+    return Rollout(per_image, completions, texts, states)
+
+
+def _row_state(pre: gen.Prefill, k: int) -> PromptState:
+    """Row k of a batched prefill as one prompt's state."""
+    keys = [c.state[0][k:k + 1] for c in pre.cache]
+    values = [c.state[1][k:k + 1] for c in pre.cache]
+    return pre.logits[k:k + 1, None, :], keys, values, pre.prompt_len + pre.rope_deltas[k:k + 1]
 
 
 def _stack(rows: list[gen.Inputs]) -> gen.Inputs:
@@ -103,7 +122,7 @@ def without_answer_tokens(mask: mx.array, group: list[gen.Completion], tokenizer
     return mx.where(mx.array(drop), 0, mask).astype(mask.dtype)
 
 
-def prompt_state(model, inputs: gen.Inputs):
+def prompt_state(model, inputs: gen.Inputs) -> PromptState:
     """One prompt (batch 1) through the model: the logits of its last position (1, 1, V), every
     layer's keys and values, and where the completion's positions start (1, 1)."""
     lm = model.language_model

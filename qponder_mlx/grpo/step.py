@@ -22,6 +22,7 @@ from qponder_mlx.grpo.config import GRPOConfig
 from qponder_mlx.grpo.loss import group_advantages, per_token_terms, reduce_tokens
 from qponder_mlx.grpo.rewards import combine
 from qponder_mlx.grpo.rollout import (
+    PromptState,
     Rollout,
     completion_logps,
     logps_after_prompt,
@@ -80,11 +81,12 @@ def _image_loss(model, inputs, ids, mask, adv, old, ref, cfg: GRPOConfig, n_rows
 
 
 def image_loss_and_grads(model, inputs, ids, mask, adv, old, ref, cfg: GRPOConfig, n_rows,
-                         n_tokens):
+                         n_tokens, state: PromptState | None = None):
     """One image's loss, metric sums and LoRA gradient.
 
-    With `cfg.loss_rows` >= G: one backward pass over the whole group. Smaller: the prompt runs
-    once without a graph, the completions are differentiated `loss_rows` rows at a time with
+    With `cfg.loss_rows` >= G: one backward pass over the whole group. Smaller: the prompt's
+    state (`state`: the rollout's prefill under the same weights; else the prompt runs once
+    without a graph), the completions are differentiated `loss_rows` rows at a time with
     respect to the LoRA weights *and* the prompt's keys/values/last logits, and one vector-
     Jacobian product through the prompt adds its share — the same gradient (tested) with only
     `loss_rows` completions' activations alive at a time.
@@ -105,7 +107,7 @@ def image_loss_and_grads(model, inputs, ids, mask, adv, old, ref, cfg: GRPOConfi
         first, keys, values, _ = prompt_state(model, inputs)
         return [first, *keys, *values]
 
-    first, keys, values, start = prompt_state(model, inputs)  # no graph is kept
+    first, keys, values, start = state or prompt_state(model, inputs)  # no graph is kept
     mx.eval(first, keys, values, start)
 
     def chunk_loss(p, first, keys, values, sl_ids, sl_mask, sl_adv, sl_old, sl_ref):
@@ -176,9 +178,9 @@ def grpo_step(model, processor, prompt: str, images: Sequence[Image.Image],
     n_rows, n_tokens = int(counts["rows"]), int(counts["tokens"])
     advs = [adv[i * g:(i + 1) * g] for i in range(len(images))]
 
-    def frozen_logps(i):
+    def frozen_logps(i, state=None):
         # No gradient here, so the rows can go through in chunks of loss_rows (memory).
-        first, keys, values, start = prompt_state(model, ro.inputs[i])
+        first, keys, values, start = state or prompt_state(model, ro.inputs[i])
         ids = batch[i][0]
         parts = []
         for r0 in range(0, ids.shape[0], cfg.loss_rows):
@@ -189,7 +191,11 @@ def grpo_step(model, processor, prompt: str, images: Sequence[Image.Image],
         return mx.concatenate(parts, axis=0)
 
     # μ > 1 reuses the rollout: the ratio is against the policy that sampled it.
-    old = [frozen_logps(i) for i in range(len(images))] if cfg.num_iterations > 1 else None
+    # Until the first update the policy is the one that sampled: its prompt states are the
+    # rollout's, so no prompt runs again for it.
+    states = ro.prompt_states or [None] * len(images)
+    old = ([frozen_logps(i, states[i]) for i in range(len(images))]
+           if cfg.num_iterations > 1 else None)
     ref = None
     if cfg.beta:
         with reference(model):
@@ -198,13 +204,13 @@ def grpo_step(model, processor, prompt: str, images: Sequence[Image.Image],
     skipped = False
     totals: dict[str, float] = {}
     loss_value, norm = 0.0, 0.0
-    for _ in range(cfg.num_iterations):
+    for it in range(cfg.num_iterations):
         grads, loss_value, totals = zeros_like_tree(model.trainable_parameters()), 0.0, {}
         for i in range(len(images)):
             loss, sums, gi = image_loss_and_grads(
                 model, ro.inputs[i], batch[i][0], batch[i][1], advs[i],
                 None if old is None else old[i], None if ref is None else ref[i],
-                cfg, n_rows, n_tokens)
+                cfg, n_rows, n_tokens, states[i] if it == 0 else None)
             grads = tree_map(mx.add, grads, gi)
             mx.eval(grads, sums)
             loss_value += loss
