@@ -1,6 +1,7 @@
 """A GRPO step learns an easy reward on the tiny model, and does not with the sign flipped."""
 
 import mlx.core as mx
+import mlx.nn as nn
 import mlx.optimizers as optim
 import numpy as np
 import pytest
@@ -266,3 +267,54 @@ def test_untrained_answer_tokens_get_no_gradient(tiny_model_dir, monkeypatch, di
         assert moved > 1e-4
     else:
         assert moved < 1e-6
+
+
+def test_row_chunks_sort_by_last_counted_token_and_cut_each_chunk():
+    from qponder_mlx.grpo.step import row_chunks
+
+    mask = mx.array([[1, 1, 1, 0, 0, 0],    # last counted token at 3
+                     [1, 1, 1, 1, 1, 0],    # 5
+                     [1, 0, 0, 0, 0, 0],    # 1
+                     [0, 0, 0, 0, 0, 0],    # nothing counted: width 1, goes first
+                     [1, 0, 1, 0, 0, 0]])   # 3 (a masked answer token inside counts as a gap)
+    got = [(c.tolist(), w) for c, w in row_chunks(mask, 2)]
+    assert got == [([2, 3], 1), ([0, 4], 3), ([1], 5)]
+    assert [(c.tolist(), w) for c, w in row_chunks(mask, 5)] == [([2, 3, 0, 4, 1], 5)]
+
+
+@pytest.mark.parametrize("loss_rows", [1, 2, 4])
+def test_chunks_cut_to_length_give_the_full_width_loss_and_gradient(tiny_model_dir, loss_rows):
+    """Completions of very different lengths (a group padded to its longest): the chunked,
+    length-cut gradient and the reference log-probs equal a plain full-width computation."""
+    from mlx.utils import tree_flatten, tree_map
+
+    from qponder_mlx import generate as gen
+    from qponder_mlx.grpo import step as S
+
+    lm, prompt, imgs = _setup(tiny_model_dir)
+    lm.model.update(tree_map(lambda p: p + 0.03, lm.model.trainable_parameters()))
+    inputs = gen.encode(lm.processor, [prompt], [imgs[0]])
+    rng = np.random.default_rng(2)
+    ids = mx.array(rng.integers(10, 300, (4, 9)), dtype=mx.int32)
+    lengths = [9, 2, 5, 1]
+    mask = mx.array([[1] * n + [0] * (9 - n) for n in lengths], dtype=mx.int32)
+    mask[2, 3] = 0  # a token left out of the loss inside a row (an answer digit)
+    adv = mx.array([1.0, -0.5, 0.25, -0.75])
+    cfg = GRPOConfig(data="-", group_size=4, beta=0.04, loss_rows=loss_rows)
+    full = R.completion_logps(lm.model, inputs, ids)
+    ref = S.frozen_logps(lm.model, inputs, ids, mask, cfg)
+    m = np.array(mask) != 0
+    np.testing.assert_allclose(np.array(ref)[m], np.array(full)[m], atol=1e-5)
+    ref = ref - 0.1 * mx.array(m, dtype=mx.float32)  # the reference differs from the policy
+    n_tok = int(mask.sum().item())
+    # the plain computation: the whole group at full width in one backward pass
+    (l1, _), g1 = nn.value_and_grad(lm.model, S._image_loss)(
+        lm.model, inputs, ids, mask, adv, None, ref, cfg, 4, n_tok)
+    l2, _, g2 = S.image_loss_and_grads(lm.model, inputs, ids, mask, adv, None, ref, cfg, 4,
+                                       n_tok)
+    assert l2 == pytest.approx(l1.item(), abs=1e-6)
+    a, b = dict(tree_flatten(g1)), dict(tree_flatten(g2))
+    scale = max(float(mx.abs(v).max()) for v in a.values())
+    assert scale > 0
+    for k in a:
+        np.testing.assert_allclose(np.array(b[k]), np.array(a[k]), atol=1e-5 * scale, err_msg=k)

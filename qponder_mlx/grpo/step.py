@@ -80,6 +80,18 @@ def _image_loss(model, inputs, ids, mask, adv, old, ref, cfg: GRPOConfig, n_rows
     return _token_loss(lp, mask, adv, old, ref, cfg, n_rows, n_tokens)
 
 
+def row_chunks(mask: mx.array, rows: int) -> list[tuple[mx.array, int]]:
+    """Completion rows in chunks of at most `rows`, shortest first, each with the width that
+    holds its rows' last counted token. A group is padded to its longest completion; a chunk of
+    short ones needs none of that padding (positions past a row's last counted token add
+    nothing to the loss and, attention being causal, change nothing before them)."""
+    m = np.asarray(mask) != 0
+    last = np.where(m.any(axis=1), m.shape[1] - np.argmax(m[:, ::-1], axis=1), 1)
+    order = np.argsort(last, kind="stable")
+    return [(mx.array(order[r0:r0 + rows]), int(last[order[r0:r0 + rows]].max()))
+            for r0 in range(0, len(order), rows)]
+
+
 def image_loss_and_grads(model, inputs, ids, mask, adv, old, ref, cfg: GRPOConfig, n_rows,
                          n_tokens, state: PromptState | None = None):
     """One image's loss, metric sums and LoRA gradient.
@@ -89,12 +101,16 @@ def image_loss_and_grads(model, inputs, ids, mask, adv, old, ref, cfg: GRPOConfi
     without a graph), the completions are differentiated `loss_rows` rows at a time with
     respect to the LoRA weights *and* the prompt's keys/values/last logits, and one vector-
     Jacobian product through the prompt adds its share — the same gradient (tested) with only
-    `loss_rows` completions' activations alive at a time.
+    `loss_rows` completions' activations alive at a time, each chunk cut to its own length
+    (`row_chunks`).
     """
     g = ids.shape[0]
     if cfg.loss_rows >= g:
+        # Cut to the last counted token like the chunks below (`frozen_logps` fills only that).
+        (_, w), = row_chunks(mask, g)
         (loss, sums), grads = nn.value_and_grad(model, _image_loss)(
-            model, inputs, ids, mask, adv, old, ref, cfg, n_rows, n_tokens)
+            model, inputs, ids[:, :w], mask[:, :w], adv, None if old is None else old[:, :w],
+            None if ref is None else ref[:, :w], cfg, n_rows, n_tokens)
         return loss.item(), sums, grads
 
     names, params = map(list, zip(*tree_flatten(model.trainable_parameters())))
@@ -119,11 +135,10 @@ def image_loss_and_grads(model, inputs, ids, mask, adv, old, ref, cfg: GRPOConfi
     vg = mx.value_and_grad(chunk_loss, argnums=(0, 1, 2, 3))
     total, sums = 0.0, {}
     gp = gf = gk = gv = None
-    for r0 in range(0, g, cfg.loss_rows):
-        sl = slice(r0, r0 + cfg.loss_rows)
+    for rows, w in row_chunks(mask, cfg.loss_rows):
         (loss, s), (dp, df, dk, dv) = vg(
-            params, first, keys, values, ids[sl], mask[sl], adv[sl],
-            None if old is None else old[sl], None if ref is None else ref[sl])
+            params, first, keys, values, ids[rows, :w], mask[rows, :w], adv[rows],
+            None if old is None else old[rows, :w], None if ref is None else ref[rows, :w])
         gp = dp if gp is None else [a + b for a, b in zip(gp, dp)]
         gk = dk if gk is None else [a + b for a, b in zip(gk, dk)]
         gv = dv if gv is None else [a + b for a, b in zip(gv, dv)]
@@ -140,6 +155,20 @@ def image_loss_and_grads(model, inputs, ids, mask, adv, old, ref, cfg: GRPOConfi
     # Same tree shape as the one-pass gradient (modules without trainable weights included).
     return total, sums, tree_map_with_path(lambda path, _: flat[path],
                                            model.trainable_parameters())
+
+
+def frozen_logps(model, inputs, ids: mx.array, mask: mx.array, cfg: GRPOConfig,
+                 state: PromptState | None = None) -> mx.array:
+    """(G, T) log-probs of one image's completions under the model as it is, without a graph,
+    `loss_rows` rows at a time (memory), each chunk cut to its length (`row_chunks`): 0 past a
+    chunk's last counted token, which no loss reads."""
+    first, keys, values, start = state or prompt_state(model, inputs)
+    out = mx.zeros(ids.shape, dtype=mx.float32)
+    for rows, w in row_chunks(mask, cfg.loss_rows):
+        out[rows, :w] = logps_after_prompt(model, first, keys, values, start, ids[rows, :w],
+                                           temperature=cfg.temperature)
+        mx.eval(out)
+    return out
 
 
 def grpo_step(model, processor, prompt: str, images: Sequence[Image.Image],
@@ -178,28 +207,17 @@ def grpo_step(model, processor, prompt: str, images: Sequence[Image.Image],
     n_rows, n_tokens = int(counts["rows"]), int(counts["tokens"])
     advs = [adv[i * g:(i + 1) * g] for i in range(len(images))]
 
-    def frozen_logps(i, state=None):
-        # No gradient here, so the rows can go through in chunks of loss_rows (memory).
-        first, keys, values, start = state or prompt_state(model, ro.inputs[i])
-        ids = batch[i][0]
-        parts = []
-        for r0 in range(0, ids.shape[0], cfg.loss_rows):
-            lp = logps_after_prompt(model, first, keys, values, start,
-                                    ids[r0:r0 + cfg.loss_rows], temperature=cfg.temperature)
-            mx.eval(lp)
-            parts.append(lp)
-        return mx.concatenate(parts, axis=0)
-
     # μ > 1 reuses the rollout: the ratio is against the policy that sampled it.
     # Until the first update the policy is the one that sampled: its prompt states are the
     # rollout's, so no prompt runs again for it.
     states = ro.prompt_states or [None] * len(images)
-    old = ([frozen_logps(i, states[i]) for i in range(len(images))]
-           if cfg.num_iterations > 1 else None)
+    old = ([frozen_logps(model, ro.inputs[i], *batch[i], cfg, states[i])
+            for i in range(len(images))] if cfg.num_iterations > 1 else None)
     ref = None
     if cfg.beta:
         with reference(model):
-            ref = [frozen_logps(i) for i in range(len(images))]
+            ref = [frozen_logps(model, ro.inputs[i], *batch[i], cfg)
+                   for i in range(len(images))]
 
     skipped = False
     totals: dict[str, float] = {}
