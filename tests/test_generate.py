@@ -176,3 +176,9 @@ def test_decode_cache_is_sized_once_for_the_tokens_to_come(tiny_loaded, prompt, 
     assert all(cap == L + cfg.max_tokens - 1 for _, cap, _ in decode_updates)  # never regrown
     assert decode_updates[-1][0] + 1 == L + cfg.max_tokens - 1  # the last slot is the last used
     assert decode_updates[-1][2] == 1 and decode_updates[0][2] == 2  # the drop really happened
+
+    # caches that grow the stock way (room 0: 256 more slots when full) give the same bits
+    monkeypatch.setattr(gen, "_select_rows", lambda cache, rows, room: select(cache, rows, 0))
+    grown = gen.decode(m, gen.prefill(m, inputs), cfg, stops2)
+    assert [c.token_ids for c in grown] == [c.token_ids for c in out]
+    assert [c.logprobs for c in grown] == [c.logprobs for c in out]
