@@ -54,8 +54,8 @@ class GRPOConfig:
     average_every: int = 0
     # Decode at most this many rows at once (a memory bound): 16 = the default step's B=2
     # groups of 8 in one decode, whose caches are sized once for max_completion_length
-    # (generate.decode). 8 rows cost the same peak here but 1.3x the rollout time
-    # (docs/bench_grpo.md, 2026-12-03).
+    # (generate.decode). On the bench's model 8 rows save ~6 % of the step's peak memory and
+    # cost 1.3x the rollout time (docs/bench_grpo.md, 2026-12-03).
     max_rows: int = 16
     # Completions differentiated together; fewer = less memory, same gradient (>= G: one pass).
     loss_rows: int = 2
