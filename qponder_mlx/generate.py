@@ -204,6 +204,8 @@ def _with_room(k: mx.array, v: mx.array, room: int) -> KVCache:
     mlx-vlm's KVCache grows in blocks of 256 positions, and a cache set from a prefill's state is
     full, so the first decode step copies it into L + 256 slots. Sizing it once for the tokens
     still to come avoids that copy and the unused slots (G rows x 256 positions x every layer).
+    mlx-vlm's own `KVCache.prefix_cache_reserve` pads the same way but rounds the capacity up to
+    that 256-slot step, which keeps up to 255 unused slots per row and layer.
     """
     c = KVCache()
     if room > 0:

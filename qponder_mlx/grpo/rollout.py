@@ -74,8 +74,9 @@ def rollout(model, processor, prompt: str, images: list[Image.Image], group_size
 
 def _row_state(pre: gen.Prefill, k: int) -> PromptState:
     """Row k of a batched prefill as one prompt's state."""
-    keys = [c.state[0][k:k + 1] for c in pre.cache]
-    values = [c.state[1][k:k + 1] for c in pre.cache]
+    states = [c.state for c in pre.cache]
+    keys = [kv[0][k:k + 1] for kv in states]
+    values = [kv[1][k:k + 1] for kv in states]
     return pre.logits[k:k + 1, None, :], keys, values, pre.prompt_len + pre.rope_deltas[k:k + 1]
 
 
