@@ -45,6 +45,7 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -110,6 +111,11 @@ class DistillSettings:
     # train photo (the photo itself, then its crops in order); 0 = every view. GRPO still trains on
     # every view: its reward needs only the MOS, the teacher's text is the costly part.
     views: int = 0
+    # Cold start on some train photos: the teacher writes reasoning only for the views of these
+    # photos (comma-separated; "" = every train photo), GRPO still trains on every photo. The
+    # paper's setting: the teacher's text is costly, human MOS exists for a larger set, so what the
+    # cold start never saw is what GRPO's reward can add (History AY).
+    photos: str = ""
     # A miscalibrated teacher (`qponder distill --synthetic-bias`): offsets of its scores per
     # distortion type, "" = calibrated. GRPO's reward reads the human MOS, so correcting what the
     # filter let through is GRPO's job (History AX).
@@ -151,6 +157,22 @@ def load_pipeline(path: Path) -> ReproConfig:
             raise ConfigError(f"{path}: its base {name} names a base too — point it at "
                               f"{below['base']} instead")
     return load_config(ReproConfig, path, base=below)
+
+
+def cold_start_rows(rows: Iterable[dict], *, views: int = 0, photos: str = "",
+                    where: Path | str = "train.jsonl") -> list[dict]:
+    """The rows the teacher writes reasoning for: the first `views` views of each photo (0 = all)
+    of the named photos ("" = all). A name that is no train photo is a config error, not an
+    empty cold start."""
+    rows = list(rows)  # read twice: a generator (read_jsonl) would come back empty
+    named = [p.strip() for p in photos.split(",") if p.strip()]
+    unknown = sorted(set(named) - {r["reference"] for r in rows})
+    if unknown:
+        raise ConfigError(f"[distill] photos: {', '.join(unknown)} is no train photo of {where} — "
+                          f"name photos from the [data] photos that are not test_photos")
+    return [r for r in rows
+            if (not views or view_index(r["reference"], r["view"]) < views)
+            and (not named or r["reference"] in named)]
 
 
 class StageError(RuntimeError):
@@ -396,13 +418,16 @@ def run_pipeline(cfg: ReproConfig, pipeline_dir: Path, out: Path, *, in_process:
     def distill():
         d = cfg.distill
         source = data / "train.jsonl"
-        if d.views:
+        if d.views or d.photos:
             source = data / "cold_start.jsonl"
-            atomic_write_text(source, "".join(
-                json.dumps(r) + "\n" for r in read_jsonl(data / "train.jsonl")
-                if view_index(r["reference"], r["view"]) < d.views))
-            run.record(f"# cold start: {source} = the rows of train.jsonl whose view index "
-                       f"(qponder_mlx.synth.view_index) is below {d.views}")
+            rows = cold_start_rows(read_jsonl(data / "train.jsonl"), views=d.views,
+                                   photos=d.photos, where=data / "train.jsonl")
+            atomic_write_text(source, "".join(json.dumps(r) + "\n" for r in rows))
+            run.record(f"# cold start: {source} = the {len(rows)} rows of train.jsonl "
+                       + (f"whose view index (qponder_mlx.synth.view_index) is below {d.views}"
+                          if d.views else "")
+                       + (" and " if d.views and d.photos else "")
+                       + (f"of the photos {d.photos}" if d.photos else ""))
         run("distill", ["distill", "--data", str(source),
                         "--out", str(out / "distill" / "train.jsonl"), "--teacher", "synthetic",
                         "--samples-per-image", str(d.samples_per_image),
@@ -615,7 +640,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         results = run_pipeline(cfg, args.config.resolve().parent, args.out,
                                in_process=args.in_process, figures=args.figures)
-    except StageError as e:
+    except (StageError, ConfigError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"wall time of this invocation: {(time.perf_counter() - t0) / 60:.1f} min "

@@ -38,6 +38,7 @@ whiten = true        # qponder dev whiten-stem over the train images
 [distill]
 samples_per_image = 1
 views = 1            # cold start on the centre views only; GRPO on every view
+photos = "astronaut" # ... of one of the two train photos
 bias = "noise=+0.3"  # a miscalibrated teacher reaches `qponder distill`
 [eval]
 batch_size = 16
@@ -103,11 +104,11 @@ def test_toy_pipeline_writes_every_artefact_and_resumes(reproduce, tmp_path, cap
     assert json.loads((out / "student_base" / "whitening.json").read_text())["images"] == 60
     assert commands.index("qponder dev whiten-stem") < commands.index("qponder distill")
 
-    # Cold-start subset: the teacher saw only the photos' own views (2 train photos x 15), GRPO
-    # every view (+ 1 crop each: 60 rows).
+    # Cold-start subset: the teacher saw only astronaut's own view (15 images), GRPO every view of
+    # both train photos (+ 1 crop each: 60 rows).
     cold = [json.loads(x) for x in (out / "data" / "cold_start.jsonl").open()]
-    assert len(cold) == 30 and all(r["view"] == r["reference"] for r in cold)
-    assert json.loads((out / "distill" / "train.summary.json").read_text())["total"] == 30
+    assert len(cold) == 15 and all(r["view"] == r["reference"] == "astronaut" for r in cold)
+    assert json.loads((out / "distill" / "train.summary.json").read_text())["total"] == 15
     assert "distill --data " + str(out / "data" / "cold_start.jsonl") in commands
     assert "--synthetic-bias noise=+0.3" in commands
     assert all("noise+0.30" in r["teacher_model"] for r in read_jsonl(out / "distill" /
@@ -259,3 +260,18 @@ def test_pipeline_base_fills_what_the_variant_leaves_out(reproduce, tmp_path):
     short = reproduce.load_pipeline(bench / "repro_pipeline_short_sft.toml")
     assert (short.sft_set, short.grpo_set, short.student.hidden_size) == \
         (["iters=500"], ["iters=100"], 256)
+
+
+def test_cold_start_rows_picks_views_and_photos_and_names_a_bad_photo(reproduce):
+    rows = [{"reference": p, "view": v} for p in ("astronaut", "camera")
+            for v in (p, f"{p}_crop0", f"{p}_crop1")]
+    pick = reproduce.cold_start_rows
+    assert pick(rows) == rows
+    assert [r["view"] for r in pick(rows, views=2)] == [
+        "astronaut", "astronaut_crop0", "camera", "camera_crop0"]
+    assert [r["view"] for r in pick(rows, photos=" camera ,")] == [
+        "camera", "camera_crop0", "camera_crop1"]
+    assert [r["view"] for r in pick(iter(rows), views=1, photos="camera")] == ["camera"]
+    with pytest.raises(reproduce.ConfigError, match=r"\[distill\] photos: coffee is no train photo"
+                       r" of data/train.jsonl"):
+        pick(rows, photos="camera,coffee", where="data/train.jsonl")
