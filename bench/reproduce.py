@@ -120,6 +120,9 @@ class DistillSettings:
     # distortion type, "" = calibrated. GRPO's reward reads the human MOS, so correcting what the
     # filter let through is GRPO's job (History AX).
     bias: str = ""
+    # A coarse teacher (`qponder distill --synthetic-coarse`): 3 severities per distortion, the
+    # finer order left to GRPO's reward (History AZ).
+    coarse: bool = False
 
 
 @dataclass
@@ -433,7 +436,8 @@ def run_pipeline(cfg: ReproConfig, pipeline_dir: Path, out: Path, *, in_process:
                         "--samples-per-image", str(d.samples_per_image),
                         "--temperature", str(d.temperature),
                         "--max-score-error", str(d.max_score_error),
-                        *(["--synthetic-bias", d.bias] if d.bias else [])])
+                        *(["--synthetic-bias", d.bias] if d.bias else []),
+                        *(["--synthetic-coarse"] if d.coarse else [])])
 
     def train(stage_name: str, extra: list[str], config: Path, sets: list[str]):
         run_dir = out / stage_name

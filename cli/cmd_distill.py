@@ -40,6 +40,10 @@ def distill(
     synthetic_bias: str | None = typer.Option(None, help="synthetic only: offsets of its scores "
                                               "per distortion type, e.g. 'noise=+0.5,blur=-0.4' "
                                               "(a miscalibrated teacher). Default: none."),
+    synthetic_coarse: bool | None = typer.Option(None, "--synthetic-coarse/--no-synthetic-coarse",
+                                                 help="synthetic only: a teacher that tells "
+                                                 "apart 3 severities per distortion, not 5. "
+                                                 "Default: off."),
     max_tokens: int | None = typer.Option(None, help="Teacher token budget. Default: 1024."),
     max_pixels: int | None = typer.Option(None, help="Downscale images to at most this many "
                                           "pixels. Default: 1003520."),
@@ -72,7 +76,8 @@ def distill(
              "api_key_env": api_key_env, "adapter": adapter, "mode": mode,
              "max_score_error": max_score_error, "samples_per_image": samples_per_image,
              "concurrency": concurrency, "temperature": temperature,
-             "synthetic_bias": synthetic_bias, "max_tokens": max_tokens, "max_pixels": max_pixels,
+             "synthetic_bias": synthetic_bias, "synthetic_coarse": synthetic_coarse,
+             "max_tokens": max_tokens, "max_pixels": max_pixels,
              "timeout_s": timeout_s, "max_retries": max_retries}
     try:
         cfg = DistillConfig.from_toml(config) if config else DistillConfig()

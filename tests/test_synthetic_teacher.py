@@ -233,3 +233,41 @@ def test_bias_is_for_the_synthetic_teacher_only_and_reaches_the_rows(synth_set, 
         errors = [r["teacher_score"] - r["mos"] for r in rows if kinds[r["id"]] == kind]
         # the answers are written with 2 decimals, the MOS has 3
         assert len(errors) == 10 and errors == pytest.approx([offset] * 10, abs=0.0051), kind
+
+
+def test_coarse_teacher_scores_each_bin_at_its_mean_and_describes_one_of_its_levels():
+    t = SyntheticTeacher(temperature=0, coarse=True)
+    assert t.model.endswith(",coarse)")
+    bins = {1: (1, 2), 2: (1, 2), 3: (3,), 4: (4, 5), 5: (4, 5)}
+    for kind, table in KADID.items():
+        for level in range(1, 6):
+            b = bins[level]
+            want = round(sum(table[v - 1] for v in b) / len(b), 2)  # hand: the bin's mean MOS
+            described = set()
+            for k in range(12):  # repeated asks: new draws of the described level
+                p = parse_response(t.ask((kind, level), _sample(kind, level, k), BLIND).text)
+                assert p.score == pytest.approx(want, abs=0.005), (kind, level)
+                described.add(read_level(p.reasoning))
+            assert {lv for _, lv in described} <= set(b), (kind, level, described)
+            assert {k for k, _ in described} == {kind} and len(described) == len(b)
+    # guided prompts show the MOS, which the coarse teacher follows like the fine one
+    s = Sample(id="g", image=Path("/nowhere/g.png"), mos=3.21)
+    assert parse_response(t.ask(("noise", 2), s, teacher_prompt("guided", 3.21)).text).score \
+        == pytest.approx(3.21)
+
+
+def test_fine_teacher_answers_are_unchanged_by_the_coarse_option():
+    """The option draws nothing when off: the shipped recipe's distilled rows stay bit for bit."""
+    a, b = SyntheticTeacher(temperature=0.7), SyntheticTeacher(temperature=0.7, coarse=False)
+    for kind in KADID:
+        for level in range(1, 6):
+            s = _sample(kind, level)
+            assert a.ask((kind, level), s, BLIND).text == b.ask((kind, level), s, BLIND).text
+
+
+def test_coarse_is_for_the_synthetic_teacher_only():
+    with pytest.raises(ValueError, match="synthetic_coarse: only the synthetic teacher"):
+        DistillConfig(teacher="openai", teacher_url="http://x/v1", teacher_model="m",
+                      synthetic_coarse=True).validate()
+    assert "coarse" in build_teacher(DistillConfig(teacher="synthetic",
+                                                   synthetic_coarse=True)).model

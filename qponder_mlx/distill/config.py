@@ -38,6 +38,8 @@ class DistillConfig:
     temperature: float = 0.7
     # synthetic only: a miscalibrated stand-in, offsets per distortion type ("noise=+0.5,...")
     synthetic_bias: str = ""
+    # synthetic only: a coarse stand-in that tells apart 3 severities per distortion, not 5
+    synthetic_coarse: bool = False
     max_tokens: int = 1024
     max_pixels: int = DEFAULT_MAX_PIXELS  # images are downscaled to at most this many pixels
     timeout_s: float = 120.0  # per request
@@ -73,6 +75,8 @@ class DistillConfig:
                 bad("synthetic_bias", "only the synthetic teacher has one — drop it")
             from qponder_mlx.distill.synthetic_teacher import parse_bias
             parse_bias(self.synthetic_bias)  # its own one-line error names the field
+        if self.synthetic_coarse and self.teacher != "synthetic":
+            bad("synthetic_coarse", "only the synthetic teacher has one — drop it")
         if not self.teacher_model and self.teacher != "synthetic":
             bad("teacher_model", "pass --teacher-model: the model name the server serves "
                 "(openai), or a repo id / folder (local)")
@@ -150,7 +154,7 @@ def build_teacher(config: DistillConfig, environ: Mapping[str, str] | None = Non
         from qponder_mlx.distill.synthetic_teacher import SyntheticTeacher
 
         return SyntheticTeacher(config.teacher_model, temperature=config.temperature,
-                                bias=config.synthetic_bias)
+                                bias=config.synthetic_bias, coarse=config.synthetic_coarse)
     if config.teacher == "openai":
         from qponder_mlx.distill.openai_teacher import OpenAIConfig, OpenAITeacher
 

@@ -13,6 +13,12 @@ than people do). The blind answers are then centred on the level's MOS plus that
 the agreement filter removes the worst of it, the rest reaches the student — what GRPO's reward,
 which reads the human MOS, is there to correct (docs/reproduction.md, History AX).
 
+Optionally COARSE (`coarse`): a real VLM tells apart a few severities, not KADID's five (LMMs
+rate on a handful of text-defined levels — the premise of Q-Align). This teacher then sees each
+distortion's levels in three bins, {1, 2}, {3} and {4, 5}: it describes a level drawn from the
+bin and scores the bin's mean MOS, so levels inside a bin get the same answer on average. The
+finer order is in the human MOS only — what GRPO's reward can add (History AZ).
+
 Used by the miniature reproduction (bench/reproduce.py) and tests; never a real teacher. Its
 `model` name starts with "synthetic-" and lands in every row's `teacher_model`.
 
@@ -40,6 +46,8 @@ TEACHER_NAME = "synthetic-kadid-v1"
 NOISE_SD_AT_T1 = 0.35
 CONFUSION_AT_T1 = 0.15
 LABEL_FILE = "labels.jsonl"
+# The severities a coarse teacher tells apart: KADID levels per bin (`coarse`).
+COARSE_BINS = ((1, 2), (3,), (4, 5))
 
 # Phrasings per quality dimension and KADID level (index 0 = level 1, mild .. 4 = level 5).
 SHARPNESS = {
@@ -123,6 +131,11 @@ def parse_bias(text: str) -> dict[str, float]:
     return out
 
 
+def coarse_bin(level: int) -> tuple[int, ...]:
+    """The bin of COARSE_BINS that holds KADID `level`."""
+    return next(b for b in COARSE_BINS if level in b)
+
+
 def quality_word(score: float) -> str:
     return next(word for floor, word in QUALITY_WORDS if score >= floor)
 
@@ -186,21 +199,22 @@ class SyntheticTeacher:
     `temperature` scales the imperfection: score noise SD 0.35·T and a 0.15·T chance of
     misreading the level by one; T = 0 answers the level's MOS exactly. `bias` shifts blind
     answers by a fixed offset per distortion type (`parse_bias`; guided prompts show the human
-    score, which the teacher then follows). Answers are seeded by (seed, sample id, attempt
-    number), so a rerun writes the same file.
+    score, which the teacher then follows). `coarse` reads levels in COARSE_BINS: a blind answer
+    describes a level of the bin and scores the bin's mean MOS. Answers are seeded by (seed,
+    sample id, attempt number), so a rerun writes the same file.
     """
 
     max_concurrency = None  # no model: every call is a few microseconds
 
     def __init__(self, labels: str | Path | None = None, *, temperature: float = 0.7,
-                 seed: int = 0, bias: str = ""):
+                 seed: int = 0, bias: str = "", coarse: bool = False):
         self.noise_sd = NOISE_SD_AT_T1 * temperature
         self.confusion = min(1.0, CONFUSION_AT_T1 * temperature)
         self.bias = parse_bias(bias)
-        self.seed = seed
+        self.seed, self.coarse = seed, coarse
         offsets = "".join(f",{k}{v:+.2f}" for k, v in self.bias.items())
         self.model = (f"{TEACHER_NAME}(sd={self.noise_sd:.3f},confuse={self.confusion:.3f}"
-                      f"{offsets})")
+                      f"{offsets}{',coarse' if coarse else ''})")
         self._explicit = read_metadata(labels) if labels else None
         self._found: dict[Path, dict[str, tuple[str, int]]] = {}
         self._asked: Counter[str] = Counter()
@@ -241,8 +255,12 @@ class SyntheticTeacher:
         guided = prompt.user != teacher_prompt("blind").user  # guided prompts show the MOS
         if not guided and rng.random() < self.confusion:
             level = min(5, max(1, level + rng.choice((-1, 1))))  # a misread neighbour level
+        seen = coarse_bin(level) if self.coarse and not guided else (level,)
+        if len(seen) > 1:  # (no draw otherwise: the fine teacher's answers stay as they were)
+            level = rng.choice(seen)  # it cannot tell the bin's levels apart: any one's phrase
         centre = (sample.mos if guided
-                  else LEVEL_MOS[distortion][level - 1] + self.bias.get(distortion, 0.0))
+                  else sum(LEVEL_MOS[distortion][v - 1] for v in seen) / len(seen)
+                  + self.bias.get(distortion, 0.0))
         score = min(5.0, max(1.0, round(centre + rng.gauss(0.0, self.noise_sd), 2)))
         reasoning = (describe(distortion, level, rng) + " "
                      + rng.choice(OVERALL).format(word=quality_word(score)))
