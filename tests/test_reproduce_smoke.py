@@ -234,8 +234,11 @@ def test_pipeline_base_fills_what_the_variant_leaves_out(reproduce, tmp_path):
     # variants measured since History AT change GRPO only: whitened, SFT 1500 from the base
     since_at = {"repro_pipeline_noans.toml", "repro_pipeline_noans_lr3.toml",
                 "repro_pipeline_bscale.toml"}
-    # the shipped recipe with another teacher (AX), and with it the GRPO decimals back in
-    teacher_only = {"repro_pipeline_biased.toml", "repro_pipeline_biased_dec.toml"}
+    # the shipped recipe with another teacher (AX: miscalibrated, AY: on 7 photos, AZ: coarse),
+    # some with the GRPO decimals back in
+    teacher_only = {"repro_pipeline_biased.toml", "repro_pipeline_biased_dec.toml",
+                    "repro_pipeline_teacher7.toml", "repro_pipeline_coarse.toml",
+                    "repro_pipeline_coarse1.toml"}
     sft1500 = {"repro_pipeline_whiten_sft1500.toml", "repro_pipeline_384_sft1500.toml", *since_at,
                *teacher_only}
     for variant in sorted(bench.glob("repro_pipeline_*.toml")):
@@ -243,7 +246,7 @@ def test_pipeline_base_fills_what_the_variant_leaves_out(reproduce, tmp_path):
         assert cfg.student.whiten == ("whiten" in variant.name or
                                       variant.name in since_at | teacher_only), variant.name
         if variant.name in teacher_only:
-            assert cfg.distill.bias and dataclasses.replace(
+            assert cfg.distill != main.distill and dataclasses.replace(
                 cfg, base="", distill=main.distill,
                 grpo_set=[x.replace("decimals=true", "decimals=false") for x in cfg.grpo_set]) \
                 == main, variant.name
