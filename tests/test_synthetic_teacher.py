@@ -265,9 +265,21 @@ def test_fine_teacher_answers_are_unchanged_by_the_coarse_option():
             assert a.ask((kind, level), s, BLIND).text == b.ask((kind, level), s, BLIND).text
 
 
-def test_coarse_is_for_the_synthetic_teacher_only():
+def test_coarse_is_for_the_synthetic_teacher_only_and_reaches_the_rows(synth_set, tmp_path):
     with pytest.raises(ValueError, match="synthetic_coarse: only the synthetic teacher"):
         DistillConfig(teacher="openai", teacher_url="http://x/v1", teacher_model="m",
                       synthetic_coarse=True).validate()
-    assert "coarse" in build_teacher(DistillConfig(teacher="synthetic",
-                                                   synthetic_coarse=True)).model
+    out = tmp_path / "coarse.jsonl"
+    res = CliRunner().invoke(app, ["distill", "--data", str(synth_set / "labels.jsonl"),
+                                   "--out", str(out), "--teacher", "synthetic", "--temperature",
+                                   "0", "--synthetic-coarse"])
+    assert res.exit_code == 0, res.output
+    facts = {json.loads(line)["id"]: json.loads(line)
+             for line in (synth_set / "labels.jsonl").read_text().splitlines()}
+    rows = list(read_jsonl(out))
+    assert len(rows) == 30 and all(r["teacher_model"].endswith(",coarse)") for r in rows)
+    for r in rows:  # levels 1 and 2 (and 4 and 5) get one score: the pair's mean MOS, by hand
+        f = facts[r["id"]]
+        pair = {1: (1, 2), 2: (1, 2), 3: (3,), 4: (4, 5), 5: (4, 5)}[f["level"]]
+        want = sum(KADID[f["distortion"]][v - 1] for v in pair) / len(pair)
+        assert r["teacher_score"] == pytest.approx(want, abs=0.0051), r["id"]
