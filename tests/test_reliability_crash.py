@@ -289,3 +289,25 @@ def test_grpo_kill9_then_resume_equals_uninterrupted(trials, tiny_model_dir, cc0
             "--set", "group_size=3", "--set", "max_completion_length=6",
             "--set", "steps_per_save=1", "--set", "weight_decay=0.5", "--no-progress"]
     train_trials("grpo", args, trials, tmp_path, ("neg_logp", "completion_length"), iters, 400)
+
+
+def test_resume_from_the_final_checkpoint_refreshes_the_run_adapters(tiny_model_dir, tmp_path):
+    """A kill after the last checkpoint was written but before run/adapters was refreshed (a
+    kill -9 trial met it) leaves run/adapters one checkpoint behind; the resume runs no step, so
+    it must rewrite them from the checkpoint it restored."""
+    data = write_jsonl(tmp_path / "train.jsonl", cc0_sft_rows(4))
+    run = tmp_path / "run"
+    args = ["train", "--stage", "sft", "--model", tiny_model_dir, "--data", data, "--iters", 4,
+            "--batch-size", 2, "--learning-rate", "1e-3", "--warmup", 1, *SMALL,
+            "--set", "steps_per_save=2", "--set", "keep_checkpoints=2", "--no-progress",
+            "--out", run]
+    invoke(*args)
+    final = adapters(run)
+    step2, step4 = list_checkpoints(run)
+    # the state such a kill leaves: checkpoint 4 complete, run/adapters still step 2's
+    shutil.copy(step2 / "adapters.safetensors", run / "adapters" / "adapters.safetensors")
+    assert any(not np.array_equal(a, final[k]) for k, a in adapters(run).items())
+    invoke(*args, "--resume")
+    assert json.loads((run / "summary.json").read_text())["resumed_from"] == 4
+    for k, a in adapters(run).items():
+        np.testing.assert_array_equal(a, final[k], err_msg=k)

@@ -173,6 +173,9 @@ def run(cfg: GRPOConfig, *, resume: bool = False, loaded: LoadedModel | None = N
         average.restore(ckpt.path, ckpt.state)
         start = ckpt.step
         console.print(f"resumed from {ckpt.path} (step {start})")
+        if world.is_main:  # they may lag the checkpoint (a kill between the two writes)
+            ckpt_mod.write_run_adapters(run_dir, model, adapter_cfg, ADAPTERS_DIR,
+                                        average.weights(), LAST_DIR)
     if world.is_main:
         save_config(cfg, run_dir)
     log = MetricsLog(run_dir, resume_step=start if ckpt is not None else None,

@@ -144,6 +144,15 @@ def save_run(run_dir: str | Path, step: int, model: nn.Module, adapter_config: d
     """
     save_checkpoint(run_dir, step, model, adapter_config, optimizer, state, config, keep=keep,
                     arrays=arrays)
+    write_run_adapters(run_dir, model, adapter_config, adapters_dir, adapters, last_dir)
+
+
+def write_run_adapters(run_dir: str | Path, model: nn.Module, adapter_config: dict,
+                       adapters_dir: str = "adapters", adapters: dict[str, mx.array] | None = None,
+                       last_dir: str = "adapters_last") -> None:
+    """The run's current adapters (`save_run`'s second half). Trainers call it on resume too: a
+    kill after the newest checkpoint was written but before these were refreshed leaves them one
+    checkpoint behind, and a resume from the final step runs no step that would rewrite them."""
     if adapters is None:
         save_adapters(model, adapter_config, Path(run_dir) / adapters_dir)
         return

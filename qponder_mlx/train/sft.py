@@ -296,6 +296,8 @@ def run_sft(cfg: SFTConfig, *, resume: bool = False, loaded: LoadedModel | None 
         ckpt_mod.restore_checkpoint(ckpt, model, optimizer)
         start = ckpt.step
         say(f"resumed from {ckpt.path} (step {start})")
+        if world.is_main:  # they may lag the checkpoint (a kill between the two writes)
+            ckpt_mod.write_run_adapters(run_dir, model, adapter_cfg, ADAPTERS_DIR)
     if world.is_main:
         save_config(cfg, run_dir)
     log = MetricsLog(run_dir, resume_step=start if ckpt is not None else None,
