@@ -426,11 +426,13 @@ def run_pipeline(cfg: ReproConfig, pipeline_dir: Path, out: Path, *, in_process:
             rows = cold_start_rows(read_jsonl(data / "train.jsonl"), views=d.views,
                                    photos=d.photos, where=data / "train.jsonl")
             atomic_write_text(source, "".join(json.dumps(r) + "\n" for r in rows))
+            which = []
+            if d.views:
+                which.append(f"whose view index (qponder_mlx.synth.view_index) is below {d.views}")
+            if d.photos:
+                which.append(f"of the photos {d.photos}")
             run.record(f"# cold start: {source} = the {len(rows)} rows of train.jsonl "
-                       + (f"whose view index (qponder_mlx.synth.view_index) is below {d.views}"
-                          if d.views else "")
-                       + (" and " if d.views and d.photos else "")
-                       + (f"of the photos {d.photos}" if d.photos else ""))
+                       + " and ".join(which))
         run("distill", ["distill", "--data", str(source),
                         "--out", str(out / "distill" / "train.jsonl"), "--teacher", "synthetic",
                         "--samples-per-image", str(d.samples_per_image),

@@ -70,13 +70,12 @@ class DistillConfig:
         if self.teacher == "openai" and not self.teacher_url:
             bad("teacher_url", "the openai teacher needs --teacher-url (e.g. "
                 "http://127.0.0.1:8000/v1)")
+        for name in ("synthetic_bias", "synthetic_coarse"):
+            if getattr(self, name) and self.teacher != "synthetic":
+                bad(name, "only the synthetic teacher has one — drop it")
         if self.synthetic_bias:
-            if self.teacher != "synthetic":
-                bad("synthetic_bias", "only the synthetic teacher has one — drop it")
             from qponder_mlx.distill.synthetic_teacher import parse_bias
             parse_bias(self.synthetic_bias)  # its own one-line error names the field
-        if self.synthetic_coarse and self.teacher != "synthetic":
-            bad("synthetic_coarse", "only the synthetic teacher has one — drop it")
         if not self.teacher_model and self.teacher != "synthetic":
             bad("teacher_model", "pass --teacher-model: the model name the server serves "
                 "(openai), or a repo id / folder (local)")
