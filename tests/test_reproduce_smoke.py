@@ -239,17 +239,25 @@ def test_pipeline_base_fills_what_the_variant_leaves_out(reproduce, tmp_path):
     teacher_only = {"repro_pipeline_biased.toml", "repro_pipeline_biased_dec.toml",
                     "repro_pipeline_teacher7.toml", "repro_pipeline_coarse.toml",
                     "repro_pipeline_coarse1.toml"}
+    # AX's teacher with another GRPO setting (BA: 120 steps, BB: no consistency reward)
+    ax_grpo = {"repro_pipeline_biased_dec120.toml", "repro_pipeline_biased_dec_nocons.toml"}
+    biased = reproduce.load_pipeline(bench / "repro_pipeline_biased.toml")
     sft1500 = {"repro_pipeline_whiten_sft1500.toml", "repro_pipeline_384_sft1500.toml", *since_at,
-               *teacher_only}
+               *teacher_only, *ax_grpo}
     for variant in sorted(bench.glob("repro_pipeline_*.toml")):
         cfg = reproduce.load_pipeline(variant)
         assert cfg.student.whiten == ("whiten" in variant.name or
-                                      variant.name in since_at | teacher_only), variant.name
+                                      variant.name in since_at | teacher_only | ax_grpo), \
+            variant.name
         if variant.name in teacher_only:
             assert cfg.distill != main.distill and dataclasses.replace(
                 cfg, base="", distill=main.distill,
                 grpo_set=[x.replace("decimals=true", "decimals=false") for x in cfg.grpo_set]) \
                 == main, variant.name
+        if variant.name in ax_grpo:
+            assert cfg.distill == biased.distill and cfg.grpo_set != biased.grpo_set
+            assert dataclasses.replace(cfg, base="", distill=main.distill,
+                                       grpo_set=main.grpo_set) == main, variant.name
         if variant.name in since_at:
             assert (dataclasses.replace(cfg, base="", grpo_set=main.grpo_set) == main), \
                 variant.name
