@@ -234,11 +234,12 @@ def test_pipeline_base_fills_what_the_variant_leaves_out(reproduce, tmp_path):
     # variants measured since History AT change GRPO only: whitened, SFT 1500 from the base
     since_at = {"repro_pipeline_noans.toml", "repro_pipeline_noans_lr3.toml",
                 "repro_pipeline_bscale.toml"}
-    # the shipped recipe with another teacher (AX: miscalibrated, AY: on 7 photos, AZ: coarse),
+    # the shipped recipe with another teacher (AX: miscalibrated, AY: on 7 photos, AZ: coarse,
+    # BD: perfect),
     # some with the GRPO decimals back in
     teacher_only = {"repro_pipeline_biased.toml", "repro_pipeline_biased_dec.toml",
                     "repro_pipeline_teacher7.toml", "repro_pipeline_coarse.toml",
-                    "repro_pipeline_coarse1.toml"}
+                    "repro_pipeline_coarse1.toml", "repro_pipeline_teacher0.toml"}
     # AX's teacher with another GRPO setting (BA: 120 steps, BB: no consistency reward,
     # BC: lr and KL x3)
     ax_grpo = {"repro_pipeline_biased_dec120.toml", "repro_pipeline_biased_dec_nocons.toml",
