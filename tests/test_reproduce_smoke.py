@@ -235,8 +235,7 @@ def test_pipeline_base_fills_what_the_variant_leaves_out(reproduce, tmp_path):
     since_at = {"repro_pipeline_noans.toml", "repro_pipeline_noans_lr3.toml",
                 "repro_pipeline_bscale.toml"}
     # the shipped recipe with another teacher (AX: miscalibrated, AY: on 7 photos, AZ: coarse,
-    # BD: perfect),
-    # some with the GRPO decimals back in
+    # BD: perfect), some with the GRPO decimals back in
     teacher_only = {"repro_pipeline_biased.toml", "repro_pipeline_biased_dec.toml",
                     "repro_pipeline_teacher7.toml", "repro_pipeline_coarse.toml",
                     "repro_pipeline_coarse1.toml", "repro_pipeline_teacher0.toml"}
