@@ -4,6 +4,7 @@ import json
 
 import mlx.core as mx
 import numpy as np
+import pytest
 from mlx.utils import tree_flatten
 from qponder_mlx.cli.main import app
 from typer.testing import CliRunner
@@ -11,6 +12,7 @@ from typer.testing import CliRunner
 from qponder_mlx.grpo.config import GRPOConfig
 from qponder_mlx.grpo.trainer import metric_curve, run
 from qponder_mlx.train.checkpoint import list_checkpoints
+from qponder_mlx.train.config import ConfigError
 
 SMALL = {"min_pixels": 56 * 56, "max_pixels": 112 * 112}
 
@@ -88,6 +90,32 @@ def test_grpo_bad_config_and_data_are_one_line_errors(tiny_model_dir, tmp_path):
     res = r.invoke(app, ["train", "--stage", "grpo", "--model", str(tiny_model_dir), "--data",
                          str(labels), "--out", str(tmp_path / "o"), "--set", "group_size=1"])
     assert res.exit_code != 0 and "group_size" in res.output
+
+
+def test_batch_by_gives_every_step_images_of_one_key(tiny_model_dir, cc0_labels, tmp_path):
+    # cc0_mini's MOS is KADID's per (type, level), and no two types share a value
+    kind = {4.612: "blur", 2.911: "blur", 1.303: "blur", 3.893: "noise", 3.045: "noise",
+            2.301: "noise", 4.338: "jpeg", 3.866: "jpeg", 1.35: "jpeg"}
+    seen = []
+
+    def record(ro, parsed, mos):
+        seen.append({kind[round(float(m), 3)] for m in mos})
+        return _low_ids(ro, parsed, mos)
+
+    cfg = _cfg(tiny_model_dir, cc0_labels, tmp_path / "r", 6)
+    cfg.batch_size, cfg.batch_by = 3, r"_(blur|noise|jpeg)_\d$"
+    run(cfg, reward_fn=record)
+    assert len(seen) == 6 and all(len(s) == 1 for s in seen)
+    assert set().union(*seen) != {"blur"}  # the steps do not all come from one key by chance
+
+    cfg.batch_by, cfg.out = "_(blur|noise)_", str(tmp_path / "s")  # JPEG ids do not match
+    with pytest.raises(ConfigError, match=r"does not match image id '\w+_jpeg_\d'"):
+        run(cfg, reward_fn=record)
+    cfg.batch_by = "_(blur"
+    with pytest.raises(ConfigError, match="batch_by '_\\(blur' is not a valid regex"):
+        cfg.validate()
+    assert GRPOConfig(batch_by="_crop\\d+").batch_keys(["a_crop12_x", "b_crop3_y"]) == [
+        "_crop12", "_crop3"]  # no group: the whole match is the key
 
 
 def test_reference_is_the_starting_adapter_also_after_resume(tiny_model_dir, cc0_labels,

@@ -207,6 +207,28 @@ def test_data_order_is_reproducible_and_resumable():
     assert first + [c.next() for _ in range(11)] == seq
 
 
+def test_data_order_groups_keep_each_batch_to_one_key():
+    lengths = [100 + (i * 37) % 50 for i in range(23)]
+    keys = ["abc"[i % 3] if i < 20 else "d" for i in range(23)]  # 7/7/6 rows and a lone 3
+    a = DataOrder(lengths, 4, seed=1, groups=keys)
+    seq = [a.next() for _ in range(21)]
+    assert all(len({keys[i] for i in b}) == 1 for b in seq)
+    # an epoch still covers every row exactly once: per key ceil(n/4) batches, 2 + 2 + 2 + 1
+    epoch0 = [i for b in seq[:7] for i in b]
+    assert sorted(epoch0) == list(range(23))
+    assert sorted(len(b) for b in seq[:7]) == [2, 3, 3, 3, 4, 4, 4]
+    # one shared key is no grouping at all: the same batches as without keys
+    plain, one = DataOrder(lengths, 4, seed=1), DataOrder(lengths, 4, seed=1, groups=["x"] * 23)
+    assert [plain.next() for _ in range(12)] == [one.next() for _ in range(12)]
+    # resumable as before
+    b = DataOrder(lengths, 4, seed=1, groups=keys)
+    first = [b.next() for _ in range(9)]
+    c = DataOrder(lengths, 4, seed=1, groups=keys, state=json.loads(json.dumps(b.state())))
+    assert first + [c.next() for _ in range(12)] == seq
+    with pytest.raises(ValueError, match="3 group keys for 23 rows"):
+        DataOrder(lengths, 4, seed=1, groups=["a"] * 3)
+
+
 def test_rows_from_cc0_all_parse(tmp_path, tiny_loaded, small_pixels):
     rows, problems = _rows(tmp_path, tiny_loaded.tokenizer, small_pixels, cc0_sft_rows(6))
     assert len(rows) == 6 and not problems

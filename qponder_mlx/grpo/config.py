@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 
 from qponder_mlx.grpo.loss import LOSS_TYPES, SCALES
@@ -57,6 +58,11 @@ class GRPOConfig:
     # (generate.decode). On the bench's model 8 rows save ~6 % of the step's peak memory and
     # cost 1.3x the rollout time (docs/bench_grpo.md, 2026-12-03).
     max_rows: int = 16
+    # "" = batches mix any images. A regex: a step's images share the text it matches in their
+    # ids (its first group if it has one), e.g. "_(blur|noise|jpeg)_" for one distortion type
+    # per step. Why: the rank reward then only compares images that differ in level, not type
+    # (docs/reproduction.md, History BI).
+    batch_by: str = ""
     # Completions differentiated together; fewer = less memory, same gradient (>= G: one pass).
     loss_rows: int = 2
     rewards: RewardConfig = field(default_factory=RewardConfig)
@@ -79,6 +85,19 @@ class GRPOConfig:
             return "number"
         return None if self.train_decimals else "decimals"
 
+    def batch_keys(self, ids: list[str]) -> list[str] | None:
+        """Each image's batch key under `batch_by` (None when batches mix any images)."""
+        if not self.batch_by:
+            return None
+        pattern, keys = re.compile(self.batch_by), []
+        for i in ids:
+            m = pattern.search(i)
+            if m is None:
+                raise ConfigError(f"batch_by {self.batch_by!r} does not match image id {i!r} "
+                                  "— every id needs a match; fix the pattern")
+            keys.append(m.group(1) if pattern.groups else m.group(0))
+        return keys
+
     def validate(self) -> None:
         self.lora.validate()
         if not self.data:
@@ -88,6 +107,12 @@ class GRPOConfig:
                      "keep_checkpoints", "max_bad_steps"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.batch_by:
+            try:
+                re.compile(self.batch_by)
+            except re.error as e:
+                raise ConfigError(f"batch_by {self.batch_by!r} is not a valid regex ({e}) — "
+                                  "fix the pattern") from None
         if self.average_every < 0:
             raise ConfigError(f"average_every must be >= 0 (0 = off), got {self.average_every}")
         if self.group_size < 2:

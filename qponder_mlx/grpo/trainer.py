@@ -152,6 +152,7 @@ def run(cfg: GRPOConfig, *, resume: bool = False, loaded: LoadedModel | None = N
         first = f" — first: {problems[0]}" if problems else ""
         raise LabelError([LabelProblem(cfg.data, None, f"no usable samples ({len(problems)} "
                                        f"rows had problems){first}")])
+    groups = cfg.batch_keys([s.id for s in samples])
 
     loaded, adapter_cfg = _prepare_model(cfg, loaded)
     model, processor = loaded.model, loaded.processor
@@ -165,7 +166,8 @@ def run(cfg: GRPOConfig, *, resume: bool = False, loaded: LoadedModel | None = N
     # Batches of equal-size images prefill together in the rollout.
     lengths = [_token_count(pixels, s) for s in samples]
     order = DataOrder(lengths, cfg.batch_size, cfg.seed,
-                      state=ckpt.state.get("data") if ckpt else None)
+                      state=ckpt.state.get("data") if ckpt else None,
+                      groups=groups)
     start = 0
     average = WeightAverage(cfg.average_every)
     if ckpt is not None:

@@ -287,14 +287,19 @@ class DataOrder:
 
     Each epoch shuffles the rows, sorts windows of 16 batches by length (less padding), cuts
     batches and shuffles their order. Rows that failed to encode at run time are left out of
-    later epochs.
+    later epochs. With `groups` (one key per row) a batch only holds rows of one key: the
+    shuffled rows are split by key first, each key's rows cut as above (its last batch may be
+    short), and all batches shuffled together.
     """
 
     WINDOW = 16
 
     def __init__(self, lengths: list[int], batch_size: int, seed: int,
-                 state: dict | None = None):
+                 state: dict | None = None, groups: list[str] | None = None):
+        if groups is not None and len(groups) != len(lengths):
+            raise ValueError(f"{len(groups)} group keys for {len(lengths)} rows")
         self.lengths, self.batch_size, self.seed = lengths, batch_size, seed
+        self.groups = groups
         self.bad: set[int] = set()
         self.epoch, self.cursor = 0, 0
         self.batches: list[list[int]] = []
@@ -308,11 +313,15 @@ class DataOrder:
     def _epoch_batches(self, epoch: int) -> list[list[int]]:
         rng = np.random.default_rng([self.seed, epoch])
         rows = [int(i) for i in rng.permutation(len(self.lengths)) if int(i) not in self.bad]
+        by_key: dict[str, list[int]] = {}
+        for i in rows:  # dicts keep first-seen order: the split is as random as the shuffle
+            by_key.setdefault("" if self.groups is None else self.groups[i], []).append(i)
         bs, win = self.batch_size, self.batch_size * self.WINDOW
         batches = []
-        for s in range(0, len(rows), win):
-            chunk = sorted(rows[s:s + win], key=lambda i: self.lengths[i])
-            batches.extend(chunk[j:j + bs] for j in range(0, len(chunk), bs))
+        for part in by_key.values():
+            for s in range(0, len(part), win):
+                chunk = sorted(part[s:s + win], key=lambda i: self.lengths[i])
+                batches.extend(chunk[j:j + bs] for j in range(0, len(chunk), bs))
         return [batches[int(k)] for k in rng.permutation(len(batches))]
 
     def next(self) -> list[int]:
