@@ -241,11 +241,12 @@ def test_pipeline_base_fills_what_the_variant_leaves_out(reproduce, tmp_path):
                     "repro_pipeline_coarse1.toml", "repro_pipeline_teacher0.toml"}
     # AX's teacher with another GRPO setting (BA: 120 steps, BB: no consistency reward,
     # BC: lr and KL x3, BE: two updates per rollout, BF: no KL, BG: rank reward x3,
-    # BH: BG with BE, BI: one distortion type per GRPO batch)
+    # BH: BG with BE, BI: one distortion type per GRPO batch, BJ: a threshold accuracy reward)
     ax_grpo = {"repro_pipeline_biased_dec120.toml", "repro_pipeline_biased_dec_nocons.toml",
                "repro_pipeline_biased_dec_lr3kl3.toml", "repro_pipeline_biased_dec_mu2.toml",
                "repro_pipeline_biased_dec_kl0.toml", "repro_pipeline_biased_dec_rank3.toml",
-               "repro_pipeline_biased_dec_rank3_mu2.toml", "repro_pipeline_biased_dec_bytype.toml"}
+               "repro_pipeline_biased_dec_rank3_mu2.toml", "repro_pipeline_biased_dec_bytype.toml",
+               "repro_pipeline_biased_dec_thresh.toml"}
     biased = reproduce.load_pipeline(bench / "repro_pipeline_biased.toml")
     sft1500 = {"repro_pipeline_whiten_sft1500.toml", "repro_pipeline_384_sft1500.toml", *since_at,
                *teacher_only, *ax_grpo}
