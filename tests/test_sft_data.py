@@ -209,7 +209,7 @@ def test_data_order_is_reproducible_and_resumable():
 
 def test_data_order_groups_keep_each_batch_to_one_key():
     lengths = [100 + (i * 37) % 50 for i in range(23)]
-    keys = ["abc"[i % 3] if i < 20 else "d" for i in range(23)]  # 7/7/6 rows and a lone 3
+    keys = ["abc"[i % 3] if i < 20 else "d" for i in range(23)]  # a/b/c: 7/7/6 rows, d: 3
     a = DataOrder(lengths, 4, seed=1, groups=keys)
     seq = [a.next() for _ in range(21)]
     assert all(len({keys[i] for i in b}) == 1 for b in seq)
