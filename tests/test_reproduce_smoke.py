@@ -247,13 +247,15 @@ def test_pipeline_base_fills_what_the_variant_leaves_out(reproduce, tmp_path):
                "repro_pipeline_biased_dec_kl0.toml", "repro_pipeline_biased_dec_rank3.toml",
                "repro_pipeline_biased_dec_rank3_mu2.toml", "repro_pipeline_biased_dec_bytype.toml",
                "repro_pipeline_biased_dec_thresh.toml"}
+    # the shipped recipe with the budget moved from SFT to GRPO (BK: SFT 500, GRPO 140)
+    split = {"repro_pipeline_short_cold.toml"}
     biased = reproduce.load_pipeline(bench / "repro_pipeline_biased.toml")
     sft1500 = {"repro_pipeline_whiten_sft1500.toml", "repro_pipeline_384_sft1500.toml", *since_at,
                *teacher_only, *ax_grpo}
     for variant in sorted(bench.glob("repro_pipeline_*.toml")):
         cfg = reproduce.load_pipeline(variant)
         assert cfg.student.whiten == ("whiten" in variant.name or
-                                      variant.name in since_at | teacher_only | ax_grpo), \
+                                      variant.name in since_at | teacher_only | ax_grpo | split), \
             variant.name
         if variant.name in teacher_only:
             assert cfg.distill != main.distill and dataclasses.replace(
@@ -263,6 +265,10 @@ def test_pipeline_base_fills_what_the_variant_leaves_out(reproduce, tmp_path):
         if variant.name in ax_grpo:
             assert cfg.distill == biased.distill and cfg.grpo_set != biased.grpo_set
             assert dataclasses.replace(cfg, base="", distill=main.distill,
+                                       grpo_set=main.grpo_set) == main, variant.name
+        if variant.name in split:
+            assert cfg.sft_set != main.sft_set and cfg.grpo_set != main.grpo_set
+            assert dataclasses.replace(cfg, base="", sft_set=main.sft_set,
                                        grpo_set=main.grpo_set) == main, variant.name
         if variant.name in since_at:
             assert (dataclasses.replace(cfg, base="", grpo_set=main.grpo_set) == main), \
