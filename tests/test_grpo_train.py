@@ -118,6 +118,30 @@ def test_batch_by_gives_every_step_images_of_one_key(tiny_model_dir, cc0_labels,
         "_crop12", "_crop3"]  # no group: the whole match is the key
 
 
+def test_train_only_moves_the_matched_weights_and_no_other(tiny_model_dir, cc0_labels,
+                                                           tmp_path):
+    start = run(_cfg(tiny_model_dir, cc0_labels, tmp_path / "sft", 2), reward_fn=_low_ids)
+    cfg = _cfg(tiny_model_dir, cc0_labels, tmp_path / "head", 3)
+    cfg.adapter, cfg.train_only = str(start / "adapters"), r"layers\.1\.self_attn"
+    before, after = _adapters(start), _adapters(run(cfg, reward_fn=_low_ids))
+    assert before.keys() == after.keys()  # the adapter file still holds every LoRA weight
+    head = {k for k in before if "layers.1.self_attn" in k}
+    assert head and len(head) < len(before)
+    assert all(np.abs(after[k] - before[k]).max() > 0 for k in head)
+    for k in before.keys() - head:  # bit for bit: Adam never steps a weight whose grad is 0
+        np.testing.assert_array_equal(after[k], before[k], err_msg=k)
+
+    cfg.train_only, cfg.out = "no_such_weight", str(tmp_path / "none")
+    with pytest.raises(ConfigError, match="train_only 'no_such_weight' matches none of the"):
+        run(cfg, reward_fn=_low_ids)
+    cfg.train_only = "lm_head("
+    with pytest.raises(ConfigError, match=r"train_only 'lm_head\(' is not a valid regex"):
+        cfg.validate()
+    cfg.train_only, cfg.weight_decay = "self_attn", 0.01
+    with pytest.raises(ConfigError, match="set weight_decay = 0"):
+        cfg.validate()
+
+
 def test_reference_is_the_starting_adapter_also_after_resume(tiny_model_dir, cc0_labels,
                                                               tmp_path):
     """Continuing an adapter (the cold-start path): KL is measured against that adapter —

@@ -63,6 +63,12 @@ class GRPOConfig:
     # per step. Why: the rank reward then only compares images that differ in level, not type
     # (docs/reproduction.md, History BI).
     batch_by: str = ""
+    # "" = GRPO updates every trainable weight. A regex over the weights' names (as in
+    # adapters.safetensors, e.g. "lm_head"): only those it matches move; the others' gradients
+    # are zeroed before clipping. Why: GRPO re-mapped the number written after each phrase per
+    # image, which fits the training photos and costs order within a distortion type; the head
+    # alone can shift a type's answers but hardly memorise an image (docs/reproduction.md, BL).
+    train_only: str = ""
     # Completions differentiated together; fewer = less memory, same gradient (>= G: one pass).
     loss_rows: int = 2
     rewards: RewardConfig = field(default_factory=RewardConfig)
@@ -98,6 +104,18 @@ class GRPOConfig:
             keys.append(m.group(1) if pattern.groups else m.group(0))
         return keys
 
+    def trained_names(self, names: list[str]) -> list[str]:
+        """The trainable weights GRPO updates under `train_only` (all of them when unset)."""
+        if not self.train_only:
+            return list(names)
+        pattern = re.compile(self.train_only)
+        picked = [n for n in names if pattern.search(n)]
+        if not picked:
+            raise ConfigError(f"train_only {self.train_only!r} matches none of the "
+                              f"{len(names)} trainable weights (e.g. {names[0]!r}) — fix the "
+                              "pattern")
+        return picked
+
     def validate(self) -> None:
         self.lora.validate()
         if not self.data:
@@ -107,12 +125,15 @@ class GRPOConfig:
                      "keep_checkpoints", "max_bad_steps"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.batch_by:
+        for name in ("batch_by", "train_only"):
             try:
-                re.compile(self.batch_by)
+                re.compile(getattr(self, name))
             except re.error as e:
-                raise ConfigError(f"batch_by {self.batch_by!r} is not a valid regex ({e}) — "
+                raise ConfigError(f"{name} {getattr(self, name)!r} is not a valid regex ({e}) — "
                                   "fix the pattern") from None
+        if self.train_only and self.weight_decay:
+            raise ConfigError("train_only with weight_decay > 0 would still decay the weights it "
+                              "leaves out — set weight_decay = 0")
         if self.average_every < 0:
             raise ConfigError(f"average_every must be >= 0 (0 = off), got {self.average_every}")
         if self.group_size < 2:

@@ -157,6 +157,15 @@ def image_loss_and_grads(model, inputs, ids, mask, adv, old, ref, cfg: GRPOConfi
                                            model.trainable_parameters())
 
 
+def only_trained(grads, cfg: GRPOConfig):
+    """`grads` with every weight `cfg.train_only` leaves out set to 0 (all kept when unset).
+    Adam's step for a weight whose gradient has always been 0 is 0, so those weights stay."""
+    if not cfg.train_only:
+        return grads
+    keep = set(cfg.trained_names([n for n, _ in tree_flatten(grads)]))
+    return tree_map_with_path(lambda path, g: g if path in keep else mx.zeros_like(g), grads)
+
+
 def frozen_logps(model, inputs, ids: mx.array, mask: mx.array, cfg: GRPOConfig,
                  state: PromptState | None = None) -> mx.array:
     """(G, T) log-probs of one image's completions under the model as it is, without a graph,
@@ -234,7 +243,7 @@ def grpo_step(model, processor, prompt: str, images: Sequence[Image.Image],
             loss_value += loss
             for k, v in sums.items():
                 totals[k] = totals.get(k, 0.0) + v.item()
-        grads = world.sum_tree(grads)
+        grads = only_trained(world.sum_tree(grads), cfg)
         summed = world.sum({"loss": loss_value, **{f"t.{k}": v for k, v in totals.items()}})
         loss_value = summed["loss"]
         totals = {k[2:]: v for k, v in summed.items() if k.startswith("t.")}

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
+from mlx.utils import tree_flatten
 
 from qponder_mlx.data import LabelError, LabelProblem, Sample, read_labels
 from qponder_mlx.grpo.config import GRPOConfig
@@ -157,6 +158,10 @@ def run(cfg: GRPOConfig, *, resume: bool = False, loaded: LoadedModel | None = N
     loaded, adapter_cfg = _prepare_model(cfg, loaded)
     model, processor = loaded.model, loaded.processor
     reference = _reference(cfg, model)  # before a checkpoint is restored: the run's start
+    if cfg.train_only:  # a pattern that matches nothing fails here, not after a step
+        names = [n for n, _ in tree_flatten(model.trainable_parameters())]
+        console.print(f"train_only {cfg.train_only!r}: {len(cfg.trained_names(names))} of "
+                      f"{len(names)} trainable weights move")
     tok = processor.tokenizer
     prompt = tok.apply_chat_template(chat_messages(), tokenize=False, add_generation_prompt=True)
     optimizer = make_optimizer(cfg.learning_rate, cfg.iters * cfg.num_iterations,
