@@ -67,7 +67,8 @@ class GRPOConfig:
     # adapters.safetensors, e.g. "lm_head"): only those it matches move; the others' gradients
     # are zeroed before clipping. Why: GRPO re-mapped the number written after each phrase per
     # image, which fits the training photos and costs order within a distortion type; the head
-    # alone can shift a type's answers but hardly memorise an image (docs/reproduction.md, BL).
+    # alone can shift a type's answers but hardly memorise an image. In the miniature it traded
+    # offsets for order as the whole LoRA does (docs/reproduction.md, BL), so it is off.
     train_only: str = ""
     # Completions differentiated together; fewer = less memory, same gradient (>= G: one pass).
     loss_rows: int = 2
@@ -111,9 +112,9 @@ class GRPOConfig:
         pattern = re.compile(self.train_only)
         picked = [n for n in names if pattern.search(n)]
         if not picked:
+            example = f" (e.g. {names[0]!r})" if names else ""
             raise ConfigError(f"train_only {self.train_only!r} matches none of the "
-                              f"{len(names)} trainable weights (e.g. {names[0]!r}) — fix the "
-                              "pattern")
+                              f"{len(names)} trainable weights{example} — fix the pattern")
         return picked
 
     def validate(self) -> None:
