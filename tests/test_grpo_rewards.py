@@ -65,6 +65,23 @@ def test_combine_weights_the_components():
         RewardConfig(accuracy="cosine")
 
 
+def test_reasoning_reward_scores_the_judged_reasoning_against_the_mos():
+    # Both answers are 3.3 and their reasoning agrees with them in the first, not the second:
+    # consistency pays the first; the reasoning reward pays whichever reasoning implies the MOS.
+    parsed = [parse_response("<think>a</think><answer>3.3</answer>")] * 2
+    cfg = RewardConfig(format_weight=0.0, accuracy="laplace", accuracy_tau=0.5,
+                       consistency_weight=0.0, reasoning_weight=2.0)
+    text = np.array([3.3, 4.0])
+    total, parts = combine(parsed, [4.2, 4.2], 2, cfg, text_scores=text)
+    np.testing.assert_allclose(parts["reasoning"], [np.exp(-0.9 / 0.5), np.exp(-0.2 / 0.5)])
+    np.testing.assert_allclose(parts["accuracy"], [np.exp(-0.9 / 0.5)] * 2)
+    np.testing.assert_allclose(total, parts["accuracy"] + 2.0 * parts["reasoning"])
+    assert "consistency" not in parts and cfg.needs_judge()
+    with pytest.raises(ValueError, match="reasoning_weight"):
+        combine(parsed, [4.2, 4.2], 2, cfg)
+    assert not RewardConfig(consistency_weight=0.0).needs_judge()
+
+
 def _reference_blind_score(model, tok, reasoning, decimals=True):
     """One unpadded row through the stock model call; softmax over the digits by hand; for the
     decimal, a second call with the most likely leading digit and the dot appended."""

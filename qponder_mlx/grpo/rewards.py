@@ -8,6 +8,8 @@
                0 when there is no score.
 * consistency  the reasoning must support the score (Q-Ponder's idea): a judge reads the
                reasoning alone and implies s_text (judge.py); reward exp(−|s_text − s| / τc).
+* reasoning    optional [ours]: the accuracy reward (same kind and τ) of the judge's s_text
+               against the MOS — the reasoning alone must imply the human score.
 * rank         optional fidelity reward between the images of one batch (VisualQuality-R1).
 """
 
@@ -36,8 +38,17 @@ class RewardConfig:
     # The judge reads the first decimal of the score it implies, not only its leading digit
     # (which is the floor: 3.9 read as ~3.1); false = the judge before this (judge-v1).
     judge_decimals: bool = True
+    # The judge's reading of the reasoning alone scored against the MOS (the accuracy kind and
+    # tau). Why: consistency only asks the reasoning to agree with the answer, so a phrase that
+    # names the wrong level is paid as well as the right one once the number follows it; in the
+    # miniature GRPO named fewer levels right than its cold start (docs/reproduction.md, BN).
+    reasoning_weight: float = 0.0
     rank_weight: float = 0.0
     rank_gamma: float = 1e-6
+
+    def needs_judge(self) -> bool:
+        """Whether a reward reads the judge's score of the reasoning alone."""
+        return bool(self.consistency_weight or self.reasoning_weight)
 
     def __post_init__(self):
         if self.accuracy not in ACCURACY_KINDS:
@@ -114,11 +125,15 @@ def combine(parsed: Sequence[ParsedResponse], mos: Sequence[float], group_size: 
     parts = {"format": format_reward(parsed),
              "accuracy": accuracy_reward(scores, mos, cfg.accuracy, cfg.accuracy_tau)}
     total = cfg.format_weight * parts["format"] + cfg.accuracy_weight * parts["accuracy"]
+    if cfg.needs_judge() and text_scores is None:
+        raise ValueError("consistency_weight or reasoning_weight > 0 needs the judge's text "
+                         "scores")
     if cfg.consistency_weight:
-        if text_scores is None:
-            raise ValueError("consistency_weight > 0 needs the judge's text scores")
         parts["consistency"] = consistency_reward(text_scores, scores, cfg.consistency_tau)
         total = total + cfg.consistency_weight * parts["consistency"]
+    if cfg.reasoning_weight:
+        parts["reasoning"] = accuracy_reward(text_scores, mos, cfg.accuracy, cfg.accuracy_tau)
+        total = total + cfg.reasoning_weight * parts["reasoning"]
     if cfg.rank_weight:
         grid = scores.reshape(-1, group_size)
         parts["rank"] = rank_reward(grid, mos.reshape(-1, group_size)[:, 0],

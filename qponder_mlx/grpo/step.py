@@ -52,7 +52,7 @@ def default_reward_fn(cfg: GRPOConfig, group_size: int, judge) -> RewardFn:
     """The configured rewards; the judge (blind re-scoring) runs once over the whole batch."""
     def fn(ro, parsed, mos):
         text_scores = None
-        if cfg.rewards.consistency_weight:
+        if cfg.rewards.needs_judge():
             text_scores = judge([p.reasoning for p in parsed])
         return combine(parsed, mos, group_size, cfg.rewards, text_scores)
     return fn
