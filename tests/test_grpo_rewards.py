@@ -145,3 +145,34 @@ def test_blind_scores_batched_equals_one_by_one(tiny_loaded):
         assert 1.0 <= got[i] <= 5.0
         assert got[i] > lead_only[i] or got[i] == 5.0  # the decimal adds what the floor drops
     assert got[0] != pytest.approx(got[2], abs=1e-6)  # the text matters
+
+
+def test_expected_answers_read_each_completion_under_its_digit_probabilities():
+    from qponder_mlx.generate import Completion
+    from qponder_mlx.grpo.step import expected_answers
+
+    digits = list(range(100, 111))       # token ids of "0".."9" and "."
+    lp = np.log(1e-12)
+
+    def at(**p):  # one position's log-probs of the ten digits
+        row = [lp] * 10
+        for d, v in p.items():
+            row[int(d[1])] = math.log(v)
+        return row
+
+    # "x 3 . 5 y": the leading digit 3 or 4 at 3:1 (3.25), the decimal 5 surely (+0.5) -> 3.75
+    c = Completion([7, 103, 110, 105, 8], [0.0] * 5, "stop",
+                   watch=[at(d1=1.0), at(d3=0.75, d4=0.25), at(d0=1.0), at(d5=1.0), at(d0=1.0)])
+    no_digits = Completion([7, 8], [0.0, 0.0], "stop", watch=[at(d1=1.0)] * 2)  # merged tokens
+    unanswered = Completion([7], [0.0], "length", watch=[at(d1=1.0)])
+    parsed = [parse_response("<think>a</think><answer>3.5</answer>"),
+              parse_response("<think>b</think><answer>3.5</answer>"),
+              parse_response("<think>c</think>")]
+    got = expected_answers(parsed, [c, no_digits, unanswered], digits)
+    assert got[0].score == pytest.approx(3.75) and got[0].reasoning == "a"
+    assert got[1] is parsed[1] and got[1].score == 3.5          # keeps the written value
+    assert got[2] is parsed[2] and got[2].score is None
+    with pytest.raises(ValueError):
+        expected_answers(parsed, [c], digits)                    # one completion per response
+    with pytest.raises(ValueError, match="rewards.readout must be one of"):
+        RewardConfig(readout="mean")

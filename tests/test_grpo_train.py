@@ -196,3 +196,21 @@ def test_average_every_saves_the_mean_of_the_trajectory_and_resumes_it(
     resumed = run(cfg(tmp_path / "b", 4), resume=True, reward_fn=_low_ids)
     for k, v in _adapters(resumed).items():
         np.testing.assert_allclose(v, mean[k], atol=1e-5)
+
+
+def test_expected_readout_gives_every_completion_its_digit_log_probs(tiny_model_dir, cc0_labels,
+                                                                      tmp_path):
+    seen = []
+
+    def record(ro, parsed, mos):
+        seen.extend(c for g in ro.completions for c in g)
+        return _low_ids(ro, parsed, mos)
+
+    cfg = _cfg(tiny_model_dir, cc0_labels, tmp_path / "r", 1)
+    cfg.rewards.readout = "expected"
+    run(cfg, reward_fn=record)
+    assert len(seen) == 8 and all(len(c.watch) == len(c.token_ids) for c in seen)
+    assert all(len(w) == 10 for c in seen for w in c.watch)  # the ten digits at every position
+    seen.clear()
+    run(_cfg(tiny_model_dir, cc0_labels, tmp_path / "w", 1), reward_fn=record)
+    assert seen and all(c.watch is None for c in seen)       # "written" watches nothing

@@ -234,7 +234,8 @@ def test_pipeline_base_fills_what_the_variant_leaves_out(reproduce, tmp_path):
     # variants measured since History AT change GRPO only: whitened, SFT 1500 from the base
     since_at = {"repro_pipeline_noans.toml", "repro_pipeline_noans_lr3.toml",
                 "repro_pipeline_bscale.toml", "repro_pipeline_acc_only.toml",
-                "repro_pipeline_judge2.toml"}
+                "repro_pipeline_judge2.toml",
+                "repro_pipeline_expread.toml"}
     # the shipped recipe with another teacher (AX: miscalibrated, AY: on 7 photos, AZ: coarse,
     # BD: perfect), some with the GRPO decimals back in
     teacher_only = {"repro_pipeline_biased.toml", "repro_pipeline_biased_dec.toml",

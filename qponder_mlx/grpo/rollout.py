@@ -43,8 +43,11 @@ class Rollout:
 
 
 def rollout(model, processor, prompt: str, images: list[Image.Image], group_size: int,
-            sampling: gen.SamplingConfig, *, max_rows: int = 64) -> Rollout:
-    """G sampled completions for each image (same prompt), grouped per image in input order."""
+            sampling: gen.SamplingConfig, *, max_rows: int = 64,
+            watch_ids: list[int] | None = None) -> Rollout:
+    """G sampled completions for each image (same prompt), grouped per image in input order.
+
+    `watch_ids`: tokens whose log-probs every completion keeps per step (`gen.decode`)."""
     stops = gen.stop_tokens(model, processor.tokenizer)
     per_image = [gen.encode(processor, [prompt], [im]) for im in images]
     # A frozen tower's features serve the rollout and every later pass over this step's images
@@ -64,7 +67,8 @@ def rollout(model, processor, prompt: str, images: list[Image.Image], group_size
         for k, i in enumerate(batch):
             states[i] = _row_state(pre, k)
         pre = gen.repeat_cache(pre, group_size)
-        comps = gen.detokenize(processor.tokenizer, gen.decode(model, pre, sampling, stops),
+        comps = gen.detokenize(processor.tokenizer, gen.decode(model, pre, sampling, stops,
+                                                                 watch_ids=watch_ids),
                                stops)
         for k, i in enumerate(batch):
             completions[i] = comps[k * group_size:(k + 1) * group_size]

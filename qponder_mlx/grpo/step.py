@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -32,6 +32,7 @@ from qponder_mlx.grpo.rollout import (
     without_answer_tokens,
 )
 from qponder_mlx.prompts import ParsedResponse, parse_response
+from qponder_mlx.scoring import expected_answer, single_token_ids
 from qponder_mlx.train.distributed import World
 from qponder_mlx.train.loop import guarded_update, zeros_like_tree
 from qponder_mlx.train.lora import adapters_disabled
@@ -196,10 +197,16 @@ def grpo_step(model, processor, prompt: str, images: Sequence[Image.Image],
     t0 = time.perf_counter()
     sampling = gen.SamplingConfig(max_tokens=cfg.max_completion_length,
                                   temperature=cfg.temperature, top_p=cfg.top_p)
-    ro = rollout(model, processor, prompt, list(images), g, sampling, max_rows=cfg.max_rows)
+    expected = cfg.rewards.readout == "expected"
+    digits = single_token_ids(processor.tokenizer, "0123456789.", "rewards.readout = "
+                              '"expected"') if expected else None
+    ro = rollout(model, processor, prompt, list(images), g, sampling, max_rows=cfg.max_rows,
+                 watch_ids=digits[:10] if digits else None)
     t1 = time.perf_counter()
 
     parsed = [parse_response(t) for t in ro.texts]
+    if digits:
+        parsed = expected_answers(parsed, [c for grp in ro.completions for c in grp], digits)
     mos_rows = np.repeat(np.asarray(mos, dtype=np.float64), g)
     rewards, parts = reward_fn(ro, parsed, mos_rows) if ro.texts else (np.zeros(0), {})
     adv = group_advantages(mx.array(rewards, dtype=mx.float32), g, scale=cfg.scale_rewards)
@@ -273,6 +280,18 @@ def _token_metrics(totals: dict[str, float], n_tokens: int) -> dict[str, float]:
     out["clip_ratio"] = out["clip_ratio_low"] + out["clip_ratio_high"]
     if "kl" in totals:
         out["kl"] = totals["kl"] / n
+    return out
+
+
+def expected_answers(parsed: list[ParsedResponse], completions: list[gen.Completion],
+                     digits: list[int]) -> list[ParsedResponse]:
+    """`parsed` with each score read as E[answer] under the digit log-probs its completion kept
+    (`scoring.expected_answer`; `digits`: the token ids of 0-9 and "."). A score whose digits
+    cannot be found among the tokens keeps its written value."""
+    out = []
+    for p, c in zip(parsed, completions, strict=True):
+        e = expected_answer(c.token_ids, c.watch, p.score, digits[:10], digits[10])
+        out.append(p if e is None else replace(p, score=e))
     return out
 
 
