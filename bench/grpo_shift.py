@@ -34,6 +34,7 @@ import mlx.core as mx
 import numpy as np
 
 from qponder_mlx.distill.synthetic_teacher import read_level
+from qponder_mlx.metrics import srcc
 
 sys.path.insert(0, str(Path(__file__).parent))
 from repro_seeds import level_of  # noqa: E402
@@ -90,6 +91,13 @@ def level_moves(sft_report: dict, grpo_report: dict) -> Counter:
                    for i in named["sft"] if i in named["grpo"] and level_of(i) is not None)
 
 
+def written_srcc(report: dict) -> float:
+    """SRCC of a report's written answers against the MOS."""
+    rows = [(s.get("written_score", s.get("score")), s["mos"]) for s in report["samples"]]
+    rows = [(float(a), float(m)) for a, m in rows if a is not None]
+    return srcc([a for a, _ in rows], [m for _, m in rows])
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("runs", nargs="+", type=Path, help="bench/reproduce.py --out folders")
@@ -106,8 +114,8 @@ def main(argv: list[str] | None = None) -> int:
         cells = [f"{s[k]:.4f}" if k in s else "–"
                  for k in ("sft_vs_base", "grpo_adapters", "grpo_adapters_last")]
         print(f"| {run.name} | " + " | ".join(cells) + " |")
-    print("\n| run | views | " + " | ".join(MOVES) + " | net right |")
-    print("|---|---|" + "---|" * (len(MOVES) + 1))
+    print("\n| run | views | SRCC SFT → GRPO | " + " | ".join(MOVES) + " | net right |")
+    print("|---|---|---|" + "---|" * (len(MOVES) + 1))
     for run in args.runs:
         for name, suffix in SETS.items():
             paths = [run / "eval" / f"{st}_reason{suffix}.json" for st in ("sft", "grpo")]
@@ -115,12 +123,13 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{run}: no {paths[0].name} / {paths[1].name} — run bench/reproduce.py first",
                       file=sys.stderr)
                 continue
-            c = level_moves(*(json.loads(p.read_text()) for p in paths))
+            sft, grpo = (json.loads(p.read_text()) for p in paths)
+            c = level_moves(sft, grpo)
             n = sum(c.values())
             net = (c[MOVES[2]] - c[MOVES[1]]) / n
             nets[name].append(net)
-            print(f"| {run.name} | {name} ({n}) | "
-                  + " | ".join(f"{c[m] / n:.1%}" for m in MOVES) + f" | {net:+.1%} |")
+            print(f"| {run.name} | {name} ({n}) | {written_srcc(sft):.3f} → "
+                  f"{written_srcc(grpo):.3f} | " + " | ".join(f"{c[m] / n:.1%}" for m in MOVES) + f" | {net:+.1%} |")
     if shifts["grpo_adapters"]:
         print(f"RESULT grpo_weight_shift {np.mean(shifts['grpo_adapters']):.4f} goal n/a")
     for name, v in nets.items():

@@ -27,10 +27,8 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 
-from qponder_mlx.metrics import srcc
-
 sys.path.insert(0, str(Path(__file__).parent))
-from grpo_shift import MOVES, SETS, level_moves  # noqa: E402
+from grpo_shift import MOVES, SETS, level_moves, written_srcc  # noqa: E402
 from reproduce import Runner  # noqa: E402
 
 
@@ -48,12 +46,6 @@ def random_adapter(sft_dir: Path, grpo_dir: Path, out_dir: Path, seed: int) -> N
     out_dir.mkdir(parents=True, exist_ok=True)
     mx.save_safetensors(str(out_dir / "adapters.safetensors"), moved)
     (out_dir / "adapter_config.json").write_text((sft_dir / "adapter_config.json").read_text())
-
-
-def written_srcc(report: dict) -> float:
-    rows = [(s.get("written_score", s.get("score")), s["mos"]) for s in report["samples"]]
-    rows = [(float(a), float(m)) for a, m in rows if a is not None]
-    return srcc([a for a, _ in rows], [m for _, m in rows])
 
 
 def main(argv: list[str] | None = None) -> int:
