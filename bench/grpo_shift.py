@@ -129,7 +129,8 @@ def main(argv: list[str] | None = None) -> int:
             net = (c[MOVES[2]] - c[MOVES[1]]) / n
             nets[name].append(net)
             print(f"| {run.name} | {name} ({n}) | {written_srcc(sft):.3f} → "
-                  f"{written_srcc(grpo):.3f} | " + " | ".join(f"{c[m] / n:.1%}" for m in MOVES) + f" | {net:+.1%} |")
+                  f"{written_srcc(grpo):.3f} | "
+                  + " | ".join(f"{c[m] / n:.1%}" for m in MOVES) + f" | {net:+.1%} |")
     if shifts["grpo_adapters"]:
         print(f"RESULT grpo_weight_shift {np.mean(shifts['grpo_adapters']):.4f} goal n/a")
     for name, v in nets.items():
