@@ -91,6 +91,17 @@ def level_moves(sft_report: dict, grpo_report: dict) -> Counter:
                    for i in named["sft"] if i in named["grpo"] and level_of(i) is not None)
 
 
+def net_right(c: Counter) -> float:
+    """(wrong → right − right → wrong) / views: the change in the share named right."""
+    return (c[MOVES[2]] - c[MOVES[1]]) / sum(c.values())
+
+
+def move_cells(c: Counter) -> str:
+    """A markdown row's cells: each move's share of the views, then the net change."""
+    n = sum(c.values())
+    return " | ".join(f"{c[m] / n:.1%}" for m in MOVES) + f" | {net_right(c):+.1%} |"
+
+
 def written_srcc(report: dict) -> float:
     """SRCC of a report's written answers against the MOS."""
     rows = [(s.get("written_score", s.get("score")), s["mos"]) for s in report["samples"]]
@@ -125,12 +136,9 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             sft, grpo = (json.loads(p.read_text()) for p in paths)
             c = level_moves(sft, grpo)
-            n = sum(c.values())
-            net = (c[MOVES[2]] - c[MOVES[1]]) / n
-            nets[name].append(net)
-            print(f"| {run.name} | {name} ({n}) | {written_srcc(sft):.3f} → "
-                  f"{written_srcc(grpo):.3f} | "
-                  + " | ".join(f"{c[m] / n:.1%}" for m in MOVES) + f" | {net:+.1%} |")
+            nets[name].append(net_right(c))
+            print(f"| {run.name} | {name} ({sum(c.values())}) | {written_srcc(sft):.3f} → "
+                  f"{written_srcc(grpo):.3f} | " + move_cells(c))
     if shifts["grpo_adapters"]:
         print(f"RESULT grpo_weight_shift {np.mean(shifts['grpo_adapters']):.4f} goal n/a")
     for name, v in nets.items():

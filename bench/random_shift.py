@@ -28,7 +28,14 @@ import mlx.core as mx
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
-from grpo_shift import MOVES, SETS, level_moves, written_srcc  # noqa: E402
+from grpo_shift import (  # noqa: E402
+    MOVES,
+    SETS,
+    level_moves,
+    move_cells,
+    net_right,
+    written_srcc,
+)
 from reproduce import Runner  # noqa: E402
 
 
@@ -89,10 +96,8 @@ def main(argv: list[str] | None = None) -> int:
         for student in ["grpo", *names]:
             got = report(student, suffix)
             c = level_moves(sft, got)
-            n = sum(c.values())
-            nets[student] = (c[MOVES[2]] - c[MOVES[1]]) / n
-            print(f"| {set_name} | {student} | {written_srcc(got):.3f} | "
-                  + " | ".join(f"{c[m] / n:.1%}" for m in MOVES) + f" | {nets[student]:+.1%} |")
+            nets[student] = net_right(c)
+            print(f"| {set_name} | {student} | {written_srcc(got):.3f} | " + move_cells(c))
         results.append(f"RESULT random_shift_level_net_{set_name} "
                        f"{np.mean([nets[n] for n in names]):.4f} goal {nets['grpo']:.4f}")
     print("\n".join(results))
