@@ -37,6 +37,7 @@ from qponder_mlx.distill.synthetic_teacher import read_level
 from qponder_mlx.metrics import srcc
 
 sys.path.insert(0, str(Path(__file__).parent))
+from named_level_ceiling import written_answer  # noqa: E402
 from repro_seeds import level_of  # noqa: E402
 
 SETS = {"centre": "", "all": "_held_out_views", "train": "_train_photos"}
@@ -104,7 +105,7 @@ def move_cells(c: Counter) -> str:
 
 def written_srcc(report: dict) -> float:
     """SRCC of a report's written answers against the MOS."""
-    rows = [(s.get("written_score", s.get("score")), s["mos"]) for s in report["samples"]]
+    rows = [(written_answer(s), s["mos"]) for s in report["samples"]]
     rows = [(float(a), float(m)) for a, m in rows if a is not None]
     return srcc([a for a, _ in rows], [m for _, m in rows])
 

@@ -7,9 +7,9 @@ still changing the level the reasoning names on nearly half the views, for the w
 whether that is GRPO's reward at work or just the size of the step: for draw k, every LoRA
 tensor p of the SFT adapter becomes p_sft + ‖p_grpo − p_sft‖·g/‖g‖ (g Gaussian, seed k) —
 GRPO's own step size per tensor, in a random direction — saved as R/random_shift/rand{k}/adapters
-and scored greedily in reason mode with the reproduction's eval settings on the held-out centre
-views, all held-out views and the training photos (R/eval/rand{k}_reason{suffix}.json, which
-`bench/grpo_shift.py R --vs rand{k}` and `bench/named_level_ceiling.py` can read too).
+and scored greedily in reason mode with the pipeline's eval settings (`--config`, the shipped
+bench/repro_pipeline.toml by default) on the held-out centre views, all held-out views and the
+training photos (R/eval/rand{k}_reason{suffix}.json; a rerun reuses what is there).
 
 Prints, per set, the SRCC of the written answers and the level moves against SFT for GRPO and for
 each draw, and ends with `RESULT random_shift_level_net_<set> <mean over draws> goal <GRPO's>`:
@@ -36,7 +36,7 @@ from grpo_shift import (  # noqa: E402
     net_right,
     written_srcc,
 )
-from reproduce import Runner  # noqa: E402
+from reproduce import BENCH, Runner, load_pipeline  # noqa: E402
 
 
 def random_adapter(sft_dir: Path, grpo_dir: Path, out_dir: Path, seed: int) -> None:
@@ -59,28 +59,29 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("run", type=Path, help="a finished bench/reproduce.py --out folder")
     ap.add_argument("--draws", type=int, default=3)
-    ap.add_argument("--batch-size", type=int, default=16)   # bench/repro_pipeline.toml [eval]
-    ap.add_argument("--max-tokens", type=int, default=160)
-    ap.add_argument("--pixels", type=int, default=12544)
+    ap.add_argument("--config", type=Path, default=BENCH / "repro_pipeline.toml",
+                    help="the pipeline TOML whose [eval] and [data] size the run was made with")
     args = ap.parse_args(argv)
     r = args.run
+    cfg = load_pipeline(args.config)
+    pixels = str(cfg.data.size ** 2)
     runner = Runner(r)
-    split_of = {"": "test", "_held_out_views": "held_out_views", "_train_photos": "train_photos"}
     names = [f"rand{k}" for k in range(args.draws)]
     for k, name in enumerate(names):
         adapter = r / "random_shift" / name / "adapters"
         if not (adapter / "adapters.safetensors").exists():
             random_adapter(r / "sft" / "adapters", r / "grpo" / "adapters", adapter, seed=k)
-        for suffix, split in split_of.items():
+        for suffix in SETS.values():
             out = r / "eval" / f"{name}_reason{suffix}.json"
             if out.exists():
                 continue
+            split = suffix[1:] or "test"  # bench/reproduce.py's report names: test has none
             print(f"[{out.stem}]", flush=True)
             runner(f"eval_{out.stem}", [
                 "eval", "--data", str(r / "data" / f"{split}.jsonl"), "--model",
                 str(r / "student_base"), "--adapter", str(adapter), "--mode", "reason",
-                "--batch-size", str(args.batch_size), "--max-tokens", str(args.max_tokens),
-                "--min-pixels", str(args.pixels), "--max-pixels", str(args.pixels),
+                "--batch-size", str(cfg.eval.batch_size), "--max-tokens",
+                str(cfg.eval.max_tokens), "--min-pixels", pixels, "--max-pixels", pixels,
                 "--out", str(out)])
 
     def report(student: str, suffix: str) -> dict:
