@@ -144,6 +144,10 @@ class ReproConfig:
     # variant recipe names what it changes instead of copying a whole train TOML
     sft_set: list[str] = field(default_factory=list)
     grpo_set: list[str] = field(default_factory=list)
+    # A null for what GRPO's MOS rewards steer (History BW): GRPO trains on train.jsonl with the
+    # MOS permuted across its rows (seeded by the student's seed), so accuracy and rank read a
+    # label that has nothing to do with the image; format and consistency are unchanged.
+    grpo_shuffled_mos: bool = False
 
 
 # ---------------------------------------------------------------- running our commands
@@ -160,6 +164,13 @@ def load_pipeline(path: Path) -> ReproConfig:
             raise ConfigError(f"{path}: its base {name} names a base too — point it at "
                               f"{below['base']} instead")
     return load_config(ReproConfig, path, base=below)
+
+
+def shuffled_mos_rows(rows: list[dict], seed: int) -> list[dict]:
+    """`rows` in their order, each with the MOS of another row (one permutation of all of them):
+    the labels' distribution is kept, their link to the images is gone."""
+    perm = np.random.default_rng(seed).permutation(len(rows))
+    return [{**r, "mos": rows[int(j)]["mos"]} for r, j in zip(rows, perm)]
 
 
 def cold_start_rows(rows: Iterable[dict], *, views: int = 0, photos: str = "",
@@ -457,8 +468,17 @@ def run_pipeline(cfg: ReproConfig, pipeline_dir: Path, out: Path, *, in_process:
     stage("sft", out / "sft" / "summary.json",
           lambda: train("sft", ["--data", str(out / "distill" / "train.jsonl")], sft_cfg,
                         cfg.sft_set))
+    grpo_data = data / "train.jsonl"
+    if cfg.grpo_shuffled_mos:
+        grpo_data = data / "train_shuffled_mos.jsonl"
+        if not grpo_data.exists():
+            atomic_write_text(grpo_data, "".join(
+                json.dumps(r) + "\n" for r in shuffled_mos_rows(
+                    list(read_jsonl(data / "train.jsonl")), cfg.student.seed)))
+            run.record(f"# GRPO null: {grpo_data} = train.jsonl with its MOS permuted "
+                       f"(seed {cfg.student.seed})")
     stage("grpo", out / "grpo" / "summary.json",
-          lambda: train("grpo", ["--data", str(data / "train.jsonl"),
+          lambda: train("grpo", ["--data", str(grpo_data),
                                  "--adapter", str(out / "sft" / "adapters")], grpo_cfg,
                         cfg.grpo_set))
     # Held-out photos (the measure: their centre views, and with test_crops also every view of

@@ -237,7 +237,7 @@ def test_pipeline_base_fills_what_the_variant_leaves_out(reproduce, tmp_path):
                 "repro_pipeline_judge2.toml",
                 "repro_pipeline_expread.toml", "repro_pipeline_nocons.toml",
                 "repro_pipeline_judge_reference.toml", "repro_pipeline_acc_only_lr5.toml",
-                "repro_pipeline_expread_nocons.toml"}
+                "repro_pipeline_expread_nocons.toml", "repro_pipeline_b48.toml"}
     # the shipped recipe with another teacher (AX: miscalibrated, AY: on 7 photos, AZ: coarse,
     # BD: perfect), some with the GRPO decimals back in
     teacher_only = {"repro_pipeline_biased.toml", "repro_pipeline_biased_dec.toml",
@@ -256,12 +256,16 @@ def test_pipeline_base_fills_what_the_variant_leaves_out(reproduce, tmp_path):
     # the shipped recipe with the budget moved from SFT to GRPO (BK: SFT 500, GRPO 140)
     split = {"repro_pipeline_short_cold.toml"}
     biased = reproduce.load_pipeline(bench / "repro_pipeline_biased.toml")
+    # the shipped recipe with GRPO's MOS permuted across its rows (BW)
+    labels_null = {"repro_pipeline_shuffled_mos.toml"}
     sft1500 = {"repro_pipeline_whiten_sft1500.toml", "repro_pipeline_384_sft1500.toml", *since_at,
+               *labels_null,
                *teacher_only, *ax_grpo}
     for variant in sorted(bench.glob("repro_pipeline_*.toml")):
         cfg = reproduce.load_pipeline(variant)
         assert cfg.student.whiten == ("whiten" in variant.name or
-                                      variant.name in since_at | teacher_only | ax_grpo | split), \
+                                      variant.name in since_at | teacher_only | ax_grpo | split
+                                      | labels_null), \
             variant.name
         if variant.name in teacher_only:
             assert cfg.distill != main.distill and dataclasses.replace(
@@ -279,6 +283,9 @@ def test_pipeline_base_fills_what_the_variant_leaves_out(reproduce, tmp_path):
         if variant.name in since_at:
             assert (dataclasses.replace(cfg, base="", grpo_set=main.grpo_set) == main), \
                 variant.name
+        if variant.name in labels_null:
+            assert cfg.grpo_shuffled_mos and not main.grpo_shuffled_mos
+            assert dataclasses.replace(cfg, base="", grpo_shuffled_mos=False) == main
         assert (cfg.sft_set == ["iters=1500"]) == (variant.name in sft1500), variant.name
     alias = reproduce.load_pipeline(bench / "repro_pipeline_whiten_sft1500.toml")
     assert dataclasses.replace(alias, base="") == main  # the name the first runs used
@@ -289,6 +296,17 @@ def test_pipeline_base_fills_what_the_variant_leaves_out(reproduce, tmp_path):
     short = reproduce.load_pipeline(bench / "repro_pipeline_short_sft.toml")
     assert (short.sft_set, short.grpo_set, short.student.hidden_size) == \
         (["iters=500"], ["iters=100"], 256)
+
+
+def test_shuffled_mos_rows_permute_the_labels_only(reproduce):
+    rows = [{"id": f"im{i}", "mos": float(i), "distortion": "blur"} for i in range(50)]
+    out = reproduce.shuffled_mos_rows(rows, seed=3)
+    assert [r["id"] for r in out] == [r["id"] for r in rows]  # images and order kept
+    assert sorted(r["mos"] for r in out) == [r["mos"] for r in rows]  # the same labels...
+    assert sum(r["mos"] != float(i) for i, r in enumerate(out)) > 40  # ...on other images
+    assert out == reproduce.shuffled_mos_rows(rows, seed=3)  # seeded
+    assert out != reproduce.shuffled_mos_rows(rows, seed=4)
+    assert rows[7]["mos"] == 7.0  # the input is not modified
 
 
 def test_cold_start_rows_picks_views_and_photos_and_names_a_bad_photo(reproduce):
