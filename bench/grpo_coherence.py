@@ -88,6 +88,16 @@ def coherence(grads: np.ndarray) -> float:
     return float((gram.sum() - np.trace(gram)) / (n * (n - 1)) / (np.trace(gram) / n))
 
 
+def coherence_se(grads: np.ndarray) -> float:
+    """Jackknife standard error of `coherence` over the batches (n ≥ 3)."""
+    g = np.asarray(grads, dtype=np.float64)
+    n = len(g)
+    if n < 3:
+        raise ValueError("a standard error needs at least three gradients")
+    loo = np.array([coherence(np.delete(g, i, axis=0)) for i in range(n)])
+    return float(np.sqrt((n - 1) / n * ((loo - loo.mean()) ** 2).sum()))
+
+
 def images_for_half_signal(rho: float, batch_images: int) -> float:
     """Images per step at which signal and noise are equal, from ρ measured at `batch_images`
     (noise ∝ 1/B: |n|²/|s|² = (1 − ρ)/ρ at B, so equality at B·(1 − ρ)/ρ); inf if ρ ≤ 0."""
@@ -154,10 +164,11 @@ def main(argv: list[str] | None = None) -> int:
             "real − null (what the labels add)": coherence(real - shuffled)}
     print(f"\n{args.run}: {args.batches} batches of {cfg.batch_size} images × "
           f"{cfg.group_size} samples, {real.shape[1]} trainable weights")
-    print("| gradient | coherence ρ | images per step for half signal |")
+    print("| gradient | coherence ρ ± jackknife SE | images per step for half signal |")
     print("|---|---|---|")
-    for name, rho in rhos.items():
-        print(f"| {name} | {rho:.4f} | {images_for_half_signal(rho, cfg.batch_size):.0f} |")
+    for (name, rho), g in zip(rhos.items(), (real, shuffled, real - shuffled)):
+        se = f" ± {coherence_se(g):.4f}" if len(g) >= 3 else ""
+        print(f"| {name} | {rho:.4f}{se} | {images_for_half_signal(rho, cfg.batch_size):.0f} |")
     rho_real, rho_mos = rhos["real MOS"], rhos["real − null (what the labels add)"]
     print(f"RESULT grpo_gradient_coherence {rho_real:.4f} goal n/a")
     print(f"RESULT grpo_gradient_coherence_mos_part {rho_mos:.4f} goal n/a")

@@ -47,6 +47,23 @@ def test_coherence_recovers_the_signal_share_and_its_batch_scaling(coh):
     assert coh.images_for_half_signal(0.0, 16) == float("inf")
 
 
+
+def test_coherence_se_matches_the_spread_of_repeated_estimates(coh):
+    # 20 batches of a 500-weight gradient, ρ = 1/4, drawn 60 times: the jackknife SE of one
+    # draw should match the SD of the 60 estimates
+    rng = np.random.default_rng(1)
+    d = 500
+    s = rng.normal(size=d)
+    s /= np.linalg.norm(s)
+    draws = [s + rng.normal(size=(20, d)) * np.sqrt(3.0 / d) for _ in range(60)]
+    rhos = [coh.coherence(g) for g in draws]
+    se = np.mean([coh.coherence_se(g) for g in draws])
+    assert np.mean(rhos) == pytest.approx(0.25, abs=0.03)
+    assert 0.67 < se / np.std(rhos) < 1.5, (se, np.std(rhos))
+    with pytest.raises(ValueError):
+        coh.coherence_se(np.ones((2, 3)))
+
+
 def _setup(model_dir):
     lm = load_model(str(model_dir))
     mx.random.seed(0)
