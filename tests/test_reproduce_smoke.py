@@ -238,7 +238,7 @@ def test_pipeline_base_fills_what_the_variant_leaves_out(reproduce, tmp_path):
                 "repro_pipeline_expread.toml", "repro_pipeline_nocons.toml",
                 "repro_pipeline_judge_reference.toml", "repro_pipeline_acc_only_lr5.toml",
                 "repro_pipeline_expread_nocons.toml", "repro_pipeline_b48.toml",
-                "repro_pipeline_b256.toml"}
+                "repro_pipeline_b256.toml", "repro_pipeline_b256_nocons.toml"}
     # the shipped recipe with another teacher (AX: miscalibrated, AY: on 7 photos, AZ: coarse,
     # BD: perfect), some with the GRPO decimals back in
     teacher_only = {"repro_pipeline_biased.toml", "repro_pipeline_biased_dec.toml",
