@@ -56,7 +56,12 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import numpy as np  # noqa: E402
 
 from qponder_mlx import metrics  # noqa: E402
-from qponder_mlx.io import atomic_write_json, atomic_write_text, read_jsonl  # noqa: E402
+from qponder_mlx.io import (  # noqa: E402
+    atomic_write_json,
+    atomic_write_jsonl,
+    atomic_write_text,
+    read_jsonl,
+)
 from qponder_mlx.stem_whitening import RECORD  # noqa: E402
 from qponder_mlx.synth import view_index  # noqa: E402
 from qponder_mlx.train.config import ConfigError, load_config, read_config_file  # noqa: E402
@@ -436,7 +441,7 @@ def run_pipeline(cfg: ReproConfig, pipeline_dir: Path, out: Path, *, in_process:
             source = data / "cold_start.jsonl"
             rows = cold_start_rows(read_jsonl(data / "train.jsonl"), views=d.views,
                                    photos=d.photos, where=data / "train.jsonl")
-            atomic_write_text(source, "".join(json.dumps(r) + "\n" for r in rows))
+            atomic_write_jsonl(source, rows)
             which = []
             if d.views:
                 which.append(f"whose view index (qponder_mlx.synth.view_index) is below {d.views}")
@@ -472,9 +477,8 @@ def run_pipeline(cfg: ReproConfig, pipeline_dir: Path, out: Path, *, in_process:
     if cfg.grpo_shuffled_mos:
         grpo_data = data / "train_shuffled_mos.jsonl"
         if not grpo_data.exists():
-            atomic_write_text(grpo_data, "".join(
-                json.dumps(r) + "\n" for r in shuffled_mos_rows(
-                    list(read_jsonl(data / "train.jsonl")), cfg.student.seed)))
+            atomic_write_jsonl(grpo_data, shuffled_mos_rows(list(read_jsonl(data / "train.jsonl")),
+                                                            cfg.student.seed))
             run.record(f"# GRPO null: {grpo_data} = train.jsonl with its MOS permuted "
                        f"(seed {cfg.student.seed})")
     stage("grpo", out / "grpo" / "summary.json",
@@ -487,13 +491,11 @@ def run_pipeline(cfg: ReproConfig, pipeline_dir: Path, out: Path, *, in_process:
     # held-out and seen tells memorising from learning.
     seen, views = data / "train_photos.jsonl", data / "held_out_views.jsonl"
     if not seen.exists():
-        atomic_write_text(seen, "".join(
-            json.dumps(r) + "\n" for r in read_jsonl(data / "train.jsonl")
-            if r["view"] == r["reference"]))  # the photo itself, not one of its crops
+        atomic_write_jsonl(seen, (r for r in read_jsonl(data / "train.jsonl")
+                                  if r["view"] == r["reference"]))  # the photo, not its crops
     if cfg.data.test_crops and not views.exists():
-        atomic_write_text(views, "".join(
-            json.dumps(r) + "\n" for part in ("test", "test_crops")
-            for r in read_jsonl(data / f"{part}.jsonl")))
+        atomic_write_jsonl(views, (r for part in ("test", "test_crops")
+                                   for r in read_jsonl(data / f"{part}.jsonl")))
     evals = {"Q-Ponder-CI (SFT), reason": ("sft", "reason", "test"),
              "Q-Ponder-CI (SFT), fast": ("sft", "fast", "test"),
              "Q-Ponder (GRPO), reason": ("grpo", "reason", "test"),

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -38,9 +38,19 @@ def atomic_write_json(path: str | Path, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, ensure_ascii=False, default=str) + "\n")
 
 
+def atomic_write_jsonl(path: str | Path, rows: Iterable[dict]) -> None:
+    """Write `rows` as a whole JSONL file (one JSON object per line, as `append_jsonl` writes
+    them); atomic, so a crash keeps the old file."""
+    atomic_write_text(path, "".join(_jsonl_line(r) for r in rows))
+
+
+def _jsonl_line(row: dict) -> str:
+    return json.dumps(row, ensure_ascii=False, default=str) + "\n"
+
+
 def append_jsonl(path: str | Path, row: dict) -> None:
     """Append one JSON line and flush it to disk, so a kill -9 loses at most the line in flight."""
-    line = json.dumps(row, ensure_ascii=False, default=str) + "\n"
+    line = _jsonl_line(row)
     with open(path, "a", encoding="utf-8") as f:
         f.write(line)
         f.flush()

@@ -7,6 +7,7 @@ import pytest
 
 from qponder_mlx.io import (
     append_jsonl,
+    atomic_write_jsonl,
     atomic_write_text,
     read_jsonl,
     truncate_torn_tail,
@@ -24,6 +25,19 @@ def test_atomic_write_gives_normal_permissions_and_replaces(tmp_path):
     assert p.read_text() == "two"
     assert stat.S_IMODE(p.stat().st_mode) == 0o644
     assert [f.name for f in tmp_path.iterdir()] == ["a.txt"]  # no temp file left
+
+
+def test_atomic_jsonl_writes_the_lines_append_writes(tmp_path):
+    rows = [{"id": "café", "mos": 3.5}, {"id": "b", "path": tmp_path}]
+    a, b = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
+    for r in rows:
+        append_jsonl(a, r)
+    atomic_write_jsonl(b, iter(rows))  # a generator is enough
+    assert b.read_bytes() == a.read_bytes()
+    assert '"café"' in b.read_text(encoding="utf-8")  # not escaped
+    assert list(read_jsonl(b)) == [rows[0], {"id": "b", "path": str(tmp_path)}]
+    atomic_write_jsonl(b, rows[:1])  # replaces the whole file
+    assert list(read_jsonl(b)) == rows[:1]
 
 
 def test_torn_tail_is_cut_and_reading_skips_it(tmp_path):

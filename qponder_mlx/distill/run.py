@@ -10,7 +10,6 @@ and skips every id already there; nothing is asked twice or written twice.
 
 from __future__ import annotations
 
-import json
 import random
 import threading
 import time
@@ -31,7 +30,7 @@ from qponder_mlx.images import ImageError
 from qponder_mlx.io import (
     append_jsonl,
     atomic_write_json,
-    atomic_write_text,
+    atomic_write_jsonl,
     read_jsonl,
     truncate_torn_tail,
 )
@@ -216,7 +215,7 @@ def _drop_failed(path: Path) -> int:
     rows = list(read_jsonl(path))
     keep = [r for r in rows if r.get("status") != "failed"]
     if len(keep) != len(rows):
-        atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in keep))
+        atomic_write_jsonl(path, keep)
     return len(rows) - len(keep)
 
 

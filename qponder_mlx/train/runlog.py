@@ -8,13 +8,18 @@ atomically after each validation and at the end of the run.
 from __future__ import annotations
 
 import html
-import json
 import math
 import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from qponder_mlx.io import append_jsonl, atomic_write_text, read_jsonl, truncate_torn_tail
+from qponder_mlx.io import (
+    append_jsonl,
+    atomic_write_jsonl,
+    atomic_write_text,
+    read_jsonl,
+    truncate_torn_tail,
+)
 
 METRICS_FILE = "metrics.jsonl"
 CURVES_FILE = "curves.html"
@@ -34,8 +39,7 @@ class MetricsLog:
         if resume_step is not None and self.path.exists():
             # Steps after the checkpoint will be trained again; their old rows would repeat.
             keep = [r for r in read_jsonl(self.path) if int(r.get("step", 0)) <= resume_step]
-            atomic_write_text(self.path, "".join(
-                json.dumps(r, ensure_ascii=False, default=str) + "\n" for r in keep))
+            atomic_write_jsonl(self.path, keep)
         elif resume_step is None and self.path.exists():
             self.path.unlink()  # a fresh run in an old folder starts a fresh log
 
