@@ -44,12 +44,11 @@ from mlx.utils import tree_flatten  # noqa: E402
 from qponder_mlx.grpo.config import GRPOConfig  # noqa: E402
 from qponder_mlx.grpo.judge import make_judge  # noqa: E402
 from qponder_mlx.grpo.step import default_reward_fn, grpo_step  # noqa: E402
+from qponder_mlx.grpo.trainer import prepare_model, reference_policy  # noqa: E402
 from qponder_mlx.images import PixelPolicy, load_image  # noqa: E402
 from qponder_mlx.io import read_jsonl  # noqa: E402
-from qponder_mlx.model import load_model  # noqa: E402
 from qponder_mlx.prompts import chat_messages  # noqa: E402
 from qponder_mlx.train.config import load_config  # noqa: E402
-from qponder_mlx.train.lora import load_adapters, trainable_snapshot, weights_swapped  # noqa: E402
 
 
 class _Recorder:
@@ -121,21 +120,14 @@ def main(argv: list[str] | None = None) -> int:
     cfg = load_config(GRPOConfig, base=saved)
     cfg = replace(cfg, adapter=str(args.run / "sft" / "adapters"),
                   batch_size=args.batch_size or cfg.batch_size)
-    if cfg.quantize_base:
-        raise SystemExit(f"{args.run}: a quantized base is not supported here")
     data = args.run / "data" / "train.jsonl"
     rows = list(read_jsonl(data))
     null = [r["mos"] for r in shuffled_mos_rows(rows, args.seed)]
     pixels = PixelPolicy(min_pixels=cfg.min_pixels, max_pixels=cfg.max_pixels)
 
-    loaded = load_model(cfg.model)
+    loaded, _ = prepare_model(cfg, None)  # as the trainer does: the SFT adapter on the base
     model, processor = loaded.model, loaded.processor
-    load_adapters(model, cfg.adapter)
-    snapshot = trainable_snapshot(model)  # the SFT policy: GRPO's KL reference and judge
-
-    def reference(m):
-        return weights_swapped(m, snapshot)
-
+    reference = reference_policy(cfg, model)  # GRPO's KL reference and judge at its start
     judge = make_judge(cfg.rewards.judge, model, processor.tokenizer, reference=reference,
                        decimals=cfg.rewards.judge_decimals)
     reward_fn = default_reward_fn(cfg, cfg.group_size, judge)

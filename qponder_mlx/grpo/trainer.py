@@ -57,7 +57,9 @@ GRPO_CHARTS = [
 ]
 
 
-def _prepare_model(cfg: GRPOConfig, loaded: LoadedModel | None) -> tuple[LoadedModel, dict]:
+def prepare_model(cfg: GRPOConfig, loaded: LoadedModel | None) -> tuple[LoadedModel, dict]:
+    """The base model (loaded here unless given) with the run's adapter or a fresh LoRA; returns
+    it and the adapter config."""
     loaded = loaded or load_model(cfg.model)
     model = loaded.model
     mx.random.seed(cfg.seed)  # LoRA A matrices come from the global RNG
@@ -71,7 +73,7 @@ def _prepare_model(cfg: GRPOConfig, loaded: LoadedModel | None) -> tuple[LoadedM
     return loaded, adapter_cfg
 
 
-def _reference(cfg: GRPOConfig, model):
+def reference_policy(cfg: GRPOConfig, model):
     """The KL reference / reference judge as a context manager factory."""
     if cfg.reference == "base" or not cfg.adapter:
         # A fresh LoRA starts with B = 0, so "adapters off" IS the initial policy, bit for bit.
@@ -155,9 +157,9 @@ def run(cfg: GRPOConfig, *, resume: bool = False, loaded: LoadedModel | None = N
                                        f"rows had problems){first}")])
     groups = cfg.batch_keys([s.id for s in samples])
 
-    loaded, adapter_cfg = _prepare_model(cfg, loaded)
+    loaded, adapter_cfg = prepare_model(cfg, loaded)
     model, processor = loaded.model, loaded.processor
-    reference = _reference(cfg, model)  # before a checkpoint is restored: the run's start
+    reference = reference_policy(cfg, model)  # before a checkpoint is restored: the run's start
     if cfg.train_only:  # a pattern that matches nothing fails here, not after a step
         names = [n for n, _ in tree_flatten(model.trainable_parameters())]
         console.print(f"train_only {cfg.train_only!r}: {len(cfg.trained_names(names))} of "
