@@ -318,3 +318,50 @@ def test_chunks_cut_to_length_give_the_full_width_loss_and_gradient(tiny_model_d
     assert scale > 0
     for k in a:
         np.testing.assert_allclose(np.array(b[k]), np.array(a[k]), atol=1e-5 * scale, err_msg=k)
+
+
+@pytest.mark.parametrize("num_iterations", [1, 2])
+def test_stacked_images_take_the_image_by_image_step(tiny_model_dir, num_iterations):
+    """loss_images > 1 (groups of equal-length prompts stacked into one pass) gives the same
+    loss, KL and update as image by image; an image of another prompt length is its own group."""
+    from mlx.utils import tree_flatten, tree_map
+
+    from qponder_mlx.grpo import step as S
+
+    out = {}
+    for images in (1, 2):
+        lm, prompt, imgs = _setup(tiny_model_dir)
+        # non-zero LoRA B: the KL reference (adapters off) then differs from the policy
+        lm.model.update(tree_map(lambda p: p + 0.03, lm.model.trainable_parameters()))
+        start = dict(tree_flatten(lm.model.trainable_parameters()))
+        imgs = imgs + [imgs[0].resize((84, 84))]  # more image tokens: a longer prompt
+        cfg = GRPOConfig(data="-", group_size=4, beta=0.04, loss_rows=4, loss_images=images,
+                         max_completion_length=6, temperature=1.0,
+                         num_iterations=num_iterations)
+        calls = []
+        real = S.image_loss_and_grads
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(S, "image_loss_and_grads",
+                       lambda *a, calls=calls, real=real, **k:
+                       calls.append(a[1]["input_ids"].shape[0]) or real(*a, **k))
+            mx.random.seed(11)
+            res = grpo_step(lm.model, lm.processor, prompt, imgs, [2.0, 4.0, 3.0], cfg,
+                            optim.SGD(learning_rate=0.5),
+                            lambda ro, parsed, mos: (np.arange(12, dtype=float) % 5, {}))
+        assert not res.skipped
+        out[images] = res.metrics, dict(tree_flatten(lm.model.trainable_parameters())), calls
+    (m1, p1, c1), (m2, p2, c2) = out[1], out[2]
+    moved = max(float(mx.abs(p1[k] - start[k]).max()) for k in p1)
+    assert c1 == [1, 1, 1] * num_iterations and c2 == [2, 1] * num_iterations
+    assert m2["loss"] == pytest.approx(m1["loss"], abs=1e-6)
+    assert m1["kl"] > 1e-4 and m2["kl"] == pytest.approx(m1["kl"], rel=1e-4)
+    assert moved > 0
+    for k in p1:
+        np.testing.assert_allclose(np.array(p2[k]), np.array(p1[k]), atol=1e-4 * moved, err_msg=k)
+
+
+def test_loss_images_needs_whole_groups_in_one_pass():
+    from qponder_mlx.train.config import ConfigError
+
+    with pytest.raises(ConfigError, match="loss_images 8 .* loss_rows >= group_size"):
+        GRPOConfig(data="x", group_size=4, loss_rows=2, loss_images=8).validate()
