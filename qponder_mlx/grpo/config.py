@@ -72,10 +72,6 @@ class GRPOConfig:
     train_only: str = ""
     # Completions differentiated together; fewer = less memory, same gradient (>= G: one pass).
     loss_rows: int = 2
-    # Images whose groups share one backward pass (stacked when their prompts have one length;
-    # needs loss_rows >= group_size). Same gradient; for a small model far fewer, larger passes
-    # (bench/grpo_loss_images.py); memory grows with it, so 1 for a real model.
-    loss_images: int = 1
     rewards: RewardConfig = field(default_factory=RewardConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)  # used when no --adapter is given
     quantize_base: int | None = None  # 4 or 8: QLoRA on a float base
@@ -126,7 +122,7 @@ class GRPOConfig:
         if not self.data:
             raise ConfigError("data is not set — pass --data LABELS (or data = ... in the TOML)")
         for name in ("iters", "batch_size", "num_iterations", "max_completion_length",
-                     "max_rows", "loss_rows", "loss_images", "steps_per_report", "steps_per_save",
+                     "max_rows", "loss_rows", "steps_per_report", "steps_per_save",
                      "keep_checkpoints", "max_bad_steps"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -139,10 +135,6 @@ class GRPOConfig:
         if self.train_only and self.weight_decay:
             raise ConfigError("train_only with weight_decay > 0 would still decay the weights it "
                               "leaves out — set weight_decay = 0")
-        if self.loss_images > 1 and self.loss_rows < self.group_size:
-            raise ConfigError(f"loss_images {self.loss_images} stacks whole groups into one pass, "
-                              f"which needs loss_rows >= group_size ({self.group_size}), got "
-                              f"loss_rows {self.loss_rows} — raise loss_rows or set loss_images 1")
         if self.average_every < 0:
             raise ConfigError(f"average_every must be >= 0 (0 = off), got {self.average_every}")
         if self.group_size < 2:

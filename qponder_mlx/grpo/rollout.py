@@ -62,7 +62,7 @@ def rollout(model, processor, prompt: str, images: list[Image.Image], group_size
     # Fresh each rollout: the weights changed since the last step.
     prefix = gen.PrefixCache(model.config.image_token_id)
     for batch in gen.bucket_by_length(lengths, per_batch):
-        inputs = stack_inputs([per_image[i] for i in batch])
+        inputs = _stack([per_image[i] for i in batch])
         pre = gen.prefill(model, inputs, prefix)
         for k, i in enumerate(batch):
             states[i] = _row_state(pre, k)
@@ -84,7 +84,7 @@ def _row_state(pre: gen.Prefill, k: int) -> PromptState:
     return pre.logits[k:k + 1, None, :], keys, values, pre.prompt_len + pre.rope_deltas[k:k + 1]
 
 
-def stack_inputs(rows: list[gen.Inputs]) -> gen.Inputs:
+def _stack(rows: list[gen.Inputs]) -> gen.Inputs:
     """Batch single-image inputs of equal length (pixel rows concatenate, as the processor does)."""
     if len(rows) == 1:
         return rows[0]
@@ -128,8 +128,8 @@ def without_answer_tokens(mask: mx.array, group: list[gen.Completion], tokenizer
 
 
 def prompt_state(model, inputs: gen.Inputs) -> PromptState:
-    """P prompts (batch 1, or stacked) through the model: the logits of their last position
-    (P, 1, V), every layer's keys and values, and where the completions' positions start (P, 1)."""
+    """One prompt (batch 1) through the model: the logits of its last position (1, 1, V), every
+    layer's keys and values, and where the completion's positions start (1, 1)."""
     lm = model.language_model
     feats = model.get_input_embeddings(inputs["input_ids"], inputs.get("pixel_values"),
                                        image_grid_thw=inputs.get("image_grid_thw"),
@@ -143,24 +143,22 @@ def prompt_state(model, inputs: gen.Inputs) -> PromptState:
 
 
 def text_positions(start, rows: int, length: int) -> mx.array:
-    """(3, rows, length) M-RoPE position ids of text tokens from `start` (an int, a (1, 1) array,
-    or a (rows, 1) array: one start per row): the three sections share one position after the
-    image."""
-    return mx.broadcast_to(start + mx.arange(length), (3, rows, length))
+    """(3, rows, length) M-RoPE position ids of text tokens from `start` (an int or a (1, 1)
+    array): the three sections share one position after the image."""
+    pos = mx.reshape(start + mx.arange(length), (1, 1, length))
+    return mx.broadcast_to(pos, (3, rows, length))
 
 
 def logps_after_prompt(model, first: mx.array, keys: list[mx.array], values: list[mx.array],
                        start: mx.array, completion_ids: mx.array, *,
                        temperature: float = 1.0) -> mx.array:
-    """(R, T) log-probs of completions that follow P prompts' states (see `prompt_state`): R / P
-    rows per prompt, each prompt's rows contiguous and in prompt order."""
+    """(G, T) log-probs of completions that follow one prompt's state (see `prompt_state`)."""
     lm = model.language_model
-    r, t = completion_ids.shape
-    g = r // first.shape[0]
-    logits = mx.repeat(first, g, axis=0)  # (R, 1, V): scores token 0
+    g, t = completion_ids.shape
+    logits = mx.repeat(first, g, axis=0)  # (G, 1, V): scores token 0
     if t > 1:
         h = lm.model(completion_ids[:, :-1], cache=gen.repeated_cache(keys, values, g),
-                     position_ids=text_positions(mx.repeat(start, g, axis=0), r, t - 1))
+                     position_ids=text_positions(start, g, t - 1))
         logits = mx.concatenate([logits, gen.lm_head(lm, h)], axis=1)
     logits = logits.astype(mx.float32) / temperature
     lse = mx.logsumexp(logits, axis=-1)
@@ -170,13 +168,11 @@ def logps_after_prompt(model, first: mx.array, keys: list[mx.array], values: lis
 
 def completion_logps(model, inputs: gen.Inputs, completion_ids: mx.array, *,
                      temperature: float = 1.0) -> mx.array:
-    """log p(completion token) under the model, (R, T), differentiable w.r.t. the model.
+    """log p(completion token) under the model, (G, T), differentiable w.r.t. the model.
 
-    `inputs` holds P prompts (batch 1, or equal-length prompts stacked, `stack_inputs`) and
-    `completion_ids` R / P rows for each, in prompt order. Each prompt runs once; its keys and
-    values are repeated for its rows; token t is scored by the hidden state before it (the
-    prompt's last position for t = 0). Logits are divided by `temperature` as in TRL, so ratios
-    compare the sampling distribution.
+    The prompt runs once (batch 1); its keys/values are repeated for the G rows; token t is
+    scored by the hidden state before it (the prompt's last position for t = 0). Logits are
+    divided by `temperature` as in TRL, so ratios compare the sampling distribution.
     """
     first, keys, values, start = prompt_state(model, inputs)
     return logps_after_prompt(model, first, keys, values, start, completion_ids,

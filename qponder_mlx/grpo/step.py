@@ -29,7 +29,6 @@ from qponder_mlx.grpo.rollout import (
     pad_completions,
     prompt_state,
     rollout,
-    stack_inputs,
     without_answer_tokens,
 )
 from qponder_mlx.prompts import ParsedResponse, parse_response
@@ -96,19 +95,18 @@ def row_chunks(mask: mx.array, rows: int) -> list[tuple[mx.array, int]]:
 
 def image_loss_and_grads(model, inputs, ids, mask, adv, old, ref, cfg: GRPOConfig, n_rows,
                          n_tokens, state: PromptState | None = None):
-    """One image's (or one stacked `LossGroup`'s) loss, metric sums and LoRA gradient.
+    """One image's loss, metric sums and LoRA gradient.
 
-    With `cfg.loss_rows` >= G, or several images' groups stacked (`loss_groups`): one backward
-    pass over all rows. Smaller: the prompt's state (`state`: the rollout's prefill under the
-    same weights; else the prompt runs once without a graph), the completions are
-    differentiated `loss_rows` rows at a time with
+    With `cfg.loss_rows` >= G: one backward pass over the whole group. Smaller: the prompt's
+    state (`state`: the rollout's prefill under the same weights; else the prompt runs once
+    without a graph), the completions are differentiated `loss_rows` rows at a time with
     respect to the LoRA weights *and* the prompt's keys/values/last logits, and one vector-
     Jacobian product through the prompt adds its share — the same gradient (tested) with only
     `loss_rows` completions' activations alive at a time, each chunk cut to its own length
     (`row_chunks`).
     """
     g = ids.shape[0]
-    if cfg.loss_rows >= g or _stacked(inputs):
+    if cfg.loss_rows >= g:
         # Cut to the last counted token like the chunks below (`frozen_logps` fills only that).
         (_, w), = row_chunks(mask, g)
         (loss, sums), grads = nn.value_and_grad(model, _image_loss)(
@@ -169,59 +167,13 @@ def only_trained(grads, cfg: GRPOConfig):
     return tree_map_with_path(lambda path, g: g if path in keep else mx.zeros_like(g), grads)
 
 
-def _stacked(inputs: gen.Inputs) -> bool:
-    return inputs["input_ids"].shape[0] > 1
-
-
-@dataclass
-class LossGroup:
-    """Completions that go through the loss together: one image's group, or the groups of up to
-    `loss_images` images whose prompts have one length, stacked (each image's rows contiguous)."""
-    inputs: gen.Inputs
-    ids: mx.array  # (K·G, T) completion tokens, right-padded
-    mask: mx.array  # (K·G, T) tokens counted in the loss
-    adv: mx.array  # (K·G,)
-    state: PromptState | None = None  # one image's rollout prefill (K = 1 only)
-
-
-def loss_groups(ro: Rollout, batch: list[tuple[mx.array, mx.array]], advs: list[mx.array],
-                images: int, pad_id: int) -> list[LossGroup]:
-    """The step's images as loss groups of up to `images` each (1: image by image, in order).
-    Why stack: for a small model each backward pass costs mostly its fixed overhead, so one
-    pass over 16 images' groups is far cheaper than 16 passes; the sum is the same loss."""
-    states = ro.prompt_states or [None] * len(batch)
-    buckets = ([[i] for i in range(len(batch))] if images == 1 else
-               gen.bucket_by_length([x["input_ids"].shape[1] for x in ro.inputs], images))
-    out = []
-    for idx in buckets:
-        if len(idx) == 1:
-            i, = idx
-            out.append(LossGroup(ro.inputs[i], *batch[i], advs[i], states[i]))
-            continue
-        w = max(batch[i][0].shape[1] for i in idx)
-        out.append(LossGroup(stack_inputs([ro.inputs[i] for i in idx]),
-                             mx.concatenate([_pad_to(batch[i][0], w, pad_id) for i in idx]),
-                             mx.concatenate([_pad_to(batch[i][1], w, 0) for i in idx]),
-                             mx.concatenate([advs[i] for i in idx])))
-    return out
-
-
-def _pad_to(a: mx.array, width: int, value: int) -> mx.array:
-    return mx.pad(a, [(0, 0), (0, width - a.shape[1])], constant_values=value)
-
-
 def frozen_logps(model, inputs, ids: mx.array, mask: mx.array, cfg: GRPOConfig,
                  state: PromptState | None = None) -> mx.array:
     """(G, T) log-probs of one image's completions under the model as it is, without a graph,
     `loss_rows` rows at a time (memory), each chunk cut to its length (`row_chunks`): 0 past a
     chunk's last counted token, which no loss reads."""
-    out = mx.zeros(ids.shape, dtype=mx.float32)
-    if _stacked(inputs):  # several images' groups: one pass, rows kept in prompt order
-        (_, w), = row_chunks(mask, ids.shape[0])
-        out[:, :w] = completion_logps(model, inputs, ids[:, :w], temperature=cfg.temperature)
-        mx.eval(out)
-        return out
     first, keys, values, start = state or prompt_state(model, inputs)
+    out = mx.zeros(ids.shape, dtype=mx.float32)
     for rows, w in row_chunks(mask, cfg.loss_rows):
         out[rows, :w] = logps_after_prompt(model, first, keys, values, start, ids[rows, :w],
                                            temperature=cfg.temperature)
@@ -270,28 +222,29 @@ def grpo_step(model, processor, prompt: str, images: Sequence[Image.Image],
                         "tokens": sum(int(m.sum().item()) for _, m in batch)})
     n_rows, n_tokens = int(counts["rows"]), int(counts["tokens"])
     advs = [adv[i * g:(i + 1) * g] for i in range(len(images))]
-    groups = loss_groups(ro, batch, advs, cfg.loss_images, pad)
 
     # μ > 1 reuses the rollout: the ratio is against the policy that sampled it.
     # Until the first update the policy is the one that sampled: its prompt states are the
     # rollout's, so no prompt runs again for it.
-    old = ([frozen_logps(model, u.inputs, u.ids, u.mask, cfg, u.state) for u in groups]
-           if cfg.num_iterations > 1 else None)
+    states = ro.prompt_states or [None] * len(images)
+    old = ([frozen_logps(model, ro.inputs[i], *batch[i], cfg, states[i])
+            for i in range(len(images))] if cfg.num_iterations > 1 else None)
     ref = None
     if cfg.beta:
         with reference(model):
-            ref = [frozen_logps(model, u.inputs, u.ids, u.mask, cfg) for u in groups]
+            ref = [frozen_logps(model, ro.inputs[i], *batch[i], cfg)
+                   for i in range(len(images))]
 
     skipped = False
     totals: dict[str, float] = {}
     loss_value, norm = 0.0, 0.0
     for it in range(cfg.num_iterations):
         grads, loss_value, totals = zeros_like_tree(model.trainable_parameters()), 0.0, {}
-        for j, u in enumerate(groups):
+        for i in range(len(images)):
             loss, sums, gi = image_loss_and_grads(
-                model, u.inputs, u.ids, u.mask, u.adv,
-                None if old is None else old[j], None if ref is None else ref[j],
-                cfg, n_rows, n_tokens, u.state if it == 0 else None)
+                model, ro.inputs[i], batch[i][0], batch[i][1], advs[i],
+                None if old is None else old[i], None if ref is None else ref[i],
+                cfg, n_rows, n_tokens, states[i] if it == 0 else None)
             grads = tree_map(mx.add, grads, gi)
             mx.eval(grads, sums)
             loss_value += loss
