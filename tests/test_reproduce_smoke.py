@@ -248,7 +248,7 @@ def test_pipeline_base_fills_what_the_variant_leaves_out(reproduce, tmp_path):
     # BC: lr and KL x3, BE: two updates per rollout, BF: no KL, BG: rank reward x3,
     # BH: BG with BE, BI: one distortion type per GRPO batch, BJ: a threshold accuracy reward,
     # BL: the output head only, BM: the judge reading the decimal, BN: BM + reasoning reward,
-    # CA: 256 images per step without consistency, CB: 128)
+    # CA: 256 images per step without consistency, CB: 128, CC: CB shipping the last step)
     ax_grpo = {"repro_pipeline_biased_dec120.toml", "repro_pipeline_biased_dec_nocons.toml",
                "repro_pipeline_biased_dec_lr3kl3.toml", "repro_pipeline_biased_dec_mu2.toml",
                "repro_pipeline_biased_dec_kl0.toml", "repro_pipeline_biased_dec_rank3.toml",
@@ -256,7 +256,8 @@ def test_pipeline_base_fills_what_the_variant_leaves_out(reproduce, tmp_path):
                "repro_pipeline_biased_dec_thresh.toml", "repro_pipeline_biased_dec_head.toml",
                "repro_pipeline_biased_dec_judge2.toml", "repro_pipeline_biased_dec_reason.toml",
                "repro_pipeline_biased_dec_b256_nocons.toml",
-               "repro_pipeline_biased_dec_b128_nocons.toml"}
+               "repro_pipeline_biased_dec_b128_nocons.toml",
+               "repro_pipeline_biased_dec_b128_nocons_last.toml"}
     # the shipped recipe with the budget moved from SFT to GRPO (BK: SFT 500, GRPO 140)
     split = {"repro_pipeline_short_cold.toml"}
     biased = reproduce.load_pipeline(bench / "repro_pipeline_biased.toml")
