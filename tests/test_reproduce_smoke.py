@@ -257,7 +257,8 @@ def test_pipeline_base_fills_what_the_variant_leaves_out(reproduce, tmp_path):
                "repro_pipeline_biased_dec_judge2.toml", "repro_pipeline_biased_dec_reason.toml",
                "repro_pipeline_biased_dec_b256_nocons.toml",
                "repro_pipeline_biased_dec_b128_nocons.toml",
-               "repro_pipeline_biased_dec_b128_nocons_last.toml"}
+               "repro_pipeline_biased_dec_b128_nocons_last.toml",
+               "repro_pipeline_biased_dec_b128_nocons_i30.toml"}
     # the shipped recipe with the budget moved from SFT to GRPO (BK: SFT 500, GRPO 140)
     split = {"repro_pipeline_short_cold.toml"}
     biased = reproduce.load_pipeline(bench / "repro_pipeline_biased.toml")
