@@ -64,7 +64,12 @@ from qponder_mlx.io import (  # noqa: E402
 )
 from qponder_mlx.stem_whitening import RECORD  # noqa: E402
 from qponder_mlx.synth import view_index  # noqa: E402
-from qponder_mlx.train.config import ConfigError, load_config, read_config_file  # noqa: E402
+from qponder_mlx.train.config import (  # noqa: E402
+    ConfigError,
+    config_dict,
+    load_config,
+    read_config_file,
+)
 
 BENCH = Path(__file__).resolve().parent
 BRISQUE_DIR = Path("/usr/share/opencv4/quality")  # Debian/Ubuntu `opencv-data`
@@ -158,16 +163,18 @@ class ReproConfig:
 # ---------------------------------------------------------------- running our commands
 
 
-def load_pipeline(path: Path) -> ReproConfig:
+def load_pipeline(path: Path, _chain: tuple[Path, ...] = ()) -> ReproConfig:
     """A pipeline TOML. `base = "other.toml"` (beside it) gives every setting the file leaves out,
-    so a variant recipe holds only what it changes. One level: a base names no base."""
-    below: dict = {}
+    so a variant recipe holds only what it changes; a base may name its own base (the nearer file
+    wins, lists such as grpo_set are replaced whole)."""
+    chain = (*_chain, path.resolve())
     name = read_config_file(path).get("base")
+    below: dict = {}
     if name:
-        below = read_config_file(path.parent / name)
-        if below.get("base"):
-            raise ConfigError(f"{path}: its base {name} names a base too — point it at "
-                              f"{below['base']} instead")
+        if (path.parent / name).resolve() in chain:
+            raise ConfigError(f"{path}: base {name} leads back to itself "
+                              f"({' -> '.join(p.name for p in chain)} -> {name}) — break the loop")
+        below = config_dict(load_pipeline(path.parent / name, chain))
     return load_config(ReproConfig, path, base=below)
 
 

@@ -215,8 +215,14 @@ def test_pipeline_base_fills_what_the_variant_leaves_out(reproduce, tmp_path):
     assert (cfg.student.hidden_size, cfg.distill.views) == (256, 5)       # the variant's
     assert (cfg.data.crops, cfg.data.test_crops, cfg.grpo_set) == (16, 8, ["iters=60"])  # base's
     assert cfg.student.num_layers == 2                                    # neither: defaults
-    (tmp_path / "w.toml").write_text('base = "v.toml"\n')
-    with pytest.raises(reproduce.ConfigError, match="names a base too"):
+    # a base naming a base: each layer fills what the files above it leave out
+    (tmp_path / "w.toml").write_text('base = "v.toml"\n[data]\ncrops = 4\n')
+    w = reproduce.load_pipeline(tmp_path / "w.toml")
+    assert (w.data.crops, w.data.test_crops, w.student.hidden_size, w.distill.views,
+            w.grpo_set, w.base) == (4, 8, 256, 5, ["iters=60"], "v.toml")
+    (tmp_path / "main.toml").write_text('base = "w.toml"\n')  # main -> w -> v -> main
+    with pytest.raises(reproduce.ConfigError, match=r"main.toml: base w.toml leads back to itself "
+                       r"\(w.toml -> v.toml -> main.toml -> w.toml\)"):
         reproduce.load_pipeline(tmp_path / "w.toml")
     # the shipped variants load over the shipped recipe
     bench = ROOT / "bench"
