@@ -254,7 +254,8 @@ def test_pipeline_base_fills_what_the_variant_leaves_out(reproduce, tmp_path):
     # BC: lr and KL x3, BE: two updates per rollout, BF: no KL, BG: rank reward x3,
     # BH: BG with BE, BI: one distortion type per GRPO batch, BJ: a threshold accuracy reward,
     # BL: the output head only, BM: the judge reading the decimal, BN: BM + reasoning reward,
-    # CA: 256 images per step without consistency, CB: 128, CC: CB shipping the last step)
+    # CA: 256 images per step without consistency, CB: 128, CC: CB shipping the last step,
+    # CD: CB for 30 steps)
     ax_grpo = {"repro_pipeline_biased_dec120.toml", "repro_pipeline_biased_dec_nocons.toml",
                "repro_pipeline_biased_dec_lr3kl3.toml", "repro_pipeline_biased_dec_mu2.toml",
                "repro_pipeline_biased_dec_kl0.toml", "repro_pipeline_biased_dec_rank3.toml",
