@@ -255,7 +255,7 @@ def test_pipeline_base_fills_what_the_variant_leaves_out(reproduce, tmp_path):
     # BH: BG with BE, BI: one distortion type per GRPO batch, BJ: a threshold accuracy reward,
     # BL: the output head only, BM: the judge reading the decimal, BN: BM + reasoning reward,
     # CA: 256 images per step without consistency, CB: 128, CC: CB shipping the last step,
-    # CD: CB for 30 steps)
+    # CD: CB for 30 steps, CE: CB with a reasoning reward)
     ax_grpo = {"repro_pipeline_biased_dec120.toml", "repro_pipeline_biased_dec_nocons.toml",
                "repro_pipeline_biased_dec_lr3kl3.toml", "repro_pipeline_biased_dec_mu2.toml",
                "repro_pipeline_biased_dec_kl0.toml", "repro_pipeline_biased_dec_rank3.toml",
@@ -265,7 +265,8 @@ def test_pipeline_base_fills_what_the_variant_leaves_out(reproduce, tmp_path):
                "repro_pipeline_biased_dec_b256_nocons.toml",
                "repro_pipeline_biased_dec_b128_nocons.toml",
                "repro_pipeline_biased_dec_b128_nocons_last.toml",
-               "repro_pipeline_biased_dec_b128_nocons_i30.toml"}
+               "repro_pipeline_biased_dec_b128_nocons_i30.toml",
+               "repro_pipeline_biased_dec_b128_reason.toml"}
     # the shipped recipe with the budget moved from SFT to GRPO (BK: SFT 500, GRPO 140)
     split = {"repro_pipeline_short_cold.toml"}
     biased = reproduce.load_pipeline(bench / "repro_pipeline_biased.toml")
