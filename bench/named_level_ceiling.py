@@ -17,7 +17,11 @@ student's own answer breaking ties inside one named level:
 
 For every run folder it reads the SFT and GRPO students' reason-mode reports on the 45 centre
 views and on all 405 views (eval/{sft,grpo}_reason[_held_out_views].json), prints SRCC written /
-named MOS / hindsight, the share of views whose reasoning names the right level, and ends with
+named MOS / hindsight, the share of views whose reasoning names the right level, which way the
+named levels lean per distortion (the named level's MOS minus the view's own level's MOS, over
+the views that name the right distortion: below 0, the reasoning names harsher levels than the
+image has — how a student can offset a teacher that scores that distortion too high without
+re-mapping its numbers), and ends with
 `RESULT named_level_ceiling_<set> <mean hindsight bound - (SFT + 0.03)> goal 0.0`: below 0, no
 re-mapping of the SFT student's named levels reaches the GRPO goal on the mean.
 """
@@ -66,7 +70,18 @@ def remapped(samples: list[dict]) -> dict[str, float]:
             "written": srcc(written, mos),
             "named_mos": srcc([v + TIE * a for v, a in zip(named_mos, written)], mos),
             "hindsight": srcc([v + TIE * a for v, a in zip(hindsight, written)], mos),
-            "right": float(np.mean([n == t for n, _, _, t in rows]))}
+            "right": float(np.mean([n == t for n, _, _, t in rows])),
+            "lean": lean([(n, t) for n, _, _, t in rows])}
+
+
+def lean(named_true: list[tuple[tuple[str, int] | None, tuple[str, int]]]) -> dict[str, float]:
+    """Per distortion: mean MOS of the named level minus MOS of the true one, over the views whose
+    reasoning names the right distortion (a wrong one has no level scale to lean along)."""
+    by_type = defaultdict(list)
+    for n, t in named_true:
+        if n and n[0] == t[0]:
+            by_type[t[0]].append(LEVEL_MOS[n[0]][n[1] - 1] - LEVEL_MOS[t[0]][t[1] - 1])
+    return {k: float(np.mean(v)) for k, v in sorted(by_type.items())}
 
 
 def report(run: Path, student: str, suffix: str) -> dict | None:
@@ -81,8 +96,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("runs", nargs="+", type=Path, help="bench/reproduce.py --out folders")
     args = ap.parse_args(argv)
     print("| run | held-out set | student | SRCC written | named MOS | hindsight | names the "
-          "right level |")
-    print("|---|---|---|---|---|---|---|")
+          "right level | named − own level's MOS |")
+    print("|---|---|---|---|---|---|---|---|")
     gaps: dict[str, list[float]] = defaultdict(list)
     for run in args.runs:
         for name, suffix in SETS.items():
@@ -94,7 +109,8 @@ def main(argv: list[str] | None = None) -> int:
             for st, r in got.items():
                 if r is not None:
                     print(f"| {run.name} | {name} ({r['n']}) | {st.upper()} | {r['written']:.3f} "
-                          f"| {r['named_mos']:.3f} | {r['hindsight']:.3f} | {r['right']:.0%} |")
+                          f"| {r['named_mos']:.3f} | {r['hindsight']:.3f} | {r['right']:.0%} | "
+                          + " ".join(f"{k} {v:+.2f}" for k, v in r["lean"].items()) + " |")
             gaps[name].append(got["sft"]["hindsight"] - (got["sft"]["written"] + 0.03))
     for name, g in gaps.items():
         print(f"RESULT named_level_ceiling_{name} {np.mean(g):.4f} goal 0.0")

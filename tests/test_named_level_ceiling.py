@@ -47,6 +47,20 @@ def test_remapped_by_hand_against_scipy(ceiling):
     hind = [4.612, 1.945, (3.893 + 3.866) / 2 + 0.0029, (3.893 + 3.866) / 2 + 0.0028, 1.5]
     assert got["hindsight"] == pytest.approx(spearmanr(hind, mos)[0])
     assert got["named_mos"] != got["written"]  # the example tells the three apart
+    # lean: c names the wrong distortion and e nothing, so only a, b, d count, each named its own
+    # level: 0 for blur and JPEG, and noise has no view left
+    assert got["lean"] == {"blur": 0.0, "jpeg": 0.0}
+
+
+def test_lean_by_hand(ceiling):
+    """Named JPEG 4 for a JPEG 3 view (1.945 - 3.866), JPEG 3 for JPEG 3 (0), noise 2 for noise 1
+    (3.390 - 3.893), blur for noise (left out)."""
+    got = ceiling.lean([(("jpeg", 4), ("jpeg", 3)), (("jpeg", 3), ("jpeg", 3)),
+                        (("noise", 2), ("noise", 1)), (("blur", 1), ("noise", 5)),
+                        (None, ("blur", 2))])
+    assert got == pytest.approx({"jpeg": (LEVEL_MOS["jpeg"][3] - LEVEL_MOS["jpeg"][2]) / 2,
+                                 "noise": LEVEL_MOS["noise"][1] - LEVEL_MOS["noise"][0]})
+    assert got["jpeg"] == pytest.approx((1.945 - 3.866) / 2, abs=1e-3)
 
 
 def test_main_reads_a_run_folder_and_names_a_missing_report(ceiling, tmp_path, capsys):
@@ -61,4 +75,4 @@ def test_main_reads_a_run_folder_and_names_a_missing_report(ceiling, tmp_path, c
     assert "missing: no eval/sft_reason.json" in err
     # a student that names every level right and writes its MOS: every bound is 1 - (1 + 0.03)
     assert "RESULT named_level_ceiling_centre -0.0300 goal 0.0" in out
-    assert "| r | all (8) | SFT | 1.000 | 1.000 | 1.000 | 100% |" in out
+    assert "| r | all (8) | SFT | 1.000 | 1.000 | 1.000 | 100% | blur +0.00 jpeg +0.00 |" in out
