@@ -52,10 +52,11 @@ def written_answer(sample: dict) -> float | None:
     return sample.get("written_score", sample.get("score"))
 
 
-def remapped(samples: list[dict]) -> dict[str, float]:
+def remapped(samples: list[dict]) -> dict:
     """SRCC of the written answers and of the two per-named-level re-mappings; right-level share.
 
-    `samples`: a report's rows with "id", "mos", the written answer and "reasoning"."""
+    `samples`: a report's rows with "id", "mos", the written answer and "reasoning". Values
+    are floats, except "lean": per distortion, see `lean`."""
     rows = [(read_level(s.get("reasoning") or ""), float(s["mos"]), float(written_answer(s)),
              level_of(s["id"])) for s in samples if written_answer(s) is not None]
     named_mos = [LEVEL_MOS[n[0]][n[1] - 1] if n else a for n, _, a, _ in rows]
