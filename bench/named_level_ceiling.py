@@ -75,12 +75,16 @@ def remapped(samples: list[dict]) -> dict:
             "lean": lean([(n, t) for n, _, _, t in rows])}
 
 
-def lean(named_true: list[tuple[tuple[str, int] | None, tuple[str, int]]]) -> dict[str, float]:
+Level = tuple[str, int]  # (distortion, level 1-5)
+
+
+def lean(named_true: list[tuple[Level | None, Level | None]]) -> dict[str, float]:
     """Per distortion: mean MOS of the named level minus MOS of the true one, over the views whose
-    reasoning names the right distortion (a wrong one has no level scale to lean along)."""
+    reasoning names the right distortion (a wrong one has no level scale to lean along; a view
+    whose id carries no level, `level_of` None, has no true one)."""
     by_type = defaultdict(list)
     for n, t in named_true:
-        if n and n[0] == t[0]:
+        if n and t and n[0] == t[0]:
             by_type[t[0]].append(LEVEL_MOS[n[0]][n[1] - 1] - LEVEL_MOS[t[0]][t[1] - 1])
     return {k: float(np.mean(v)) for k, v in sorted(by_type.items())}
 

@@ -54,10 +54,10 @@ def test_remapped_by_hand_against_scipy(ceiling):
 
 def test_lean_by_hand(ceiling):
     """Named JPEG 4 for a JPEG 3 view (1.945 - 3.866), JPEG 3 for JPEG 3 (0), noise 2 for noise 1
-    (3.390 - 3.893), blur for noise (left out)."""
+    (3.390 - 3.893), blur for noise and a view with no true level (both left out)."""
     got = ceiling.lean([(("jpeg", 4), ("jpeg", 3)), (("jpeg", 3), ("jpeg", 3)),
                         (("noise", 2), ("noise", 1)), (("blur", 1), ("noise", 5)),
-                        (None, ("blur", 2))])
+                        (None, ("blur", 2)), (("blur", 3), None)])
     assert got == pytest.approx({"jpeg": (LEVEL_MOS["jpeg"][3] - LEVEL_MOS["jpeg"][2]) / 2,
                                  "noise": LEVEL_MOS["noise"][1] - LEVEL_MOS["noise"][0]})
     assert got["jpeg"] == pytest.approx((1.945 - 3.866) / 2, abs=1e-3)
