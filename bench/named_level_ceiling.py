@@ -47,6 +47,14 @@ TIE = 1e-3  # the student's answer only orders views that name the same level
 SETS = {"centre": "", "all": "_held_out_views"}
 
 
+Level = tuple[str, int]  # (distortion, level 1-5)
+
+
+def level_mos(level: Level) -> float:
+    """KADID's mean MOS of a (distortion, level)."""
+    return LEVEL_MOS[level[0]][level[1] - 1]
+
+
 def written_answer(sample: dict) -> float | None:
     """The number the student wrote (`--readout expected` reports keep it beside the read-out)."""
     return sample.get("written_score", sample.get("score"))
@@ -59,7 +67,7 @@ def remapped(samples: list[dict]) -> dict:
     are floats, except "lean": per distortion, see `lean`."""
     rows = [(read_level(s.get("reasoning") or ""), float(s["mos"]), float(written_answer(s)),
              level_of(s["id"])) for s in samples if written_answer(s) is not None]
-    named_mos = [LEVEL_MOS[n[0]][n[1] - 1] if n else a for n, _, a, _ in rows]
+    named_mos = [level_mos(n) if n else a for n, _, a, _ in rows]
     by_named = defaultdict(list)
     for n, mos, _, _ in rows:
         if n:
@@ -75,9 +83,6 @@ def remapped(samples: list[dict]) -> dict:
             "lean": lean([(n, t) for n, _, _, t in rows])}
 
 
-Level = tuple[str, int]  # (distortion, level 1-5)
-
-
 def lean(named_true: list[tuple[Level | None, Level | None]]) -> dict[str, float]:
     """Per distortion: mean MOS of the named level minus MOS of the true one, over the views whose
     reasoning names the right distortion (a wrong one has no level scale to lean along; a view
@@ -85,7 +90,7 @@ def lean(named_true: list[tuple[Level | None, Level | None]]) -> dict[str, float
     by_type = defaultdict(list)
     for n, t in named_true:
         if n and t and n[0] == t[0]:
-            by_type[t[0]].append(LEVEL_MOS[n[0]][n[1] - 1] - LEVEL_MOS[t[0]][t[1] - 1])
+            by_type[t[0]].append(level_mos(n) - level_mos(t))
     return {k: float(np.mean(v)) for k, v in sorted(by_type.items())}
 
 
