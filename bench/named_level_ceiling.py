@@ -38,7 +38,7 @@ import numpy as np
 
 from qponder_mlx.distill.synthetic_teacher import read_level
 from qponder_mlx.metrics import srcc
-from qponder_mlx.synth import LEVEL_MOS
+from qponder_mlx.synth import level_mos
 
 sys.path.insert(0, str(Path(__file__).parent))
 from repro_seeds import level_of  # noqa: E402
@@ -48,11 +48,6 @@ SETS = {"centre": "", "all": "_held_out_views"}
 
 
 Level = tuple[str, int]  # (distortion, level 1-5)
-
-
-def level_mos(level: Level) -> float:
-    """KADID's mean MOS of a (distortion, level)."""
-    return LEVEL_MOS[level[0]][level[1] - 1]
 
 
 def written_answer(sample: dict) -> float | None:
@@ -67,7 +62,7 @@ def remapped(samples: list[dict]) -> dict:
     are floats, except "lean": per distortion, see `lean`."""
     rows = [(read_level(s.get("reasoning") or ""), float(s["mos"]), float(written_answer(s)),
              level_of(s["id"])) for s in samples if written_answer(s) is not None]
-    named_mos = [level_mos(n) if n else a for n, _, a, _ in rows]
+    named_mos = [level_mos(*n) if n else a for n, _, a, _ in rows]
     by_named = defaultdict(list)
     for n, mos, _, _ in rows:
         if n:
@@ -90,7 +85,7 @@ def lean(named_true: list[tuple[Level | None, Level | None]]) -> dict[str, float
     by_type = defaultdict(list)
     for n, t in named_true:
         if n and t and n[0] == t[0]:
-            by_type[t[0]].append(level_mos(n) - level_mos(t))
+            by_type[t[0]].append(level_mos(*n) - level_mos(*t))
     return {k: float(np.mean(v)) for k, v in sorted(by_type.items())}
 
 

@@ -34,6 +34,11 @@ LEVEL_MOS = {
 }
 DISTORTIONS = tuple(LEVELS)
 
+
+def level_mos(kind: str, level: int) -> float:
+    """KADID's mean MOS of a distortion at level 1-5 (the levels count from 1, the lists from 0)."""
+    return LEVEL_MOS[kind][level - 1]
+
 # Photos bundled with scikit-image that its docstrings mark CC0 / public domain / no restrictions.
 CC0_PHOTOS = {
     "astronaut": "public domain (NASA)",
@@ -160,7 +165,7 @@ def write_set(out: str | Path, references: dict[str, Image.Image], *,
                 else:
                     distort(ref, kind, level, seed=view_seed(seed, name)).save(out / fname)
                 items.append(SynthItem(fname, photo_of.get(name, name), kind, level,
-                                       LEVEL_MOS[kind][level - 1], name))
+                                       level_mos(kind, level), name))
 
     def dump(path: Path, rows: list[SynthItem]) -> None:
         with path.open("w") as f:

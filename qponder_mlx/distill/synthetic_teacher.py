@@ -39,7 +39,7 @@ from qponder_mlx.data import Sample
 from qponder_mlx.distill.prompts import TeacherPrompt, teacher_prompt
 from qponder_mlx.distill.teachers import TeacherError, TeacherReply
 from qponder_mlx.prompts import format_response
-from qponder_mlx.synth import LEVEL_MOS
+from qponder_mlx.synth import LEVEL_MOS, level_mos
 
 TEACHER_NAME = "synthetic-kadid-v1"
 # At temperature 1: score noise SD (1-5 scale) and the chance of misreading the level by one.
@@ -259,7 +259,7 @@ class SyntheticTeacher:
         if len(seen) > 1:  # (no draw otherwise: the fine teacher's answers stay as they were)
             level = rng.choice(seen)  # it cannot tell the bin's levels apart: any one's phrase
         centre = (sample.mos if guided
-                  else sum(LEVEL_MOS[distortion][v - 1] for v in seen) / len(seen)
+                  else sum(level_mos(distortion, v) for v in seen) / len(seen)
                   + self.bias.get(distortion, 0.0))
         score = min(5.0, max(1.0, round(centre + rng.gauss(0.0, self.noise_sd), 2)))
         reasoning = (describe(distortion, level, rng) + " "
