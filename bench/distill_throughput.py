@@ -22,8 +22,8 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 from distill_server import Reply, ScriptedServer, answer, write_index_image  # noqa: E402
 
-from qponder_mlx.data import Sample  # noqa: E402
 from qponder_mlx.distill import DistillConfig, build_teacher, run_distill  # noqa: E402
+from qponder_mlx.labels import Sample  # noqa: E402
 
 LEVELS = (1, 4, 16)
 

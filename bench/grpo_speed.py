@@ -75,11 +75,11 @@ import numpy as np  # noqa: E402
 from PIL import Image, ImageOps  # noqa: E402
 
 from qponder_mlx import generate as gen  # noqa: E402
-from qponder_mlx.data import read_labels  # noqa: E402
 from qponder_mlx.grpo.config import GRPOConfig  # noqa: E402
 from qponder_mlx.grpo.rewards import RewardConfig, combine  # noqa: E402
 from qponder_mlx.grpo.step import grpo_step  # noqa: E402
 from qponder_mlx.images import PixelPolicy, load_image  # noqa: E402
+from qponder_mlx.labels import read_labels  # noqa: E402
 from qponder_mlx.model import load_model  # noqa: E402
 from qponder_mlx.prompts import chat_messages, parse_response  # noqa: E402
 from qponder_mlx.testing import build_tiny_model  # noqa: E402

@@ -27,8 +27,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import numpy as np  # noqa: E402
-
 from qponder_mlx.distill.synthetic_teacher import LEVEL_MOS, describe  # noqa: E402
+
 from qponder_mlx.grpo.judge import blind_scores_vlm  # noqa: E402
 from qponder_mlx.model import load_model  # noqa: E402
 from qponder_mlx.testing import build_tiny_model  # noqa: E402

@@ -43,10 +43,10 @@ from qponder_mlx.images import PixelPolicy, load_image  # noqa: E402
 from qponder_mlx.model import load_model  # noqa: E402
 from qponder_mlx.prompts import format_response  # noqa: E402
 from qponder_mlx.testing import build_tiny_model  # noqa: E402
+from qponder_mlx.testing.sft_sets import CC0_IMAGES, sft_row, write_jsonl  # noqa: E402
 from qponder_mlx.train.config import DEFAULT_LORA_TARGETS, SFTConfig, load_config  # noqa: E402
-from qponder_mlx.train.data import read_sft_rows  # noqa: E402
 from qponder_mlx.train.sft import run_sft  # noqa: E402
-from qponder_mlx.train.testing import CC0_IMAGES, sft_row, write_jsonl  # noqa: E402
+from qponder_mlx.train.sft_rows import read_sft_rows  # noqa: E402
 
 RANK, ALPHA, LR = 16, 32.0, 1e-4
 REASONING = ("The photo is sharp and well focused on the subject. There is visible noise and "

@@ -41,12 +41,12 @@ import mlx.optimizers as optim  # noqa: E402
 from qponder_mlx.images import PixelPolicy  # noqa: E402
 from qponder_mlx.model import load_model  # noqa: E402
 from qponder_mlx.testing import build_tiny_model  # noqa: E402
+from qponder_mlx.testing.sft_sets import cc0_sft_rows, write_jsonl  # noqa: E402
 from qponder_mlx.train.config import SFTConfig, load_config  # noqa: E402
-from qponder_mlx.train.data import read_sft_rows  # noqa: E402
 from qponder_mlx.train.image_features import tower_features  # noqa: E402
 from qponder_mlx.train.lora import attach_lora  # noqa: E402
 from qponder_mlx.train.sft import Encoder, sft_loss_sum  # noqa: E402
-from qponder_mlx.train.testing import cc0_sft_rows, write_jsonl  # noqa: E402
+from qponder_mlx.train.sft_rows import read_sft_rows  # noqa: E402
 
 # The synthetic teacher's style and length (qponder_mlx/distill/synthetic_teacher.py)
 REASONING = ("Moderate blur softens edges and texture. Noise is low. Compression artifacts are "

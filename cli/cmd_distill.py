@@ -17,14 +17,12 @@ def distill(
     out: Path = typer.Option(..., help="Kept rows (SFT JSONL); rejected/failed rows go to "
                              "<out>.rejected.jsonl, the summary to <out>.summary.json."),
     teacher: str | None = typer.Option(None, help="openai (any OpenAI-compatible server), "
-                                       "local (an MLX model in this process) or synthetic (a "
-                                       "stand-in for `qponder dev synth-iqa` sets only). "
-                                       "Default: openai."),
+                                       "or local (an MLX model in this process). Default: "
+                                       "openai."),
     teacher_url: str | None = typer.Option(None, help="Base URL, e.g. http://127.0.0.1:8000/v1 "
                                            "(openai)."),
     teacher_model: str | None = typer.Option(None, help="Model name the server serves (openai), "
-                                             "or repo id / folder (local), or the synth-iqa "
-                                             "labels.jsonl (synthetic, optional)."),
+                                             "or repo id / folder (local)."),
     api_key_env: str | None = typer.Option(None, help="NAME of the environment variable that "
                                            "holds the API key (the key is never a flag)."),
     adapter: str | None = typer.Option(None, help="LoRA adapter folder (local)."),
@@ -37,13 +35,6 @@ def distill(
     concurrency: int | None = typer.Option(None, help="Requests in flight. Default: 8."),
     temperature: float | None = typer.Option(None, help="Teacher sampling temperature. "
                                              "Default: 0.7."),
-    synthetic_bias: str | None = typer.Option(None, help="synthetic only: offsets of its scores "
-                                              "per distortion type, e.g. 'noise=+0.5,blur=-0.4' "
-                                              "(a miscalibrated teacher). Default: none."),
-    synthetic_coarse: bool | None = typer.Option(None, "--synthetic-coarse/--no-synthetic-coarse",
-                                                 help="synthetic only: a teacher that tells "
-                                                 "apart 3 severities per distortion, not 5. "
-                                                 "Default: off."),
     max_tokens: int | None = typer.Option(None, help="Teacher token budget. Default: 1024."),
     max_pixels: int | None = typer.Option(None, help="Downscale images to at most this many "
                                           "pixels. Default: 1003520."),
@@ -76,7 +67,6 @@ def distill(
              "api_key_env": api_key_env, "adapter": adapter, "mode": mode,
              "max_score_error": max_score_error, "samples_per_image": samples_per_image,
              "concurrency": concurrency, "temperature": temperature,
-             "synthetic_bias": synthetic_bias, "synthetic_coarse": synthetic_coarse,
              "max_tokens": max_tokens, "max_pixels": max_pixels,
              "timeout_s": timeout_s, "max_retries": max_retries}
     try:

@@ -8,13 +8,13 @@ common ones and `--set key=value` reaches any other field (dotted keys for neste
 
 from __future__ import annotations
 
+import shlex
 from pathlib import Path
 
 import typer
 from qponder_mlx.cli.common import fail
 
 STAGES = ("sft", "grpo")
-EXIT_INTERRUPTED = 130
 
 
 def register(app: typer.Typer) -> None:
@@ -26,10 +26,8 @@ def _config_class(stage: str):
         from qponder_mlx.train.config import SFTConfig
 
         return SFTConfig
-    try:  # the GRPO stage ships separately; sft must work without it
-        from qponder_mlx.grpo.config import GRPOConfig
-    except ImportError as e:
-        fail(f"--stage grpo is not available in this installation ({e})")
+    from qponder_mlx.grpo.config import GRPOConfig
+
     return GRPOConfig
 
 
@@ -38,9 +36,9 @@ def _runner(stage: str):
         from qponder_mlx.train.sft import run_sft
 
         return run_sft
-    from qponder_mlx.grpo.trainer import run
+    from qponder_mlx.grpo.trainer import run_grpo
 
-    return run
+    return run_grpo
 
 
 def train(
@@ -80,7 +78,7 @@ def train(
 ) -> None:
     """Train a LoRA/QLoRA adapter; the run folder gets config.json, metrics.jsonl, curves.html,
     checkpoints/ and adapters/ (load it with `--adapter RUN/adapters`)."""
-    from qponder_mlx.data import LabelError
+    from qponder_mlx.labels import LabelError
     from qponder_mlx.model import ModelLoadError
     from qponder_mlx.train.checkpoint import CheckpointError
     from qponder_mlx.train.config import (
@@ -90,8 +88,10 @@ def train(
         parse_set_flags,
         read_config_file,
     )
-    from qponder_mlx.train.data import SFTDataError
+    from qponder_mlx.train.data_order import DataOrderError
     from qponder_mlx.train.lora import AdapterError
+    from qponder_mlx.train.runner import RunStopped
+    from qponder_mlx.train.sft_rows import SFTDataError
 
     if stage not in STAGES:
         fail(f"--stage {stage!r}: expected one of {', '.join(STAGES)}")
@@ -121,13 +121,18 @@ def train(
     run = _runner(stage)
     try:
         run_dir = run(cfg, resume=resume)
-    except (ConfigError, SFTDataError, CheckpointError, AdapterError, ModelLoadError,
-            LabelError, FloatingPointError) as e:
+    except (ConfigError, SFTDataError, DataOrderError, CheckpointError, AdapterError,
+            ModelLoadError, LabelError, FloatingPointError) as e:
         fail(str(e))
-    except KeyboardInterrupt:
-        typer.secho(f"interrupted — continue with: qponder train --stage {stage} --out "
-                    f"{cfg.out} --resume", err=True, fg=typer.colors.YELLOW)
-        raise typer.Exit(EXIT_INTERRUPTED) from None
+    except RunStopped as e:
+        typer.echo(f"stopped at step {e.step}; checkpoint saved — resume with: qponder train "
+                   f"--stage {stage} --out {shlex.quote(str(cfg.out))} --resume")
+        raise typer.Exit(e.exit_code) from None
+    except KeyboardInterrupt:  # a second Ctrl-C: stopped mid-step, the last checkpoint stands
+        typer.secho(f"interrupted — continue from the last checkpoint with: qponder train "
+                    f"--stage {stage} --out {shlex.quote(str(cfg.out))} --resume", err=True,
+                    fg=typer.colors.YELLOW)
+        raise typer.Exit(130) from None
     typer.echo(f"done: adapter in {Path(run_dir) / 'adapters'} (use --adapter with eval/score); "
                f"metrics in {Path(run_dir) / 'metrics.jsonl'}, curves in "
                f"{Path(run_dir) / 'curves.html'}")

@@ -29,7 +29,7 @@ def parse_range(text: str | None) -> tuple[float, float] | None:
 def read_samples(data: Path, *, format: str = "auto", images_root: Path | None = None,
                  mos_range: str | None = None, limit: int | None = None):
     """Label rows for a command: bad rows are listed (first 20) and skipped, none left fails."""
-    from qponder_mlx.data import LabelError, read_labels
+    from qponder_mlx.labels import LabelError, read_labels
 
     try:
         samples, problems = read_labels(data, format=format, images_root=images_root,
@@ -97,6 +97,12 @@ def load_scorer(model: str, adapter: Path | None, bundle: Path | None, *,
     if "pixels" not in config:  # a caller may pass a ready PixelPolicy
         config["pixels"] = pixel_policy(min_pixels, max_pixels, bundle)
     try:
-        return Scorer.load(model, adapter, bundle=bundle, verify=verify, **config)
+        if bundle is None:
+            return Scorer.load(model, adapter, **config)
+        from qponder_mlx.export.bundle import load_bundle
+
+        from qponder_mlx.scoring import ScoreConfig
+
+        return Scorer(load_bundle(bundle, verify=verify), ScoreConfig(**config))
     except (ModelLoadError, ValueError, FileNotFoundError) as e:
         fail(str(e))

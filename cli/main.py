@@ -13,7 +13,6 @@ import typer
 from qponder_mlx.cli.common import check_scoring_flags, fail, load_scorer, read_samples
 
 from qponder_mlx.model import DEFAULT_MODEL
-from qponder_mlx.synth import CC0_PHOTOS
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Train, run and ship reasoning image-quality models with MLX.")
@@ -30,8 +29,6 @@ def tiny_model(
     vocab_size: int = typer.Option(640, help="BPE vocabulary target."),
     vision_hidden: int = typer.Option(64, help="Vision-tower width (multiple of 16)."),
     vision_depth: int = typer.Option(2, help="Vision-tower blocks."),
-    vision_stem: str = typer.Option("random", help="random, or dct: the fixed DCT-energy stem "
-                                    "(needs --vision-hidden 320 --vision-depth 3)."),
 ) -> None:
     """Write a tiny random Qwen2.5-VL that every command accepts, so you can try qponder offline."""
     from qponder_mlx.testing import build_tiny_model
@@ -39,83 +36,11 @@ def tiny_model(
     try:
         out = build_tiny_model(path, seed=seed, hidden_size=hidden_size, num_layers=num_layers,
                                vocab_size=vocab_size, vision_hidden=vision_hidden,
-                               vision_depth=vision_depth, vision_stem=vision_stem)
+                               vision_depth=vision_depth)
     except ValueError as e:
         fail(f"qponder dev tiny-model: {e}")
     size = sum(f.stat().st_size for f in out.iterdir()) / 1e6
     typer.echo(f"tiny Qwen2.5-VL written to {out} ({size:.1f} MB)")
-
-
-@dev.command("whiten-stem")
-def whiten_stem(
-    model: Path = typer.Argument(..., help="A tiny model folder (qponder dev tiny-model)."),
-    data: Path = typer.Option(..., help="Label file whose images to whiten over (the TRAIN "
-                              "split: MOS values are not read)."),
-    rel: float = typer.Option(0.01, min=0.0, max=1.0, help="Keep the directions whose spread "
-                              "is above this fraction of the strongest one."),
-) -> None:
-    """Whiten the image tokens a tiny model hands its language model over a set of images
-    (qponder_mlx.stem_whitening): same mean and total spread, every direction equally strong."""
-    from qponder_mlx.data import LabelError
-    from qponder_mlx.stem_whitening import WhiteningError, images_of, whiten_merger
-
-    try:
-        record = whiten_merger(model, images_of(data), rel)
-    except (LabelError, WhiteningError) as e:
-        fail(f"qponder dev whiten-stem: {e}")
-    typer.echo(f"{model}: image tokens whitened over {record['images']} images "
-               f"({record['directions']} of {record['hidden']} directions kept)")
-
-
-@dev.command("synth-iqa")
-def synth_iqa(
-    out: Path = typer.Argument(..., help="Folder for the images and label files."),
-    size: int = typer.Option(224, help="Centre-crop side in pixels."),
-    photos: str = typer.Option(",".join(sorted(CC0_PHOTOS)),
-                               help="Comma-separated scikit-image CC0 photos to use."),
-    test_photos: str = typer.Option("coffee,rocket,grass",
-                                    help="Photos held out for test.jsonl (no photo in both)."),
-    seed: int = typer.Option(0, help="Noise and crop seed."),
-    crops: int = typer.Option(0, min=0, help="Also N random crops (random scale, place and "
-                              "flip) of every TRAIN photo; test photos keep the centre crop."),
-    test_crops: int = typer.Option(0, min=0, help="Also N random crops of every TEST photo, in "
-                                   "test_crops.jsonl (test.jsonl keeps the centre crops only)."),
-) -> None:
-    """A KADID-style set: CC0 photos × blur/noise/JPEG × 5 KADID levels, labelled with KADID's
-    mean MOS per (type, level). Writes labels.jsonl, train.jsonl and test.jsonl."""
-    from qponder_mlx.synth import (
-        center_crop,
-        crop_view,
-        load_cc0_photo,
-        random_crops,
-        view_seed,
-        write_set,
-    )
-
-    names = [n.strip() for n in photos.split(",") if n.strip()]
-    held = {n.strip() for n in test_photos.split(",") if n.strip()}
-    unknown = sorted(set(names) - set(CC0_PHOTOS)) + sorted(held - set(names))
-    if unknown:
-        fail(f"--photos/--test-photos: unknown or unused photo(s) {unknown}; "
-             f"choose from {sorted(CC0_PHOTOS)}")
-    try:
-        photos_ = {n: load_cc0_photo(n) for n in names}
-    except RuntimeError as e:
-        fail(str(e))
-    refs = {n: center_crop(im, size) for n, im in photos_.items()}
-    photo_of = {n: n for n in names}
-    split = {n: "test" if n in held else "train" for n in names}
-    for n in names:
-        count = test_crops if n in held else crops
-        for c, im in enumerate(random_crops(photos_[n], size, count, seed=view_seed(seed, n))):
-            view = crop_view(n, c)
-            refs[view], photo_of[view] = im, n
-            if n in held:
-                split[view] = "test_crops"
-    items = write_set(out, refs, split=split, seed=seed, photo_of=photo_of)
-    n_train = sum(split[i.reference] == "train" for i in items)
-    typer.echo(f"{len(items)} images in {out} ({n_train} train, {len(items) - n_train} test"
-               + (" incl. test_crops.jsonl)" if test_crops else ")"))
 
 
 @app.command("eval")

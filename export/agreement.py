@@ -19,8 +19,8 @@ import numpy as np
 
 import qponder_mlx
 from qponder_mlx import metrics
-from qponder_mlx.data import LabelError, read_labels
 from qponder_mlx.generate import SamplingConfig
+from qponder_mlx.labels import LabelError, read_labels
 from qponder_mlx.model import LoadedModel
 from qponder_mlx.progress import progress_bar
 from qponder_mlx.scoring import ScoreConfig, Scorer, ScoreResult

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 
 from qponder_mlx import metrics
-from qponder_mlx.data import LabelProblem, Sample
+from qponder_mlx.labels import LabelProblem, Sample
 from qponder_mlx.progress import progress_bar
 from qponder_mlx.scoring import Scorer
 

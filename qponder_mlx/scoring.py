@@ -22,8 +22,6 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import mlx.core as mx
-import numpy as np
 from PIL import Image
 
 from qponder_mlx import generate as gen
@@ -36,6 +34,12 @@ from qponder_mlx.prompts import (
     USER_PROMPT,
     chat_messages,
     parse_response,
+)
+from qponder_mlx.readout import (
+    expected_answer,
+    expected_score,
+    score_token_ids,
+    single_token_ids,
 )
 
 MODES = ("reason", "fast")
@@ -78,90 +82,6 @@ class ScoreConfig:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
 
 
-def single_token_ids(tokenizer, chars: str, needed_by: str) -> list[int]:
-    """The token id of each character; each must be a single token (true for Qwen's digits)."""
-    ids = []
-    for c in chars:
-        enc = tokenizer.encode(c, add_special_tokens=False)
-        if len(enc) != 1:
-            raise ValueError(f"{c!r} is not a single token ({enc}); {needed_by} needs it")
-        ids.append(enc[0])
-    return ids
-
-
-def score_token_ids(tokenizer) -> list[int]:
-    """Token ids of the digits 1..5 (fast mode and the blind judge read their probabilities)."""
-    return single_token_ids(tokenizer, "12345", "fast mode")
-
-
-def _answer_run(ids: Sequence[int], digit_of: dict[int, int], dot_id: int,
-                written: float) -> int | None:
-    """Start of the last run of digit/dot tokens that spells `written` as d[.ddd]."""
-    found, i = None, 0
-    while i < len(ids):
-        if ids[i] not in digit_of:
-            i += 1
-            continue
-        j = i
-        while j < len(ids) and (ids[j] in digit_of or ids[j] == dot_id):
-            j += 1
-        run = "".join("." if t == dot_id else str(digit_of[t]) for t in ids[i:j])
-        lead_ok = j - i == 1 or ids[i + 1] == dot_id
-        try:
-            if lead_ok and abs(float(run) - written) < 1e-9:
-                found = i
-        except ValueError:  # "3..2", "4."
-            pass
-        i = j
-    return found
-
-
-def expected_answer(ids: Sequence[int], watch: Sequence[Sequence[float]], written: float | None,
-                    digit_ids: Sequence[int], dot_id: int) -> float | None:
-    """E[answer] under the model's digit probabilities where it wrote its answer (Q-Align's idea).
-
-    `watch[t]` holds log p of the digits 0..9 (`digit_ids`) at generated position t. The answer is
-    the last digit run spelling `written`; with p the distribution at each of its digits:
-    E = Σ_{d=1..5} p(d)·d over the leading digit (renormalised over 1–5) + Σ_k 10⁻ᵏ·E[k-th
-    decimal] (renormalised over 0–9), clipped to [1, 5]. The decimals' distributions are the ones
-    on the written path, i.e. given the written leading digit — one greedy decode, no extra
-    forward pass. None when there is no written answer or its digits cannot be found.
-    """
-    if written is None:
-        return None
-    digit_of = {t: d for d, t in enumerate(digit_ids)}
-    start = _answer_run(ids, digit_of, dot_id, written)
-    if start is None:
-        return None
-    lead = np.exp(np.asarray(watch[start], dtype=np.float64))[1:6]
-    decimals, t = [], start + 2
-    while t < len(ids) and ids[t] in digit_of:
-        decimals.append(np.exp(np.asarray(watch[t], dtype=np.float64)))
-        t += 1
-    return float(digits_value(lead, decimals))
-
-
-def digits_value(lead: np.ndarray, decimals: Sequence[np.ndarray] = ()) -> np.ndarray:
-    """Σ_{d=1..5} p(d)·d + Σ_k 10⁻ᵏ·E[k-th decimal], clipped to [1, 5].
-
-    `lead` (..., 5): weights of the leading digits 1–5; each of `decimals` (..., 10): weights of
-    the digits 0–9 at the k-th decimal. Both are renormalised here. The one formula behind the
-    expected read-out and the GRPO judge's implied score.
-    """
-    lead = np.asarray(lead, dtype=np.float64)
-    value = (lead / lead.sum(-1, keepdims=True)) @ np.arange(1, 6)
-    for k, q in enumerate(decimals, start=1):
-        q = np.asarray(q, dtype=np.float64)
-        value = value + (q / q.sum(-1, keepdims=True)) @ np.arange(10) / 10 ** k
-    return np.clip(value, 1.0, 5.0)
-
-
-def expected_score(logits: mx.array, digit_ids: Sequence[int]) -> mx.array:
-    """E[d] under the softmax restricted to the digit tokens: (B, V) -> (B,)."""
-    p = mx.softmax(logits[:, mx.array(digit_ids)].astype(mx.float32), axis=-1)
-    return (p * mx.arange(1, len(digit_ids) + 1, dtype=mx.float32)).sum(axis=-1)
-
-
 class Scorer:
     """Scores images with a loaded model. `Scorer.load(...).score(paths)` is the Python API."""
 
@@ -182,16 +102,12 @@ class Scorer:
         self.prefix = gen.PrefixCache(loaded.model.config.image_token_id)
 
     @classmethod
-    def load(cls, model: str = DEFAULT_MODEL, adapter: str | Path | None = None, *,
-             bundle: str | Path | None = None, verify: bool = True, **config) -> Scorer:
-        """Load a model (or a verified bundle) and return a Scorer; kwargs fill ScoreConfig."""
-        if bundle is not None:
-            from qponder_mlx.export.bundle import load_bundle  # export issue fills this in
-
-            loaded = load_bundle(bundle, verify=verify)
-        else:
-            loaded = load_model(model, adapter)
-        return cls(loaded, ScoreConfig(**config))
+    def load(cls, model: str = DEFAULT_MODEL, adapter: str | Path | None = None,
+             **config) -> Scorer:
+        """Load a model (repo id or folder, optional LoRA adapter) and return a Scorer; kwargs
+        fill ScoreConfig. A shipped bundle loads with `qponder_mlx.export.load_bundle`, then
+        `Scorer(loaded, ScoreConfig(...))`."""
+        return cls(load_model(model, adapter), ScoreConfig(**config))
 
     @property
     def identity(self) -> str:

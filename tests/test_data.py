@@ -10,7 +10,7 @@ import pytest
 import scipy.io
 from fixtures_labels import make_image, make_images, write_csv
 
-from qponder_mlx.data import (
+from qponder_mlx.labels import (
     KNOWN_FORMATS,
     LabelError,
     LabelProblem,

@@ -21,7 +21,6 @@ from qponder_mlx.cli.main import app
 from scipy import stats
 from typer.testing import CliRunner
 
-from qponder_mlx.data import Sample
 from qponder_mlx.distill import (
     TEACHER_PROMPT_VERSION,
     DistillConfig,
@@ -38,6 +37,7 @@ from qponder_mlx.distill import (
 )
 from qponder_mlx.distill.openai_teacher import image_data_url
 from qponder_mlx.io import read_jsonl
+from qponder_mlx.labels import Sample
 from qponder_mlx.prompts import (
     PROMPT_VERSION,
     SYSTEM_PROMPT,

@@ -13,7 +13,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from qponder_mlx.train.testing import cc0_sft_rows, write_jsonl
+from qponder_mlx.testing.sft_sets import cc0_sft_rows, write_jsonl
 
 ROOT = Path(__file__).resolve().parents[1]
 WORKER = ROOT / "tests" / "distributed" / "worker.py"

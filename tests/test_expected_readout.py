@@ -7,15 +7,16 @@ import numpy as np
 import pytest
 
 from qponder_mlx import generate as gen
-from qponder_mlx.data import Sample
 from qponder_mlx.evaluate import evaluate
 from qponder_mlx.images import PixelPolicy, load_image
+from qponder_mlx.labels import Sample
 from qponder_mlx.model import load_model
 from qponder_mlx.prompts import chat_messages
-from qponder_mlx.scoring import ScoreConfig, Scorer, expected_answer
+from qponder_mlx.readout import expected_answer
+from qponder_mlx.scoring import ScoreConfig, Scorer
+from qponder_mlx.testing.sft_sets import CC0_IMAGES, sft_row, write_jsonl
 from qponder_mlx.train.config import SFTConfig, load_config
 from qponder_mlx.train.sft import run_sft
-from qponder_mlx.train.testing import CC0_IMAGES, sft_row, write_jsonl
 
 # Fake token ids: digit d is token 100 + d, "." is 50, anything else is text.
 DIGITS = [100 + d for d in range(10)]

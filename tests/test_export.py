@@ -164,7 +164,7 @@ def test_q4_bits_per_weight_match_the_stored_bytes(q4_bundle):
 
 def test_q4_agreement_report_matches_an_independent_run(q4_bundle, adapter_model, cc0_labels):
     """Recompute the manifest's numbers with plain Scorer runs of both models."""
-    from qponder_mlx.data import read_labels
+    from qponder_mlx.labels import read_labels
 
     samples, _ = read_labels(cc0_labels)
     paths = [s.image for s in samples[:AGREE["calibration_limit"]]]
@@ -501,7 +501,7 @@ def test_score_takes_the_bundle_pixel_policy_unless_told(copy_of, tmp_path):
     """`qponder score --bundle` scores at the pixels the bundle was exported and checked with."""
     import sqlite3
 
-    from qponder_mlx.train.testing import CC0_IMAGES
+    from qponder_mlx.testing.sft_sets import CC0_IMAGES
 
     photos = tmp_path / "photos"
     photos.mkdir()

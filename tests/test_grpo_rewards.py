@@ -65,23 +65,6 @@ def test_combine_weights_the_components():
         RewardConfig(accuracy="cosine")
 
 
-def test_reasoning_reward_scores_the_judged_reasoning_against_the_mos():
-    # Both answers are 3.3 and their reasoning agrees with them in the first, not the second:
-    # consistency pays the first; the reasoning reward pays whichever reasoning implies the MOS.
-    parsed = [parse_response("<think>a</think><answer>3.3</answer>")] * 2
-    cfg = RewardConfig(format_weight=0.0, accuracy="laplace", accuracy_tau=0.5,
-                       consistency_weight=0.0, reasoning_weight=2.0)
-    text = np.array([3.3, 4.0])
-    total, parts = combine(parsed, [4.2, 4.2], 2, cfg, text_scores=text)
-    np.testing.assert_allclose(parts["reasoning"], [np.exp(-0.9 / 0.5), np.exp(-0.2 / 0.5)])
-    np.testing.assert_allclose(parts["accuracy"], [np.exp(-0.9 / 0.5)] * 2)
-    np.testing.assert_allclose(total, parts["accuracy"] + 2.0 * parts["reasoning"])
-    assert "consistency" not in parts and cfg.needs_judge()
-    with pytest.raises(ValueError, match="reasoning_weight"):
-        combine(parsed, [4.2, 4.2], 2, cfg)
-    assert not RewardConfig(consistency_weight=0.0).needs_judge()
-
-
 def _reference_blind_score(model, tok, reasoning, decimals=True):
     """One unpadded row through the stock model call; softmax over the digits by hand; for the
     decimal, a second call with the most likely leading digit and the dot appended."""
@@ -105,7 +88,7 @@ def _reference_blind_score(model, tok, reasoning, decimals=True):
 
 
 def test_digits_value_hand_example():
-    from qponder_mlx.scoring import digits_value
+    from qponder_mlx.readout import digits_value
 
     # lead 3 or 4 at 3:1 -> 3.25; first decimal 9 or 5 at 1:1 -> 0.7; second decimal 0 -> 0
     lead = np.array([0, 0, 3, 1, 0.0])
@@ -147,32 +130,3 @@ def test_blind_scores_batched_equals_one_by_one(tiny_loaded):
     assert got[0] != pytest.approx(got[2], abs=1e-6)  # the text matters
 
 
-def test_expected_answers_read_each_completion_under_its_digit_probabilities():
-    from qponder_mlx.generate import Completion
-    from qponder_mlx.grpo.step import expected_answers
-
-    digits = list(range(100, 111))       # token ids of "0".."9" and "."
-    lp = np.log(1e-12)
-
-    def at(**p):  # one position's log-probs of the ten digits
-        row = [lp] * 10
-        for d, v in p.items():
-            row[int(d[1])] = math.log(v)
-        return row
-
-    # "x 3 . 5 y": the leading digit 3 or 4 at 3:1 (3.25), the decimal 5 surely (+0.5) -> 3.75
-    c = Completion([7, 103, 110, 105, 8], [0.0] * 5, "stop",
-                   watch=[at(d1=1.0), at(d3=0.75, d4=0.25), at(d0=1.0), at(d5=1.0), at(d0=1.0)])
-    no_digits = Completion([7, 8], [0.0, 0.0], "stop", watch=[at(d1=1.0)] * 2)  # merged tokens
-    unanswered = Completion([7], [0.0], "length", watch=[at(d1=1.0)])
-    parsed = [parse_response("<think>a</think><answer>3.5</answer>"),
-              parse_response("<think>b</think><answer>3.5</answer>"),
-              parse_response("<think>c</think>")]
-    got = expected_answers(parsed, [c, no_digits, unanswered], digits)
-    assert got[0].score == pytest.approx(3.75) and got[0].reasoning == "a"
-    assert got[1] is parsed[1] and got[1].score == 3.5          # keeps the written value
-    assert got[2] is parsed[2] and got[2].score is None
-    with pytest.raises(ValueError):
-        expected_answers(parsed, [c], digits)                    # one completion per response
-    with pytest.raises(ValueError, match="rewards.readout must be one of"):
-        RewardConfig(readout="mean")

@@ -66,30 +66,6 @@ def test_completion_logps_temperature_scales_logits(tiny_loaded, prompt):
     assert (np.exp(b) > 0).all() and (b <= 0).all()
 
 
-@pytest.mark.parametrize("part", ["decimals", "number"])
-def test_answer_tokens_are_the_answer_number_only(tiny_loaded, part):
-    """The flags cover exactly the tokens of the answer's decimals (or its whole number), and
-    the masked copy drops those and keeps padding at 0."""
-    tok = tiny_loaded.tokenizer
-    head, number, tail = "<think>blur 2.5, noisy</think><answer>", "3.72", "</answer>"
-    ids = tok.encode(head + number + tail, add_special_tokens=False)
-    flags = R.answer_tokens(tok, ids, part)
-    want = "72" if part == "decimals" else number
-    picked = tok.decode([t for t, f in zip(ids, flags) if f])
-    assert picked == want and sum(flags) == len(tok.encode(want, add_special_tokens=False))
-    whole = tok.encode("<think>2.5</think><answer>4</answer>", add_special_tokens=False)
-    # An integer answer has a number but no decimals; the reasoning's 2.5 is never picked.
-    assert tok.decode([t for t, f in zip(whole, R.answer_tokens(tok, whole, part)) if f]) \
-        == ("4" if part == "number" else "")
-    group = [gen.Completion(ids, [0.0] * len(ids), "stop"), gen.Completion(ids[:3], [0.0] * 3,
-                                                                           "length")]
-    _, mask = R.pad_completions(group, 0)
-    kept = R.without_answer_tokens(mask, group, tok, part)
-    assert kept.dtype == mask.dtype
-    np.testing.assert_array_equal(np.array(kept[0]), 1 - np.array(flags))
-    np.testing.assert_array_equal(np.array(kept[1]), np.array(mask[1]))
-
-
 def test_frozen_tower_runs_once_per_image_and_changes_nothing(tiny_model_dir, prompt):
     """With LoRA on the language model only, the rollout computes each image's features once
     and hands them to every later pass: the sampled tokens (greedy) and the completions'

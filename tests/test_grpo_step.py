@@ -226,49 +226,6 @@ def test_reference_judge_scores_under_the_reference_policy(tiny_model_dir):
         make_judge("reference", lm.model, lm.tokenizer)
 
 
-@pytest.mark.parametrize("differ, train_decimals, train_answer, moves", [
-    ("decimals", True, True, True),
-    ("decimals", False, True, False),
-    ("leading", False, True, True),     # the leading digit is still trained
-    ("leading", True, False, False),    # train_answer = false: no digit of the number is
-    ("decimals", True, False, False),
-])
-def test_untrained_answer_tokens_get_no_gradient(tiny_model_dir, monkeypatch, differ,
-                                                 train_decimals, train_answer, moves):
-    """Two samples that differ only in one part of the answer's number, with opposite
-    advantages: every shared token's gradient cancels, so the update is that part's alone —
-    none when it is left out of the loss (train_decimals / train_answer = false)."""
-    from mlx.utils import tree_flatten, tree_map
-
-    from qponder_mlx import generate as gen
-    from qponder_mlx.grpo import step as S
-
-    lm, prompt, imgs = _setup(tiny_model_dir)
-    lm.model.update(tree_map(lambda p: p + 0.03, lm.model.trainable_parameters()))  # B != 0
-    tok = lm.tokenizer
-    # Cut off at the end of the number, so no token after it sees different context.
-    texts = (["<think>sharp</think><answer>3.72", "<think>sharp</think><answer>3.15"]
-             if differ == "decimals" else
-             ["<think>sharp</think><answer>3.72", "<think>sharp</think><answer>2.72"])
-    comps = [gen.Completion(ids, [0.0] * len(ids), "length", t)
-             for t in texts for ids in [tok.encode(t, add_special_tokens=False)]]
-    inputs = gen.encode(lm.processor, [prompt], [imgs[0]])
-    monkeypatch.setattr(S, "rollout", lambda *a, **k: R.Rollout([inputs], [comps], texts))
-    cfg = GRPOConfig(data="-", group_size=2, beta=0.0, grad_clip=None,
-                     train_decimals=train_decimals, train_answer=train_answer)
-    before = {k: np.array(v) for k, v in tree_flatten(lm.model.trainable_parameters())}
-    res = grpo_step(lm.model, lm.processor, prompt, imgs[:1], [3.7], cfg,
-                    optim.SGD(learning_rate=1.0),
-                    lambda ro, parsed, mos: (np.array([1.0, 0.0]), {}))
-    assert not res.skipped
-    moved = max(float(np.abs(np.array(v) - before[k]).max())
-                for k, v in tree_flatten(lm.model.trainable_parameters()))
-    if moves:
-        assert moved > 1e-4
-    else:
-        assert moved < 1e-6
-
-
 def test_row_chunks_sort_by_last_counted_token_and_cut_each_chunk():
     from qponder_mlx.grpo.step import row_chunks
 

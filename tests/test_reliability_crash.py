@@ -28,8 +28,8 @@ from reliability.procs import qponder_cmd, run_and_kill
 from typer.testing import CliRunner
 
 from qponder_mlx.io import read_jsonl
+from qponder_mlx.testing.sft_sets import CC0_IMAGES, cc0_sft_rows, write_jsonl
 from qponder_mlx.train.checkpoint import list_checkpoints
-from qponder_mlx.train.testing import CC0_IMAGES, cc0_sft_rows, write_jsonl
 
 SMALL = ["--min-pixels", "3136", "--max-pixels", "12544"]
 TRIALS = [pytest.param(3, id="3-trials"),

@@ -16,8 +16,8 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from qponder_mlx.data import KNOWN_FORMATS, LabelError, Sample, read_labels
 from qponder_mlx.images import ImageError, load_image
+from qponder_mlx.labels import KNOWN_FORMATS, LabelError, Sample, read_labels
 from qponder_mlx.prompts import (
     ANSWER_CLOSE,
     ANSWER_OPEN,

@@ -26,8 +26,8 @@ from reliability.corpus import (
 )
 from typer.testing import CliRunner
 
-from qponder_mlx.data import MAX_LINE_CHARS, read_labels
-from qponder_mlx.library.run import error_reason
+from qponder_mlx.labels import MAX_LINE_CHARS, read_labels
+from qponder_mlx.library.score_job import error_reason
 
 SMALL = ["--min-pixels", "3136", "--max-pixels", "12544"]
 WORKING = [k for k in IMAGE_KINDS if not k.xfail]

@@ -28,9 +28,9 @@ from reliability.corpus import good_image
 from reliability.proxy import FaultProxy
 from typer.testing import CliRunner
 
-from qponder_mlx.data import Sample
 from qponder_mlx.distill import DistillConfig, TeacherError
 from qponder_mlx.distill.config import build_teacher, read_api_key
+from qponder_mlx.labels import Sample
 
 ROOT = Path(__file__).resolve().parents[1]
 SOURCE_DIRS = ("qponder_mlx", "cli", "export")

@@ -15,8 +15,8 @@ from PIL import Image
 
 from qponder_mlx.library import ResultStore, StopFlag, StoreError, score_library, write_csv
 from qponder_mlx.library import store as store_mod
-from qponder_mlx.library.export import write_jsonl
-from qponder_mlx.library.run import error_reason, model_size, plan_batches
+from qponder_mlx.library.score_job import error_reason, model_size, plan_batches
+from qponder_mlx.library.tables import write_jsonl
 from qponder_mlx.prompts import PROMPT_VERSION
 from qponder_mlx.scoring import ScoreConfig, Scorer
 
@@ -167,7 +167,7 @@ def test_rerun_reads_no_unchanged_file(fast, store, tmp_path, monkeypatch):
         raise AssertionError(f"re-hashed {path}")
 
     monkeypatch.setattr(store_mod, "file_sha256", no_hashing)
-    monkeypatch.setattr("qponder_mlx.library.run.file_sha256", no_hashing)
+    monkeypatch.setattr("qponder_mlx.library.score_job.file_sha256", no_hashing)
     assert run(fast, files, store).cached == 3
 
 

@@ -12,16 +12,16 @@ from qponder_mlx import generate as gen
 from qponder_mlx.images import PixelPolicy, load_image
 from qponder_mlx.prompts import chat_messages
 from qponder_mlx.scoring import ScoreConfig, Scorer
-from qponder_mlx.train.data import (
-    DataOrder,
+from qponder_mlx.testing.sft_sets import CC0_IMAGES, cc0_sft_rows, sft_row, write_jsonl
+from qponder_mlx.train.sft import sft_loss, sft_loss_sum
+from qponder_mlx.train.data_order import DataOrder
+from qponder_mlx.train.sft_rows import (
     SFTDataError,
     collate,
     encode_row,
     problem_summary,
     read_sft_rows,
 )
-from qponder_mlx.train.sft import sft_loss, sft_loss_sum
-from qponder_mlx.train.testing import CC0_IMAGES, cc0_sft_rows, sft_row, write_jsonl
 
 ANSWER = "<think>The photo is sharp and well focused.</think><answer>4.20</answer>"
 
@@ -205,28 +205,6 @@ def test_data_order_is_reproducible_and_resumable():
     first = [b.next() for _ in range(9)]
     c = DataOrder(lengths, 4, seed=1, state=json.loads(json.dumps(b.state())))
     assert first + [c.next() for _ in range(11)] == seq
-
-
-def test_data_order_groups_keep_each_batch_to_one_key():
-    lengths = [100 + (i * 37) % 50 for i in range(23)]
-    keys = ["abc"[i % 3] if i < 20 else "d" for i in range(23)]  # a/b/c: 7/7/6 rows, d: 3
-    a = DataOrder(lengths, 4, seed=1, groups=keys)
-    seq = [a.next() for _ in range(21)]
-    assert all(len({keys[i] for i in b}) == 1 for b in seq)
-    # an epoch still covers every row exactly once: per key ceil(n/4) batches, 2 + 2 + 2 + 1
-    epoch0 = [i for b in seq[:7] for i in b]
-    assert sorted(epoch0) == list(range(23))
-    assert sorted(len(b) for b in seq[:7]) == [2, 3, 3, 3, 4, 4, 4]
-    # one shared key is no grouping at all: the same batches as without keys
-    plain, one = DataOrder(lengths, 4, seed=1), DataOrder(lengths, 4, seed=1, groups=["x"] * 23)
-    assert [plain.next() for _ in range(12)] == [one.next() for _ in range(12)]
-    # resumable as before
-    b = DataOrder(lengths, 4, seed=1, groups=keys)
-    first = [b.next() for _ in range(9)]
-    c = DataOrder(lengths, 4, seed=1, groups=keys, state=json.loads(json.dumps(b.state())))
-    assert first + [c.next() for _ in range(12)] == seq
-    with pytest.raises(ValueError, match="3 group keys for 23 rows"):
-        DataOrder(lengths, 4, seed=1, groups=["a"] * 3)
 
 
 def test_rows_from_cc0_all_parse(tmp_path, tiny_loaded, small_pixels):

@@ -10,11 +10,11 @@ import pytest
 from qponder_mlx import generate as gen
 from qponder_mlx.images import PixelPolicy, load_image
 from qponder_mlx.model import load_model
+from qponder_mlx.testing.sft_sets import CC0_IMAGES, cc0_sft_rows, sft_row, write_jsonl
 from qponder_mlx.train.checkpoint import CheckpointError, list_checkpoints
 from qponder_mlx.train.config import SFTConfig, load_config
-from qponder_mlx.train.data import SFTDataError, read_sft_rows
 from qponder_mlx.train.sft import run_sft
-from qponder_mlx.train.testing import CC0_IMAGES, cc0_sft_rows, sft_row, write_jsonl
+from qponder_mlx.train.sft_rows import SFTDataError, read_sft_rows
 
 IMAGES = sorted(CC0_IMAGES.iterdir())
 SMALL = {"min_pixels": 56 * 56, "max_pixels": 112 * 112}
@@ -203,7 +203,7 @@ def test_qlora_on_an_already_quantized_base(tmp_path, tiny_model_dir):
     from mlx_vlm import load
     from mlx_vlm.convert import convert
 
-    from qponder_mlx.train.data import encode_row
+    from qponder_mlx.train.sft_rows import encode_row
 
     q4 = tmp_path / "q4"
     convert(str(tiny_model_dir), str(q4), quantize=True, q_bits=4, q_group_size=64)
@@ -224,23 +224,3 @@ def test_qlora_on_an_already_quantized_base(tmp_path, tiny_model_dir):
     stock, _ = load(str(q4), adapter_path=str(run / "adapters"))
     theirs = stock(ids, enc.pixel_values, image_grid_thw=enc.image_grid_thw).logits
     np.testing.assert_allclose(np.array(theirs), np.array(ours), atol=1e-5)
-
-
-def test_ctrl_c_checkpoints_the_finished_step_and_resume_continues(tmp_path, tiny_model_dir):
-    import os
-    import signal
-
-    data = write_jsonl(tmp_path / "d.jsonl", cc0_sft_rows(2))
-    cfg = _cfg(tmp_path, tiny_model_dir, data, out="int", iters=5, steps_per_save=100)
-
-    def ctrl_c_at_2(step, info):
-        if step == 2:
-            os.kill(os.getpid(), signal.SIGINT)  # what a terminal's Ctrl-C sends
-
-    with pytest.raises(KeyboardInterrupt):
-        run_sft(cfg, on_step=ctrl_c_at_2)
-    # step 2 finished and was checkpointed although the save cadence is 100
-    assert [p.name for p in list_checkpoints(tmp_path / "int")] == ["step_0000002"]
-    run = run_sft(cfg, resume=True)
-    assert [r["step"] for r in _jsonl(run / "metrics.jsonl")] == [1, 2, 3, 4, 5]
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handler restored

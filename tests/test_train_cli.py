@@ -10,7 +10,7 @@ import typer
 from qponder_mlx.cli.cmd_train import register
 from typer.testing import CliRunner
 
-from qponder_mlx.train.testing import cc0_sft_rows, write_jsonl
+from qponder_mlx.testing.sft_sets import cc0_sft_rows, write_jsonl
 
 
 @pytest.fixture(scope="module")
@@ -82,7 +82,6 @@ def test_missing_data_file_is_one_line(tmp_path, app, tiny_model_dir):
 
 
 def test_stage_grpo_gets_a_grpo_config(tmp_path, app, monkeypatch):
-    pytest.importorskip("qponder_mlx.grpo.trainer")
     import qponder_mlx.grpo.trainer as grpo_trainer
     from qponder_mlx.grpo.config import GRPOConfig
 
@@ -92,7 +91,7 @@ def test_stage_grpo_gets_a_grpo_config(tmp_path, app, monkeypatch):
         seen.update(cfg=cfg, resume=resume)
         return tmp_path / "g"
 
-    monkeypatch.setattr(grpo_trainer, "run", fake_run)
+    monkeypatch.setattr(grpo_trainer, "run_grpo", fake_run)
     toml = tmp_path / "grpo.toml"
     toml.write_text('data = "labels.csv"\ngroup_size = 4\n')
     r = _invoke(app, ["--stage", "grpo", "--config", str(toml), "--adapter", "runs/ci/adapters",

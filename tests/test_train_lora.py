@@ -12,6 +12,7 @@ from qponder_mlx import generate as gen
 from qponder_mlx.images import PixelPolicy, load_image
 from qponder_mlx.model import load_model
 from qponder_mlx.prompts import chat_messages
+from qponder_mlx.testing.sft_sets import CC0_IMAGES
 from qponder_mlx.train.config import LoraConfig
 from qponder_mlx.train.loop import enable_grad_checkpoint
 from qponder_mlx.train.lora import (
@@ -26,7 +27,6 @@ from qponder_mlx.train.lora import (
     trainable_snapshot,
     weights_swapped,
 )
-from qponder_mlx.train.testing import CC0_IMAGES
 
 
 @pytest.fixture(scope="module")

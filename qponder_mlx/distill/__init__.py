@@ -9,15 +9,21 @@ Adding a backend: one file with a class that satisfies `Teacher` (teachers.py), 
 """
 
 from qponder_mlx.distill.config import DistillConfig, build_teacher, read_api_key
-from qponder_mlx.distill.prompts import (
+from qponder_mlx.distill.distill_job import (
+    DistillError,
+    RunResult,
+    distill_sample,
+    run_distill,
+    sibling,
+)
+from qponder_mlx.distill.retry import RetryPolicy, call_with_retries, parse_retry_after
+from qponder_mlx.distill.summary import headline, summarize
+from qponder_mlx.distill.teacher_prompts import (
     TEACHER_PROMPT_VERSION,
     TeacherPrompt,
     leaks_reference,
     teacher_prompt,
 )
-from qponder_mlx.distill.retry import RetryPolicy, call_with_retries, parse_retry_after
-from qponder_mlx.distill.run import DistillError, RunResult, distill_sample, run_distill, sibling
-from qponder_mlx.distill.summary import headline, summarize
 from qponder_mlx.distill.teachers import (
     FatalTeacherError,
     Teacher,

@@ -15,19 +15,18 @@ from pathlib import Path
 from typing import Any
 
 from qponder_mlx.distill.openai_teacher import DEFAULT_MAX_PIXELS
-from qponder_mlx.distill.prompts import MODES
 from qponder_mlx.distill.retry import RetryPolicy
+from qponder_mlx.distill.teacher_prompts import MODES
 from qponder_mlx.distill.teachers import Teacher
 
-TEACHERS = ("openai", "local", "synthetic")
+TEACHERS = ("openai", "local")
 
 
 @dataclass
 class DistillConfig:
-    teacher: str = "openai"  # openai | local | synthetic (synth-iqa sets only)
+    teacher: str = "openai"  # openai | local
     teacher_url: str | None = None  # openai: base URL, e.g. http://127.0.0.1:8000/v1
-    teacher_model: str | None = None  # openai: the server's model name; local: repo id/folder;
-    # synthetic: optional synth-iqa labels.jsonl (default: the one beside each image's folder)
+    teacher_model: str | None = None  # openai: the server's model name; local: repo id/folder
     api_key_env: str | None = None  # NAME of the env var holding the key (never the key)
     adapter: str | None = None  # local: LoRA adapter folder
     mode: str = "blind"  # blind | guided
@@ -36,10 +35,6 @@ class DistillConfig:
     min_reasoning_words: int = 5  # a kept answer must reason, not just score
     concurrency: int = 8  # requests in flight
     temperature: float = 0.7
-    # synthetic only: a miscalibrated stand-in, offsets per distortion type ("noise=+0.5,...")
-    synthetic_bias: str = ""
-    # synthetic only: a coarse stand-in that tells apart 3 severities per distortion, not 5
-    synthetic_coarse: bool = False
     max_tokens: int = 1024
     max_pixels: int = DEFAULT_MAX_PIXELS  # images are downscaled to at most this many pixels
     timeout_s: float = 120.0  # per request
@@ -70,13 +65,7 @@ class DistillConfig:
         if self.teacher == "openai" and not self.teacher_url:
             bad("teacher_url", "the openai teacher needs --teacher-url (e.g. "
                 "http://127.0.0.1:8000/v1)")
-        for name in ("synthetic_bias", "synthetic_coarse"):
-            if getattr(self, name) and self.teacher != "synthetic":
-                bad(name, "only the synthetic teacher has one — drop it")
-        if self.synthetic_bias:
-            from qponder_mlx.distill.synthetic_teacher import parse_bias
-            parse_bias(self.synthetic_bias)  # its own one-line error names the field
-        if not self.teacher_model and self.teacher != "synthetic":
+        if not self.teacher_model:
             bad("teacher_model", "pass --teacher-model: the model name the server serves "
                 "(openai), or a repo id / folder (local)")
         return self
@@ -149,11 +138,6 @@ _ENV_NAME = re.compile(r"[A-Z_][A-Z0-9_]{0,63}")
 def build_teacher(config: DistillConfig, environ: Mapping[str, str] | None = None) -> Teacher:
     """The backend `config.teacher` names, ready to `ask` (loads the model for `local`)."""
     config.validate()
-    if config.teacher == "synthetic":
-        from qponder_mlx.distill.synthetic_teacher import SyntheticTeacher
-
-        return SyntheticTeacher(config.teacher_model, temperature=config.temperature,
-                                bias=config.synthetic_bias, coarse=config.synthetic_coarse)
     if config.teacher == "openai":
         from qponder_mlx.distill.openai_teacher import OpenAIConfig, OpenAITeacher
 

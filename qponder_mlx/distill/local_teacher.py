@@ -13,10 +13,10 @@ from pathlib import Path
 from PIL import Image
 
 from qponder_mlx import generate as gen
-from qponder_mlx.data import Sample
-from qponder_mlx.distill.prompts import TeacherPrompt
+from qponder_mlx.distill.teacher_prompts import TeacherPrompt
 from qponder_mlx.distill.teachers import TeacherError, TeacherReply
 from qponder_mlx.images import PixelPolicy, load_image
+from qponder_mlx.labels import Sample
 from qponder_mlx.model import LoadedModel, load_model
 from qponder_mlx.prompts import chat_messages
 

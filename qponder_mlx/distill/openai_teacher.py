@@ -17,9 +17,8 @@ from typing import Any
 import httpx
 from PIL import Image
 
-from qponder_mlx.data import Sample
-from qponder_mlx.distill.prompts import TeacherPrompt
 from qponder_mlx.distill.retry import parse_retry_after
+from qponder_mlx.distill.teacher_prompts import TeacherPrompt
 from qponder_mlx.distill.teachers import (
     FatalTeacherError,
     TeacherError,
@@ -27,6 +26,7 @@ from qponder_mlx.distill.teachers import (
     TransientTeacherError,
 )
 from qponder_mlx.images import load_image
+from qponder_mlx.labels import Sample
 
 # ~1 MP: enough to see noise and blur at the teacher's native patch size, small enough for
 # hosted APIs' request limits. Downscaling hides fine noise, so raise it for such datasets.

@@ -17,8 +17,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from qponder_mlx.data import Sample
-from qponder_mlx.distill.prompts import TeacherPrompt
+from qponder_mlx.distill.teacher_prompts import TeacherPrompt
+from qponder_mlx.labels import Sample
 
 
 @dataclass

@@ -23,7 +23,7 @@ from mlx_vlm.models.cache import ConcatenateKVCache
 from qponder_mlx.generate import lm_head, repeated_cache
 from qponder_mlx.grpo.rollout import text_positions
 from qponder_mlx.prompts import ANSWER_OPEN, THINK_CLOSE, THINK_OPEN
-from qponder_mlx.scoring import digits_value, expected_score, score_token_ids, single_token_ids
+from qponder_mlx.readout import digits_value, expected_score, score_token_ids, single_token_ids
 
 JUDGE_VERSION = "judge-v2"  # v2: reads the first decimal too
 JUDGE_PROMPT = (
@@ -142,19 +142,19 @@ def blind_scores_lm(model, tokenizer, reasonings: Sequence[str | None]) -> np.nd
     return out
 
 
-def make_judge(kind: str, policy, tokenizer, reference=None, decimals: bool = True) -> Judge:
+def make_judge(kind: str, policy, tokenizer, reference=None) -> Judge:
     """`policy` (the model being trained), `reference` (the KL reference policy: `reference(model)`
     is the context manager the trainer uses for it) or an mlx-lm model id (asked for one digit
-    from 1 to 5, so it has no decimals to read and ignores `decimals`)."""
+    from 1 to 5)."""
     if kind == "policy":
-        return lambda rs: blind_scores_vlm(policy, tokenizer, rs, decimals=decimals)
+        return lambda rs: blind_scores_vlm(policy, tokenizer, rs)
     if kind == "reference":
         if reference is None:
             raise ValueError("judge 'reference' needs the reference-policy context")
 
         def ref_judge(rs):
             with reference(policy):
-                return blind_scores_vlm(policy, tokenizer, rs, decimals=decimals)
+                return blind_scores_vlm(policy, tokenizer, rs)
         return ref_judge
     from mlx_lm import load as lm_load
 

@@ -8,8 +8,6 @@
                0 when there is no score.
 * consistency  the reasoning must support the score (Q-Ponder's idea): a judge reads the
                reasoning alone and implies s_text (judge.py); reward exp(−|s_text − s| / τc).
-* reasoning    optional [ours]: the accuracy reward (same kind and τ) of the judge's s_text
-               against the MOS — the reasoning alone must imply the human score.
 * rank         optional fidelity reward between the images of one batch (VisualQuality-R1).
 """
 
@@ -24,48 +22,34 @@ from scipy.stats import norm
 from qponder_mlx.prompts import ParsedResponse
 
 ACCURACY_KINDS = {"threshold": 0.35, "laplace": 0.3, "gaussian": 0.35}
-READOUTS = ("written", "expected")
 
 
 @dataclass
 class RewardConfig:
-    format_weight: float = 1.0
+    format_weight: float = 1.0  # the answer follows <think>…</think><answer>X.XX</answer>
     accuracy_weight: float = 1.0
-    accuracy: str = "laplace"  # threshold | laplace | gaussian
-    accuracy_tau: float | None = None  # None = the kind's published default above
+    accuracy: str = "laplace"  # threshold | laplace | gaussian (see the table above)
+    # None = the kind's published τ above; a student still 1 off the MOS earns ~0 at τ 0.3, so a
+    # weak cold start may need a wider τ for the group to differ at all.
+    accuracy_tau: float | None = None
+    # Reasoning/score consistency, Q-Ponder's third reward (arXiv 2506.05384, §3.2): the judge's
+    # blind reading of the reasoning against the answer.
     consistency_weight: float = 0.5
     consistency_tau: float = 0.5
-    judge: str = "policy"  # policy | reference | an mlx-lm model id or folder
-    # The judge reads the first decimal of the score it implies, not only its leading digit
-    # (which is the floor: 3.9 read as ~3.1); false = the judge before this (judge-v1).
-    judge_decimals: bool = True
-    # The judge's reading of the reasoning alone scored against the MOS (the accuracy kind and
-    # tau). Why: consistency only asks the reasoning to agree with the answer, so a phrase that
-    # names the wrong level is paid as well as the right one once the number follows it; in the
-    # miniature GRPO named fewer levels right than its cold start (docs/reproduction.md, BN).
-    reasoning_weight: float = 0.0
+    judge: str = "policy"  # policy | reference | an mlx-lm model id or folder (judge.py)
+    # VisualQuality-R1's fidelity reward between a batch's images (arXiv 2505.14460): ranking is
+    # what SRCC measures; needs batch_size >= 2.
     rank_weight: float = 0.0
     rank_gamma: float = 1e-6
-    # What the rewards read as the answer's score s: "written" (the sampled number) or
-    # "expected" (E[answer] under the policy's digit probabilities where it wrote it, the eval's
-    # `--readout expected`). Why: the sampled digits add noise to the reward that the group's
-    # advantage credits to the reasoning; in the miniature GRPO moved the level phrase on ~45 % of
-    # the views, no better than a coin for right against wrong (bench/grpo_shift.py). With
-    # "expected" the reward is a function of the reasoning alone; pair it with train_answer =
-    # false, else the answer's sampled tokens get advantages that do not depend on them.
-    readout: str = "written"
 
     def needs_judge(self) -> bool:
         """Whether a reward reads the judge's score of the reasoning alone."""
-        return bool(self.consistency_weight or self.reasoning_weight)
+        return bool(self.consistency_weight)
 
     def __post_init__(self):
         if self.accuracy not in ACCURACY_KINDS:
             raise ValueError(f"rewards.accuracy must be one of {sorted(ACCURACY_KINDS)}, "
                              f"got {self.accuracy!r}")
-        if self.readout not in READOUTS:
-            raise ValueError(f"rewards.readout must be one of {list(READOUTS)}, "
-                             f"got {self.readout!r}")
 
 
 def _scores(parsed: Sequence[ParsedResponse]) -> np.ndarray:
@@ -138,14 +122,10 @@ def combine(parsed: Sequence[ParsedResponse], mos: Sequence[float], group_size: 
              "accuracy": accuracy_reward(scores, mos, cfg.accuracy, cfg.accuracy_tau)}
     total = cfg.format_weight * parts["format"] + cfg.accuracy_weight * parts["accuracy"]
     if cfg.needs_judge() and text_scores is None:
-        raise ValueError("consistency_weight or reasoning_weight > 0 needs the judge's text "
-                         "scores")
+        raise ValueError("consistency_weight > 0 needs the judge's text scores")
     if cfg.consistency_weight:
         parts["consistency"] = consistency_reward(text_scores, scores, cfg.consistency_tau)
         total = total + cfg.consistency_weight * parts["consistency"]
-    if cfg.reasoning_weight:
-        parts["reasoning"] = accuracy_reward(text_scores, mos, cfg.accuracy, cfg.accuracy_tau)
-        total = total + cfg.reasoning_weight * parts["reasoning"]
     if cfg.rank_weight:
         grid = scores.reshape(-1, group_size)
         parts["rank"] = rank_reward(grid, mos.reshape(-1, group_size)[:, 0],

@@ -19,7 +19,6 @@ from mlx_vlm.models.cache import ConcatenateKVCache
 from PIL import Image
 
 from qponder_mlx import generate as gen
-from qponder_mlx.prompts import answer_number_span
 from qponder_mlx.train.image_features import features_are_fixed, tower_output
 
 # One prompt's state after the prefill (see `prompt_state`): the last position's logits
@@ -102,29 +101,6 @@ def pad_completions(group: list[gen.Completion], pad_id: int,
     ids = [c.token_ids + [pad_id] * (width - len(c.token_ids)) for c in group]
     mask = [[1] * len(c.token_ids) + [0] * (width - len(c.token_ids)) for c in group]
     return mx.array(ids, dtype=mx.int32), mx.array(mask, dtype=mx.int32)
-
-
-def answer_tokens(tokenizer, token_ids: list[int], part: str = "decimals") -> list[bool]:
-    """Which tokens of a completion lie wholly inside its answer's number (part "number") or its
-    decimals (part "decimals": `3.72` -> the tokens of `72`). Offsets come from decoding token by
-    token: the answer is ASCII, so the joined pieces locate it as the whole decode would."""
-    pieces = [tokenizer.decode([t]) for t in token_ids]
-    span = answer_number_span("".join(pieces), part)
-    out, pos = [], 0
-    for piece in pieces:
-        end = pos + len(piece)
-        out.append(span is not None and bool(piece) and span[0] <= pos and end <= span[1])
-        pos = end
-    return out
-
-
-def without_answer_tokens(mask: mx.array, group: list[gen.Completion], tokenizer,
-                          part: str = "decimals") -> mx.array:
-    """`mask` (G, T) with each completion's answer number or decimals (`part`, as in
-    `answer_tokens`) set to 0: left out of the loss."""
-    flags = [answer_tokens(tokenizer, c.token_ids, part) for c in group]
-    drop = [f + [False] * (mask.shape[1] - len(f)) for f in flags]
-    return mx.where(mx.array(drop), 0, mask).astype(mask.dtype)
 
 
 def prompt_state(model, inputs: gen.Inputs) -> PromptState:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -29,10 +29,8 @@ from qponder_mlx.grpo.rollout import (
     pad_completions,
     prompt_state,
     rollout,
-    without_answer_tokens,
 )
 from qponder_mlx.prompts import ParsedResponse, parse_response
-from qponder_mlx.scoring import expected_answer, single_token_ids
 from qponder_mlx.train.distributed import World
 from qponder_mlx.train.loop import guarded_update, zeros_like_tree
 from qponder_mlx.train.lora import adapters_disabled
@@ -40,6 +38,9 @@ from qponder_mlx.train.lora import adapters_disabled
 # (rollout, parsed texts, MOS per completion) -> (total reward (B·G,), {component: (B·G,)})
 RewardFn = Callable[[Rollout, list[ParsedResponse], np.ndarray],
                     tuple[np.ndarray, dict[str, np.ndarray]]]
+# (G, T) mask of one image's counted completion tokens, its completions, the tokenizer -> the
+# mask the loss uses (an experiment may leave tokens out of the loss; default: all counted)
+TokenMask = Callable[[mx.array, list[gen.Completion], object], mx.array]
 
 
 @dataclass
@@ -158,15 +159,6 @@ def image_loss_and_grads(model, inputs, ids, mask, adv, old, ref, cfg: GRPOConfi
                                            model.trainable_parameters())
 
 
-def only_trained(grads, cfg: GRPOConfig):
-    """`grads` with every weight `cfg.train_only` leaves out set to 0 (all kept when unset).
-    Adam's step for a weight whose gradient has always been 0 is 0, so those weights stay."""
-    if not cfg.train_only:
-        return grads
-    keep = set(cfg.trained_names([n for n, _ in tree_flatten(grads)]))
-    return tree_map_with_path(lambda path, g: g if path in keep else mx.zeros_like(g), grads)
-
-
 def frozen_logps(model, inputs, ids: mx.array, mask: mx.array, cfg: GRPOConfig,
                  state: PromptState | None = None) -> mx.array:
     """(G, T) log-probs of one image's completions under the model as it is, without a graph,
@@ -183,10 +175,12 @@ def frozen_logps(model, inputs, ids: mx.array, mask: mx.array, cfg: GRPOConfig,
 
 def grpo_step(model, processor, prompt: str, images: Sequence[Image.Image],
               mos: Sequence[float], cfg: GRPOConfig, optimizer, reward_fn: RewardFn,
-              world: World | None = None, reference=adapters_disabled) -> StepResult:
+              world: World | None = None, reference=adapters_disabled,
+              token_mask: TokenMask | None = None) -> StepResult:
     """Rollout B images × G samples, score them, and update the model μ times.
 
     `reference(model)` is a context manager under which the model is the KL reference policy.
+    `token_mask` may take completion tokens out of the loss (default: every sampled token).
 
     Under data parallelism `images` is this rank's share of the global batch (groups are never
     split, so rewards and advantages stay local); token counts, gradients and metrics are summed
@@ -197,16 +191,10 @@ def grpo_step(model, processor, prompt: str, images: Sequence[Image.Image],
     t0 = time.perf_counter()
     sampling = gen.SamplingConfig(max_tokens=cfg.max_completion_length,
                                   temperature=cfg.temperature, top_p=cfg.top_p)
-    expected = cfg.rewards.readout == "expected"
-    digits = single_token_ids(processor.tokenizer, "0123456789.", "rewards.readout = "
-                              '"expected"') if expected else None
-    ro = rollout(model, processor, prompt, list(images), g, sampling, max_rows=cfg.max_rows,
-                 watch_ids=digits[:10] if digits else None)
+    ro = rollout(model, processor, prompt, list(images), g, sampling, max_rows=cfg.max_rows)
     t1 = time.perf_counter()
 
     parsed = [parse_response(t) for t in ro.texts]
-    if digits:
-        parsed = expected_answers(parsed, [c for grp in ro.completions for c in grp], digits)
     mos_rows = np.repeat(np.asarray(mos, dtype=np.float64), g)
     rewards, parts = reward_fn(ro, parsed, mos_rows) if ro.texts else (np.zeros(0), {})
     adv = group_advantages(mx.array(rewards, dtype=mx.float32), g, scale=cfg.scale_rewards)
@@ -214,9 +202,8 @@ def grpo_step(model, processor, prompt: str, images: Sequence[Image.Image],
 
     pad = processor.tokenizer.pad_token_id or 0
     batch = [pad_completions(group, pad) for group in ro.completions]
-    untrained = cfg.untrained_answer_part()
-    if untrained:
-        batch = [(ids, without_answer_tokens(m, group, processor.tokenizer, untrained))
+    if token_mask is not None:
+        batch = [(ids, token_mask(m, group, processor.tokenizer))
                  for (ids, m), group in zip(batch, ro.completions)]
     counts = world.sum({"rows": len(ro.texts),
                         "tokens": sum(int(m.sum().item()) for _, m in batch)})
@@ -250,7 +237,7 @@ def grpo_step(model, processor, prompt: str, images: Sequence[Image.Image],
             loss_value += loss
             for k, v in sums.items():
                 totals[k] = totals.get(k, 0.0) + v.item()
-        grads = only_trained(world.sum_tree(grads), cfg)
+        grads = world.sum_tree(grads)
         summed = world.sum({"loss": loss_value, **{f"t.{k}": v for k, v in totals.items()}})
         loss_value = summed["loss"]
         totals = {k[2:]: v for k, v in summed.items() if k.startswith("t.")}
@@ -280,18 +267,6 @@ def _token_metrics(totals: dict[str, float], n_tokens: int) -> dict[str, float]:
     out["clip_ratio"] = out["clip_ratio_low"] + out["clip_ratio_high"]
     if "kl" in totals:
         out["kl"] = totals["kl"] / n
-    return out
-
-
-def expected_answers(parsed: list[ParsedResponse], completions: list[gen.Completion],
-                     digits: list[int]) -> list[ParsedResponse]:
-    """`parsed` with each score read as E[answer] under the digit log-probs its completion kept
-    (`scoring.expected_answer`; `digits`: the token ids of 0-9 and "."). A score whose digits
-    cannot be found among the tokens keeps its written value."""
-    out = []
-    for p, c in zip(parsed, completions, strict=True):
-        e = expected_answer(c.token_ids, c.watch, p.score, digits[:10], digits[10])
-        out.append(p if e is None else replace(p, score=e))
     return out
 
 

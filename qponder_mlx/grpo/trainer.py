@@ -1,35 +1,30 @@
-"""`qponder train --stage grpo`: the run loop around `grpo_step`.
-
-Everything around the step is SFT's: config loading and saving, LoRA/QLoRA, the data order,
-atomic checkpoints and exact resume, metrics.jsonl and the curves page, progress.
+"""`qponder train --stage grpo`: `grpo_step` inside the run loop SFT uses too (train/runner.py:
+run folder, resume, stop signals, bad steps, metrics and curves, progress), with SFT's LoRA/QLoRA,
+data order and atomic checkpoints.
 """
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
-from mlx.utils import tree_flatten
 
-from qponder_mlx.data import LabelError, LabelProblem, Sample, read_labels
 from qponder_mlx.grpo.config import GRPOConfig
 from qponder_mlx.grpo.judge import make_judge
-from qponder_mlx.grpo.step import RewardFn, default_reward_fn, grpo_step
+from qponder_mlx.grpo.step import RewardFn, TokenMask, default_reward_fn, grpo_step
 from qponder_mlx.images import ImageError, PixelPolicy, load_image
-from qponder_mlx.io import append_jsonl, atomic_write_json, read_jsonl
+from qponder_mlx.io import read_jsonl
+from qponder_mlx.labels import LabelError, LabelProblem, Sample, read_labels
 from qponder_mlx.model import LoadedModel, load_model
-from qponder_mlx.progress import console, progress_bar
+from qponder_mlx.progress import say
 from qponder_mlx.prompts import chat_messages
 from qponder_mlx.train import checkpoint as ckpt_mod
-from qponder_mlx.train.averaging import AVERAGE_FILE, WeightAverage
-from qponder_mlx.train.config import ConfigError, config_dict, save_config
-from qponder_mlx.train.data import DataOrder, image_size
+from qponder_mlx.train.config import ConfigError
+from qponder_mlx.train.data_order import DataOrder
 from qponder_mlx.train.distributed import World, init_world
 from qponder_mlx.train.loop import make_optimizer, peak_memory_gb
 from qponder_mlx.train.lora import (
-    adapter_weights,
     adapters_disabled,
     attach_lora,
     load_adapters,
@@ -37,12 +32,21 @@ from qponder_mlx.train.lora import (
     trainable_snapshot,
     weights_swapped,
 )
-from qponder_mlx.train.runlog import METRICS_FILE, MetricsLog, write_curves
+from qponder_mlx.train.runlog import METRICS_FILE
+from qponder_mlx.train.runner import (
+    LoopSettings,
+    Run,
+    StepOutcome,
+    mean_row,
+    problem_row,
+    train_loop,
+)
+from qponder_mlx.train.sft_rows import image_size
 
-ADAPTERS_DIR = "adapters"
-LAST_DIR = "adapters_last"  # with average_every: the last step's weights
-PROBLEMS_FILE = "data_problems.jsonl"
-SUMMARY_FILE = "summary.json"
+# Settings a resumed run must share with its checkpoint: anything else would silently train a
+# different model or read different images.
+RESUME_MUST_MATCH = ("model", "adapter", "data", "lora", "quantize_base", "quantize_group_size",
+                     "batch_size", "group_size", "seed", "min_pixels", "max_pixels")
 
 # The GRPO page of curves.html: reward per component, accuracy, KL/clip, lengths, time split.
 GRPO_CHARTS = [
@@ -89,8 +93,8 @@ def _token_count(pixels: PixelPolicy, s: Sample) -> int:
         return 0  # fails again, and is reported, when the step loads it
 
 
-def _load_images(samples: list[Sample], idx: list[int], pixels: PixelPolicy,
-                 problems_path: Path | None, bad: set[int]):
+def _load_images(samples: list[Sample], idx: list[int], pixels: PixelPolicy, run: Run,
+                 bad: set[int]):
     imgs, mos = [], []
     for i in idx:
         try:
@@ -98,14 +102,12 @@ def _load_images(samples: list[Sample], idx: list[int], pixels: PixelPolicy,
             mos.append(samples[i].mos)
         except (ImageError, OSError) as e:
             bad.add(i)  # left out of later epochs; one bad photo never stops the run
-            if problems_path is not None:
-                append_jsonl(problems_path, {"id": samples[i].id,
-                                             "image": str(samples[i].image), "error": str(e)})
+            run.problem(problem_row(samples[i].image, None, "image_runtime", str(e)))
+            say(f"skipped image {samples[i].id}: {' '.join(str(e).split())}")
     return imgs, mos
 
 
-def _next_images(samples, order: DataOrder, pixels: PixelPolicy, problems_path: Path | None,
-                 world: World):
+def _next_images(samples, order: DataOrder, pixels: PixelPolicy, run: Run, world: World):
     """This rank's images of the next global batch in which every rank has at least one.
 
     Ranks agree on rows that failed to load, so they keep one data order; a batch leaving some
@@ -113,8 +115,7 @@ def _next_images(samples, order: DataOrder, pixels: PixelPolicy, problems_path: 
     """
     while True:
         known = len(order.bad)
-        imgs, mos = _load_images(samples, world.shard(order.next()), pixels, problems_path,
-                                 order.bad)
+        imgs, mos = _load_images(samples, world.shard(order.next()), pixels, run, order.bad)
         if world.size == 1:
             if imgs:
                 return imgs, mos
@@ -127,128 +128,77 @@ def _next_images(samples, order: DataOrder, pixels: PixelPolicy, problems_path: 
             return imgs, mos
 
 
-def run(cfg: GRPOConfig, *, resume: bool = False, loaded: LoadedModel | None = None,
-        reward_fn: RewardFn | None = None, world: World | None = None) -> Path:
+def run_grpo(cfg: GRPOConfig, *, resume: bool = False, loaded: LoadedModel | None = None,
+             reward_fn: RewardFn | None = None, token_mask: TokenMask | None = None,
+             on_step=None, world: World | None = None) -> Path:
     """Train (or resume) a GRPO run; returns the run folder.
 
-    Under `mlx.launch` each rank rolls out its share of every global batch of images and only
-    rank 0 writes files (see train/distributed.py).
+    `reward_fn` replaces the configured rewards and `token_mask` the loss's token mask
+    (experiments); `on_step(step, metrics)` runs after each step's checkpoint. Under
+    `mlx.launch` each rank rolls out its share of every global batch of images and only rank 0
+    writes files (see train/distributed.py). A stop signal raises `runner.RunStopped` once the
+    step's checkpoint is saved.
     """
     cfg.validate()
     world = world or init_world()
     if cfg.batch_size < world.size:
         raise ConfigError(f"batch_size {cfg.batch_size} < {world.size} ranks: every rank needs "
-                         "at least one image per step")
-    run_dir, ckpt = ckpt_mod.open_run(cfg.out, resume, world.is_main)
+                          "at least one image per step")
+    run = Run(cfg, "grpo", resume=resume, world=world, must_match=RESUME_MUST_MATCH)
     pixels = PixelPolicy(min_pixels=cfg.min_pixels, max_pixels=cfg.max_pixels)
 
     # Data first: a bad label file should fail before minutes of model preparation.
     samples, problems = read_labels(cfg.data, format=cfg.data_format,
                                     images_root=cfg.images_root)
-    problems_path = run_dir / PROBLEMS_FILE if world.is_main else None
-    if ckpt is None and problems_path is not None:
-        problems_path.unlink(missing_ok=True)
-        for p in problems:
-            append_jsonl(problems_path, {"problem": str(p)})
-    console.print(f"grpo data {cfg.data}: {len(samples)} images, {len(problems)} rows skipped")
+    run.record_problems([problem_row(p.file, p.row, "label", p.message) for p in problems])
+    say(f"grpo data {cfg.data}: {len(samples)} images, {len(problems)} rows skipped")
     if not samples:
         first = f" — first: {problems[0]}" if problems else ""
         raise LabelError([LabelProblem(cfg.data, None, f"no usable samples ({len(problems)} "
                                        f"rows had problems){first}")])
-    groups = cfg.batch_keys([s.id for s in samples])
 
     loaded, adapter_cfg = prepare_model(cfg, loaded)
     model, processor = loaded.model, loaded.processor
     reference = reference_policy(cfg, model)  # before a checkpoint is restored: the run's start
-    if cfg.train_only:  # a pattern that matches nothing fails here, not after a step
-        names = [n for n, _ in tree_flatten(model.trainable_parameters())]
-        console.print(f"train_only {cfg.train_only!r}: {len(cfg.trained_names(names))} of "
-                      f"{len(names)} trainable weights move")
     tok = processor.tokenizer
     prompt = tok.apply_chat_template(chat_messages(), tokenize=False, add_generation_prompt=True)
-    optimizer = make_optimizer(cfg.learning_rate, cfg.iters * cfg.num_iterations,
-                               warmup=cfg.warmup, schedule=cfg.lr_schedule,
-                               min_learning_rate=cfg.min_learning_rate,
-                               weight_decay=cfg.weight_decay)
+    optimizer, _ = make_optimizer(cfg, cfg.iters * cfg.num_iterations)
     # Batches of equal-size images prefill together in the rollout.
     lengths = [_token_count(pixels, s) for s in samples]
+    ckpt = run.checkpoint
     order = DataOrder(lengths, cfg.batch_size, cfg.seed,
-                      state=ckpt.state.get("data") if ckpt else None,
-                      groups=groups)
-    start = 0
-    average = WeightAverage(cfg.average_every)
+                      state=ckpt.state.get("data") if ckpt else None)
     if ckpt is not None:
         ckpt_mod.restore_checkpoint(ckpt, model, optimizer)
-        average.restore(ckpt.path, ckpt.state)
-        start = ckpt.step
-        console.print(f"resumed from {ckpt.path} (step {start})")
+        say(f"resumed from {ckpt.path} (step {run.start})")
         if world.is_main:  # they may lag the checkpoint (a kill between the two writes)
-            ckpt_mod.write_run_adapters(run_dir, model, adapter_cfg, ADAPTERS_DIR,
-                                        average.weights(), LAST_DIR)
-    if world.is_main:
-        save_config(cfg, run_dir)
-    log = MetricsLog(run_dir, resume_step=start if ckpt is not None else None,
-                     enabled=world.is_main)
-    judge = make_judge(cfg.rewards.judge, model, tok, reference=reference,
-                       decimals=cfg.rewards.judge_decimals)
+            ckpt_mod.write_run_adapters(run.dir, model, adapter_cfg)
+    run.begin()
+    judge = make_judge(cfg.rewards.judge, model, tok, reference=reference)
     reward_fn = reward_fn or default_reward_fn(cfg, cfg.group_size, judge)
 
-    def save(step: int) -> None:
-        if not world.is_main:
-            return
-        mean = average.weights()
-        ckpt_mod.save_run(run_dir, step, model, adapter_cfg, optimizer,
-                          {"data": order.state(), "bad_steps": bad_steps, **average.state()},
-                          config_dict(cfg), cfg.keep_checkpoints, ADAPTERS_DIR,
-                          arrays={AVERAGE_FILE: mean} if mean else None, adapters=mean,
-                          last_dir=LAST_DIR)
+    def step(n: int) -> StepOutcome:
+        mx.random.seed(ckpt_mod.step_seed(cfg.seed, n))  # sampling, resumable
+        imgs, mos = _next_images(samples, order, pixels, run, world)
+        res = grpo_step(model, processor, prompt, imgs, mos, cfg, optimizer, reward_fn,
+                        world, reference=reference, token_mask=token_mask)
+        m = res.metrics
+        return StepOutcome(not res.skipped, m["loss"], m,
+                           {"reward": f"{m['reward_mean']:.3f}", "fmt": f"{m['format_rate']:.2f}",
+                            "mem": f"{peak_memory_gb():.2f}GB"})
 
-    bad_steps = int(ckpt.state.get("bad_steps", 0)) if ckpt else 0
-    consecutive_bad = 0
+    def save(n: int) -> None:
+        run.save(n, model, adapter_cfg, optimizer,
+                 {"data": order.state(), "bad_steps": run.state.get("bad_steps", 0)})
+
     mx.reset_peak_memory()
-    t_run = time.perf_counter()
-    with progress_bar(cfg.iters, "grpo", unit="step",
-                      enabled=cfg.progress and world.is_main) as advance:
-        if start:
-            advance(start)
-        for step in range(start + 1, cfg.iters + 1):
-            mx.random.seed(ckpt_mod.step_seed(cfg.seed, step))  # sampling, resumable
-            imgs, mos = _next_images(samples, order, pixels, problems_path, world)
-            res = grpo_step(model, processor, prompt, imgs, mos, cfg, optimizer, reward_fn,
-                            world, reference=reference)
-            m = res.metrics
-            if res.skipped:
-                bad_steps += 1
-                consecutive_bad += 1
-                log.append({"step": step, "kind": "skip", "loss": m["loss"],
-                            "reason": "non-finite loss or gradient"})
-                console.print(f"[red]step {step}: non-finite loss/gradient — skipped, adapters "
-                              "unchanged[/]")
-                if consecutive_bad >= cfg.max_bad_steps:
-                    raise FloatingPointError(
-                        f"{consecutive_bad} consecutive steps with NaN/inf — lower "
-                        "learning_rate (the last good state is in the checkpoints)")
-            else:
-                consecutive_bad = 0
-                if step % cfg.steps_per_report == 0 or step == cfg.iters:
-                    log.append({"step": step, "kind": "train", **m})
-            if average.due(step):
-                average.add(adapter_weights(model))
-            advance(1, reward=f"{m['reward_mean']:.3f}", fmt=f"{m['format_rate']:.2f}",
-                    mem=f"{peak_memory_gb():.2f}GB")
-            if (step % cfg.steps_per_save == 0 or step == cfg.iters) and world.is_main:
-                save(step)
-                write_curves(run_dir, f"GRPO {run_dir.name}", charts=GRPO_CHARTS)
-    if not world.is_main:
-        return run_dir
-    atomic_write_json(run_dir / SUMMARY_FILE, {
-        "steps": cfg.iters, "resumed_from": start, "skipped_steps": bad_steps,
-        "images": len(samples), "skipped_rows": len(problems) + len(order.bad),
-        "seconds": round(time.perf_counter() - t_run, 2),
-        "peak_memory_gb": round(peak_memory_gb(), 4), "adapters": str(run_dir / ADAPTERS_DIR),
-        "averaged_steps": average.count,
-        "adapters_last": str(run_dir / (LAST_DIR if average.count else ADAPTERS_DIR))})
-    return run_dir
+    bad = train_loop(run, LoopSettings(cfg.iters, cfg.steps_per_report, cfg.steps_per_save,
+                                       cfg.max_bad_steps, cfg.progress),
+                     step, save, report=lambda outs: mean_row([o.metrics for o in outs]),
+                     on_step=on_step, charts=GRPO_CHARTS)
+    run.finish({"skipped_steps": bad, "images": len(samples),
+                "skipped_rows": len(problems) + len(order.bad)})
+    return run.dir
 
 
 def metric_curve(run_dir: str | Path, key: str = "reward_mean") -> np.ndarray:

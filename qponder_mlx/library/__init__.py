@@ -8,10 +8,10 @@
 """
 
 from qponder_mlx.library.discover import IMAGE_SUFFIXES, Discovery, discover
-from qponder_mlx.library.export import write_csv, write_jsonl
 from qponder_mlx.library.report import render_report, write_report
-from qponder_mlx.library.run import RunSummary, StopFlag, score_library, stop_on_sigint
+from qponder_mlx.library.score_job import RunSummary, StopFlag, score_library, stop_on_sigint
 from qponder_mlx.library.store import ResultStore, StoreError
+from qponder_mlx.library.tables import write_csv, write_jsonl
 
 __all__ = [
     "IMAGE_SUFFIXES", "Discovery", "ResultStore", "RunSummary", "StopFlag", "StoreError",

@@ -4,7 +4,6 @@ A checkpoint is one folder, `run/checkpoints/step_0000100/`:
 
     adapters.safetensors + adapter_config.json   the adapter (loads in stock mlx-vlm as is)
     optimizer.safetensors                        the optimizer state tree (step, Adam moments)
-    average.safetensors                          (weight averaging only) the running mean
     state.json                                   step, RNG states, data order and cursor, extras
     config.json                                  the run config that wrote it
 
@@ -36,7 +35,6 @@ from qponder_mlx.train.lora import (
     load_adapter_weights,
     save_adapters,
     save_safetensors_atomic,
-    write_adapters,
 )
 
 CHECKPOINTS = "checkpoints"
@@ -99,11 +97,8 @@ def list_checkpoints(run_dir: str | Path) -> list[Path]:
 
 def save_checkpoint(run_dir: str | Path, step: int, model: nn.Module, adapter_config: dict,
                     optimizer, state: dict[str, Any], config: dict[str, Any],
-                    keep: int = 3, arrays: dict[str, dict[str, mx.array]] | None = None) -> Path:
-    """Write checkpoint `step` atomically; keep the newest `keep` of them. Returns its folder.
-
-    `arrays` maps extra file names to tensors that go into the same folder (a running mean).
-    """
+                    keep: int = 3) -> Path:
+    """Write checkpoint `step` atomically; keep the newest `keep` of them. Returns its folder."""
     root = Path(run_dir) / CHECKPOINTS
     root.mkdir(parents=True, exist_ok=True)
     for stale in root.glob(".tmp-*"):  # a save that died half-way
@@ -115,8 +110,6 @@ def save_checkpoint(run_dir: str | Path, step: int, model: nn.Module, adapter_co
         save_adapters(model, adapter_config, tmp)
         opt = dict(tree_flatten(optimizer.state))
         save_safetensors_atomic(tmp / OPTIMIZER_FILE, opt)
-        for name, tensors in (arrays or {}).items():
-            save_safetensors_atomic(tmp / name, tensors)
         atomic_write_json(tmp / CONFIG_FILE, config)
         # state.json last: its presence marks the folder complete.
         atomic_write_json(tmp / STATE_FILE, {"step": step, "rng": rng_state(), **state})
@@ -135,29 +128,18 @@ def save_checkpoint(run_dir: str | Path, step: int, model: nn.Module, adapter_co
 
 def save_run(run_dir: str | Path, step: int, model: nn.Module, adapter_config: dict, optimizer,
              state: dict[str, Any], config: dict[str, Any], keep: int,
-             adapters_dir: str = "adapters", arrays: dict[str, dict[str, mx.array]] | None = None,
-             adapters: dict[str, mx.array] | None = None, last_dir: str = "adapters_last") -> None:
-    """Checkpoint `step` and refresh the run's current adapters (what eval/score/export load).
-
-    With `adapters` (averaged weights) those go to `adapters_dir` and the model's own weights,
-    the last step's, to `last_dir`.
-    """
-    save_checkpoint(run_dir, step, model, adapter_config, optimizer, state, config, keep=keep,
-                    arrays=arrays)
-    write_run_adapters(run_dir, model, adapter_config, adapters_dir, adapters, last_dir)
+             adapters_dir: str = "adapters") -> None:
+    """Checkpoint `step` and refresh the run's current adapters (what eval/score/export load)."""
+    save_checkpoint(run_dir, step, model, adapter_config, optimizer, state, config, keep=keep)
+    write_run_adapters(run_dir, model, adapter_config, adapters_dir)
 
 
 def write_run_adapters(run_dir: str | Path, model: nn.Module, adapter_config: dict,
-                       adapters_dir: str = "adapters", adapters: dict[str, mx.array] | None = None,
-                       last_dir: str = "adapters_last") -> None:
+                       adapters_dir: str = "adapters") -> None:
     """The run's current adapters (`save_run`'s second half). Trainers call it on resume too: a
     kill after the newest checkpoint was written but before these were refreshed leaves them one
     checkpoint behind, and a resume from the final step runs no step that would rewrite them."""
-    if adapters is None:
-        save_adapters(model, adapter_config, Path(run_dir) / adapters_dir)
-        return
-    save_adapters(model, adapter_config, Path(run_dir) / last_dir)
-    write_adapters(adapters, adapter_config, Path(run_dir) / adapters_dir)
+    save_adapters(model, adapter_config, Path(run_dir) / adapters_dir)
 
 
 def read_checkpoint(path: str | Path) -> Checkpoint:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import types
 import typing
 from collections.abc import Mapping
@@ -76,7 +77,7 @@ class SFTConfig:
     grad_accum: int = 1  # micro-batches per optimizer step
     learning_rate: float = 1e-4
     min_learning_rate: float = 0.0  # where the cosine ends
-    warmup: int = 50  # linear warmup steps from 0
+    warmup: int | None = None  # linear warmup steps from 0; None = iters // 20, at most 50
     lr_schedule: str = "cosine"  # cosine | constant
     weight_decay: float = 0.0
     grad_clip: float | None = 1.0  # max global grad norm; None = no clipping
@@ -108,34 +109,59 @@ class SFTConfig:
 
     def validate(self) -> None:
         self.lora.validate()
-        positive = ("iters", "batch_size", "grad_accum", "steps_per_report", "steps_per_eval",
-                    "steps_per_save", "keep_checkpoints", "val_batch_size", "val_max_tokens",
-                    "max_seq_len", "max_bad_steps")
-        for name in positive:
+        check_common(self)
+        for name in ("grad_accum", "steps_per_eval", "val_batch_size", "val_max_tokens",
+                     "max_seq_len"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
         if not self.data:
             raise ConfigError("data is not set — pass --data FILE.jsonl (or data = ... in "
                               "the TOML file)")
-        if self.learning_rate <= 0:
-            raise ConfigError(f"learning_rate must be > 0, got {self.learning_rate}")
         if self.vision_cache < 0:
             raise ConfigError(f"vision_cache must be >= 0 (0 = off), got {self.vision_cache}")
-        if self.warmup < 0 or self.warmup > self.iters:
-            raise ConfigError(f"warmup must be in [0, iters={self.iters}], got {self.warmup}")
-        if self.lr_schedule not in ("cosine", "constant"):
-            raise ConfigError(f"lr_schedule must be cosine or constant, got "
-                              f"{self.lr_schedule!r}")
-        if self.quantize_base not in (None, 4, 8):
-            raise ConfigError(f"quantize_base must be 4, 8 or unset, got {self.quantize_base}")
-        if self.quantize_group_size not in (32, 64, 128):
-            raise ConfigError(f"quantize_group_size must be 32, 64 or 128, got "
-                              f"{self.quantize_group_size}")
-        if not 0 < self.min_pixels <= self.max_pixels:
-            raise ConfigError(f"need 0 < min_pixels <= max_pixels, got {self.min_pixels}, "
-                              f"{self.max_pixels}")
         if self.val_samples < 0:
             raise ConfigError(f"val_samples must be >= 0, got {self.val_samples}")
+
+
+def warmup_steps(cfg) -> int:
+    """The warmup a config asks for; unset, 5 % of the run and at most 50 steps (a short run
+    never waits longer than it lasts)."""
+    return cfg.warmup if cfg.warmup is not None else min(50, cfg.iters // 20)
+
+
+def _finite(x) -> bool:
+    return isinstance(x, (int, float)) and math.isfinite(x)
+
+
+def check_common(cfg) -> None:
+    """The checks SFT and GRPO configs share: counts, optimizer numbers, quantization, pixels.
+    NaN, inf and out-of-range values fail here, before any model loads."""
+    for name in ("iters", "batch_size", "steps_per_report", "steps_per_save",
+                 "keep_checkpoints", "max_bad_steps"):
+        if getattr(cfg, name) < 1:
+            raise ConfigError(f"{name} must be >= 1, got {getattr(cfg, name)}")
+    if not (_finite(cfg.learning_rate) and cfg.learning_rate > 0):
+        raise ConfigError(f"learning_rate must be a finite number > 0, got {cfg.learning_rate}")
+    if not (_finite(cfg.min_learning_rate) and 0 <= cfg.min_learning_rate <= cfg.learning_rate):
+        raise ConfigError(f"min_learning_rate must be in [0, learning_rate], got "
+                          f"{cfg.min_learning_rate}")
+    if not (_finite(cfg.weight_decay) and cfg.weight_decay >= 0):
+        raise ConfigError(f"weight_decay must be a finite number >= 0, got {cfg.weight_decay}")
+    if cfg.grad_clip is not None and not (_finite(cfg.grad_clip) and cfg.grad_clip > 0):
+        raise ConfigError(f"grad_clip must be a finite number > 0 (or unset), got "
+                          f"{cfg.grad_clip}")
+    if cfg.warmup is not None and not 0 <= cfg.warmup <= cfg.iters:
+        raise ConfigError(f"warmup must be in [0, iters={cfg.iters}], got {cfg.warmup}")
+    if cfg.lr_schedule not in ("cosine", "constant"):
+        raise ConfigError(f"lr_schedule must be cosine or constant, got {cfg.lr_schedule!r}")
+    if cfg.quantize_base not in (None, 4, 8):
+        raise ConfigError(f"quantize_base must be 4, 8 or unset, got {cfg.quantize_base}")
+    if cfg.quantize_group_size not in (32, 64, 128):
+        raise ConfigError(f"quantize_group_size must be 32, 64 or 128, got "
+                          f"{cfg.quantize_group_size}")
+    if not 0 < cfg.min_pixels <= cfg.max_pixels:
+        raise ConfigError(f"need 0 < min_pixels <= max_pixels, got {cfg.min_pixels}, "
+                          f"{cfg.max_pixels}")
 
 
 # ---------------------------------------------------------------- filling a dataclass

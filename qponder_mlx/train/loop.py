@@ -1,14 +1,10 @@
-"""Pieces every training loop shares (SFT here, GRPO next): optimizer and schedule, gradient
-checkpointing, the guarded update that never writes a NaN into the adapters, and memory/speed
-readings for the progress line."""
+"""Pieces SFT's and GRPO's steps share: optimizer and schedule, gradient checkpointing, the guarded
+update that never writes a NaN into the adapters, and memory/speed readings (the loop around the
+steps is `runner.py`)."""
 
 from __future__ import annotations
 
 import math
-import signal
-import threading
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 
 import mlx.core as mx
@@ -35,17 +31,14 @@ def lr_schedule(learning_rate: float, iters: int, warmup: int = 0, kind: str = "
                                 [warmup])
 
 
-def make_optimizer(learning_rate: float, iters: int, *, warmup: int = 0,
-                   schedule: str = "cosine", min_learning_rate: float = 0.0,
-                   weight_decay: float = 0.0) -> optim.Optimizer:
-    """AdamW on the schedule above."""
-    return optim.AdamW(learning_rate=lr_schedule(learning_rate, iters, warmup, schedule,
-                                                 min_learning_rate),
-                       weight_decay=weight_decay)
+def make_optimizer(cfg, updates: int) -> tuple[optim.Optimizer, object]:
+    """AdamW on `cfg`'s schedule over `updates` optimizer updates; returns it and the schedule
+    (`schedule(optimizer.step)` is the learning rate of the next update)."""
+    from qponder_mlx.train.config import warmup_steps
 
-
-def current_lr(optimizer: optim.Optimizer) -> float:
-    return float(optimizer.learning_rate.item())
+    schedule = lr_schedule(cfg.learning_rate, updates, warmup_steps(cfg), cfg.lr_schedule,
+                           cfg.min_learning_rate)
+    return optim.AdamW(learning_rate=schedule, weight_decay=cfg.weight_decay), schedule
 
 
 # ---------------------------------------------------------------- gradient checkpointing
@@ -99,58 +92,22 @@ def add_trees(a, b):
     return b if a is None else tree_map(lambda x, y: x + y, a, b)
 
 
-def grad_norm(grads) -> mx.array:
-    from mlx.utils import tree_flatten
-
-    leaves = [g for _, g in tree_flatten(grads)]
-    return mx.sqrt(sum((g.astype(mx.float32) ** 2).sum() for g in leaves))
-
-
 def guarded_update(model: nn.Module, optimizer: optim.Optimizer, loss: mx.array, grads,
                    max_norm: float | None) -> tuple[bool, float]:
-    """Clip and apply `grads` unless the loss or the gradient norm is NaN/inf.
+    """Clip (mlx's `clip_grad_norm`) and apply `grads` unless the loss or the gradient norm is
+    NaN/inf.
 
     Returns (applied, grad_norm). A skipped step leaves adapters and optimizer state untouched:
     one bad batch costs one step, never the run.
     """
-    norm = grad_norm(grads)
+    clipped, norm = optim.clip_grad_norm(grads, max_norm if max_norm is not None else math.inf)
     mx.eval(loss, norm)
     norm_f, loss_f = float(norm.item()), float(loss.item())
     if not (math.isfinite(norm_f) and math.isfinite(loss_f)):
         return False, norm_f
-    if max_norm is not None and norm_f > max_norm:
-        grads = scale_tree(grads, max_norm / (norm_f + 1e-6))
-    optimizer.update(model, grads)
+    optimizer.update(model, clipped if max_norm is not None else grads)
     mx.eval(model.trainable_parameters(), optimizer.state)
     return True, norm_f
-
-
-# ---------------------------------------------------------------- Ctrl-C
-
-
-@contextmanager
-def stop_on_interrupt(notify: Callable[[str], None] = print) -> Iterator[Callable[[], bool]]:
-    """Yields `stop_requested()`. The first Ctrl-C only sets it, so the loop can finish the
-    step, checkpoint and exit cleanly; a second Ctrl-C interrupts at once. (A KeyboardInterrupt
-    in the middle of an optimizer update could leave adapters and optimizer state out of step.)
-    """
-    if threading.current_thread() is not threading.main_thread():
-        yield lambda: False  # signal handlers can only be set from the main thread
-        return
-    requested = False
-
-    def handler(signum, frame):
-        nonlocal requested
-        if requested:
-            raise KeyboardInterrupt
-        requested = True
-        notify("stopping after this step (checkpoint first); Ctrl-C again to abort now")
-
-    previous = signal.signal(signal.SIGINT, handler)
-    try:
-        yield lambda: requested
-    finally:
-        signal.signal(signal.SIGINT, previous)
 
 
 # ---------------------------------------------------------------- readings

@@ -7,12 +7,9 @@ batches of b rows equals one batch of k·b rows. The LM head runs only on the su
 positions: the answer is a few hundred of the sequence's tokens, and full logits over a 150k
 vocabulary would cost more memory than the rest of the step.
 
-`run_sft(cfg)` owns the run folder:
-
-    config.json            the resolved config          metrics.jsonl   one row per report / eval
-    data_problems.jsonl    every skipped row and why    curves.html     the training curves
-    checkpoints/step_*/    resumable state (last K)     adapters/       the latest adapter
-    summary.json           the final numbers
+`run_sft(cfg)` is this step inside the shared run loop (`runner.py`: run folder, resume, stop
+signals, metrics, progress), plus validation: the loss on `val_data` and, for its rows with a
+MOS, SRCC/PLCC of generated answers.
 """
 
 from __future__ import annotations
@@ -30,16 +27,28 @@ from mlx_vlm.models.cache import ConcatenateKVCache
 
 from qponder_mlx import generate as gen
 from qponder_mlx.images import ImageError, PixelPolicy
-from qponder_mlx.io import append_jsonl, atomic_write_json
 from qponder_mlx.model import LoadedModel, load_model
-from qponder_mlx.progress import console, progress_bar
+from qponder_mlx.progress import say
 from qponder_mlx.train import checkpoint as ckpt_mod
-from qponder_mlx.train.config import SFTConfig, config_dict, save_config
-from qponder_mlx.train.data import (
+from qponder_mlx.train.config import SFTConfig
+from qponder_mlx.train.data_order import DataOrder
+from qponder_mlx.train.distributed import World, init_world
+from qponder_mlx.train.image_features import TowerFeatures, tower_features
+from qponder_mlx.train.loop import (
+    Window,
+    add_trees,
+    enable_grad_checkpoint,
+    guarded_update,
+    make_optimizer,
+    peak_memory_gb,
+    scale_tree,
+    zeros_like_tree,
+)
+from qponder_mlx.train.lora import attach_lora
+from qponder_mlx.train.runner import LoopSettings, Run, StepOutcome, problem_row, train_loop
+from qponder_mlx.train.sft_rows import (
     Batch,
-    DataOrder,
     EncodedRow,
-    RowProblem,
     SFTDataError,
     SFTRow,
     collate,
@@ -47,26 +56,6 @@ from qponder_mlx.train.data import (
     problem_summary,
     read_sft_rows,
 )
-from qponder_mlx.train.distributed import World, init_world
-from qponder_mlx.train.image_features import TowerFeatures, tower_features
-from qponder_mlx.train.loop import (
-    Window,
-    add_trees,
-    current_lr,
-    enable_grad_checkpoint,
-    guarded_update,
-    make_optimizer,
-    peak_memory_gb,
-    scale_tree,
-    stop_on_interrupt,
-    zeros_like_tree,
-)
-from qponder_mlx.train.lora import attach_lora
-from qponder_mlx.train.runlog import MetricsLog, write_curves
-
-PROBLEMS_FILE = "data_problems.jsonl"
-ADAPTERS_DIR = "adapters"
-SUMMARY_FILE = "summary.json"
 
 # Settings a resumed run must share with its checkpoint: anything else would silently train a
 # different model or read different rows.
@@ -126,7 +115,7 @@ class Encoder:
     rows: list[SFTRow]
     pixels: PixelPolicy
     pad_id: int
-    problems_path: Path | None = None
+    on_problem: Callable[[dict], None] | None = None  # an image that fails at run time
     image_token_id: int | None = None  # set: batches share their common prefix (collate)
     features: TowerFeatures | None = None  # set: the frozen tower runs once per image
 
@@ -144,9 +133,8 @@ class Encoder:
                 if order is not None:
                     order.bad.add(i)
                 msg = " ".join(str(e).split())
-                if self.problems_path is not None:
-                    append_jsonl(self.problems_path, RowProblem(
-                        str(row.image), row.line, "image_runtime", msg).to_dict())
+                if self.on_problem is not None:
+                    self.on_problem(problem_row(row.image, row.line, "image_runtime", msg))
                 say(f"skipped row {row.id}: {msg}")
         if not enc:
             return None
@@ -183,8 +171,8 @@ def _finite_or_none(x):
 def validate(model: nn.Module, processor, encoder: Encoder, cfg: SFTConfig,
              model_path: Path) -> dict:
     """Val loss, and SRCC/PLCC/format rate of generated answers on rows that carry a MOS."""
-    from qponder_mlx.data import Sample
     from qponder_mlx.evaluate import evaluate
+    from qponder_mlx.labels import Sample
     from qponder_mlx.scoring import ScoreConfig, Scorer
 
     was_training = model.training
@@ -214,20 +202,6 @@ def validate(model: nn.Module, processor, encoder: Encoder, cfg: SFTConfig,
 # ---------------------------------------------------------------- the run
 
 
-def _check_resume(cfg: SFTConfig, saved: dict, where: Path) -> None:
-    now = config_dict(cfg)
-    for key in RESUME_MUST_MATCH:
-        if now.get(key) != saved.get(key):
-            raise ckpt_mod.CheckpointError(
-                f"--resume: {key} is {now.get(key)!r} here but {saved.get(key)!r} in {where} — "
-                "resume with the run's settings (or start a new --out)")
-
-
-def say(message: str) -> None:
-    """One status line on stderr: never re-wrapped, and brackets in paths are not markup."""
-    console.print(message, soft_wrap=True, markup=False, highlight=False)
-
-
 def _fmt_gb(x: float) -> str:
     return f"{x:.2f}GB" if x >= 1 else f"{x * 1000:.0f}MB"
 
@@ -241,14 +215,11 @@ def run_sft(cfg: SFTConfig, *, resume: bool = False, loaded: LoadedModel | None 
     info)` runs after every optimizer step, checkpoint included (benches time steps with it;
     raising from it stops the run like a crash would). Under `mlx.launch` each rank trains on
     its share of every global batch and only rank 0 writes files (see train/distributed.py).
+    A stop signal raises `runner.RunStopped` once the step's checkpoint is saved.
     """
     cfg.validate()
     world = world or init_world()
-    run_dir, ckpt = ckpt_mod.open_run(cfg.out, resume, world.is_main)
-    if resume and ckpt is None:
-        say(f"--resume: no checkpoint in {run_dir}; starting from step 0")
-    if ckpt is not None:
-        _check_resume(cfg, ckpt.config, ckpt.path)
+    run = Run(cfg, "sft", resume=resume, world=world, must_match=RESUME_MUST_MATCH)
 
     loaded = loaded or load_model(cfg.model)
     model, processor = loaded.model, loaded.processor
@@ -260,16 +231,12 @@ def run_sft(cfg: SFTConfig, *, resume: bool = False, loaded: LoadedModel | None 
     # The seeded shuffle permutes row positions: put the rows in a canonical order first, so that
     # the same rows give the same run whatever order a concurrent writer (distill) left them in.
     rows.sort(key=lambda r: (r.id, r.answer_ids, str(r.image)))
-    problems_path = run_dir / PROBLEMS_FILE
-    if ckpt is None and world.is_main:
-        problems_path.unlink(missing_ok=True)
-        for p in problems:
-            append_jsonl(problems_path, p.to_dict())
+    run.record_problems([problem_row(p.file, p.line, p.kind, p.message) for p in problems])
     say(f"train data {cfg.data}: {problem_summary(len(rows), problems)}")
     for p in problems[:10]:
         say(f"  skipped {p}")
     if len(problems) > 10:
-        say(f"  ... {len(problems) - 10} more in {problems_path}")
+        say(f"  ... {len(problems) - 10} more in {run.problems_path}")
     if not rows:
         first = f" — first: {problems[0]}" if problems else ""
         raise SFTDataError(f"{cfg.data}: no usable training rows ({len(problems)} "
@@ -286,26 +253,20 @@ def run_sft(cfg: SFTConfig, *, resume: bool = False, loaded: LoadedModel | None 
                               group_size=cfg.quantize_group_size)
     if cfg.grad_checkpoint:
         enable_grad_checkpoint(model.language_model.model.layers)
-    optimizer = make_optimizer(cfg.learning_rate, cfg.iters, warmup=cfg.warmup,
-                               schedule=cfg.lr_schedule, min_learning_rate=cfg.min_learning_rate,
-                               weight_decay=cfg.weight_decay)
+    optimizer, schedule = make_optimizer(cfg, cfg.iters)
+    ckpt = run.checkpoint
     order = DataOrder([r.length for r in rows], cfg.batch_size, cfg.seed,
                       state=ckpt.state.get("data") if ckpt else None)
-    start = 0
     if ckpt is not None:
         ckpt_mod.restore_checkpoint(ckpt, model, optimizer)
-        start = ckpt.step
-        say(f"resumed from {ckpt.path} (step {start})")
+        say(f"resumed from {ckpt.path} (step {run.start})")
         if world.is_main:  # they may lag the checkpoint (a kill between the two writes)
-            ckpt_mod.write_run_adapters(run_dir, model, adapter_cfg, ADAPTERS_DIR)
-    if world.is_main:
-        save_config(cfg, run_dir)
-    log = MetricsLog(run_dir, resume_step=start if ckpt is not None else None,
-                     enabled=world.is_main)
+            ckpt_mod.write_run_adapters(run.dir, model, adapter_cfg)
+    run.begin()
     image_token = model.config.image_token_id if cfg.share_prefix else None
     features = tower_features(model, cfg.vision_cache)  # after attach_lora: knows what trains
-    encoder = Encoder(processor, rows, pixels, tok.pad_token_id or 0,
-                      problems_path if world.is_main else None, image_token, features)
+    encoder = Encoder(processor, rows, pixels, tok.pad_token_id or 0, run.problem, image_token,
+                      features)
     val_encoder = Encoder(processor, val_rows, pixels, tok.pad_token_id or 0,
                           image_token_id=image_token, features=features)
     value_and_grad = nn.value_and_grad(model, sft_loss_sum)
@@ -314,101 +275,68 @@ def run_sft(cfg: SFTConfig, *, resume: bool = False, loaded: LoadedModel | None 
         f"{n_params / 1e6:.2f}M trainable parameters"
         + (f", base quantized to {cfg.quantize_base} bits" if cfg.quantize_base else ""))
 
-    def save(step: int) -> None:
-        if not world.is_main:
-            return
-        ckpt_mod.save_run(run_dir, step, model, adapter_cfg, optimizer,
-                          {"data": order.state(), "bad_steps": bad_steps}, config_dict(cfg),
-                          cfg.keep_checkpoints, ADAPTERS_DIR)
+    def step(n: int) -> StepOutcome:
+        t_step = time.perf_counter()
+        mx.random.seed(ckpt_mod.step_seed(cfg.seed, n))  # LoRA dropout, resumable
+        lr = float(schedule(optimizer.step).item())
+        grads, loss_sum, n_sup, n_tok = None, mx.array(0.0), 0, 0
+        for _ in range(cfg.grad_accum):
+            batch = _next_batch(encoder, order, world)
+            if batch is None:  # this rank's share of a short last batch is empty
+                ls, g = mx.array(0.0), zeros_like_tree(model.trainable_parameters())
+            else:
+                ls, g = value_and_grad(model, batch)
+                n_sup += batch.n_supervised
+                n_tok += batch.n_tokens
+            grads = add_trees(grads, g)
+            loss_sum = loss_sum + ls
+            mx.eval(grads, loss_sum)
+        # Sums over all ranks, then one normalisation: the update equals one process on the
+        # whole global batch.
+        grads = world.sum_tree(grads)
+        tot = world.sum({"loss": loss_sum.item(), "sup": n_sup, "tok": n_tok})
+        n_sup, n_tok = int(tot["sup"]), int(tot["tok"])
+        grads = scale_tree(grads, 1.0 / n_sup)
+        loss = tot["loss"] / n_sup
+        applied, norm = guarded_update(model, optimizer, mx.array(loss), grads, cfg.grad_clip)
+        dt = time.perf_counter() - t_step
+        return StepOutcome(applied, loss, {"learning_rate": lr, "grad_norm": norm,
+                                           "tokens": n_tok, "supervised_tokens": n_sup,
+                                           "seconds": dt},
+                           {"loss": f"{loss:.4f}", "tok_s": f"{n_tok / dt:.0f}",
+                            "mem": _fmt_gb(peak_memory_gb())})
+
+    def report(outcomes: list[StepOutcome]) -> dict:
+        window = Window()
+        for o in outcomes:
+            m = o.metrics
+            window.add(o.loss, m["supervised_tokens"], m["tokens"], m["grad_norm"], m["seconds"])
+        return {"learning_rate": outcomes[-1].metrics["learning_rate"], **window.row()}
+
+    last_val: dict = {}
+
+    def validate_at(n: int) -> None:
+        nonlocal last_val
+        if val_rows and world.is_main and (n % cfg.steps_per_eval == 0 or n == cfg.iters):
+            last_val = validate(model, processor, val_encoder, cfg, loaded.path)
+            run.log.append({"step": n, "kind": "val", **last_val})
+            say(f"step {n} val: " + " ".join(
+                f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}"
+                for k, v in last_val.items()))
+
+    def save(n: int) -> None:
+        run.save(n, model, adapter_cfg, optimizer,
+                 {"data": order.state(), "bad_steps": run.state.get("bad_steps", 0)})
 
     model.train()
     mx.reset_peak_memory()
-    bad_steps = int(ckpt.state.get("bad_steps", 0)) if ckpt else 0
-    consecutive_bad = 0
-    window = Window()
-    last_val: dict = {}
-    t_run = time.perf_counter()
-    with progress_bar(cfg.iters, "sft", unit="step",
-                      enabled=cfg.progress and world.is_main) as advance, \
-            stop_on_interrupt(say) as stop_requested:
-        if start:
-            advance(start)
-        for step in range(start + 1, cfg.iters + 1):
-            t_step = time.perf_counter()
-            mx.random.seed(ckpt_mod.step_seed(cfg.seed, step))  # LoRA dropout, resumable
-            lr = current_lr_for(optimizer)
-            grads, loss_sum, n_sup, n_tok = None, mx.array(0.0), 0, 0
-            for _ in range(cfg.grad_accum):
-                batch = _next_batch(encoder, order, world)
-                if batch is None:  # this rank's share of a short last batch is empty
-                    ls, g = mx.array(0.0), zeros_like_tree(model.trainable_parameters())
-                else:
-                    ls, g = value_and_grad(model, batch)
-                    n_sup += batch.n_supervised
-                    n_tok += batch.n_tokens
-                grads = add_trees(grads, g)
-                loss_sum = loss_sum + ls
-                mx.eval(grads, loss_sum)
-            # Sums over all ranks, then one normalisation: the update equals one process on
-            # the whole global batch.
-            grads = world.sum_tree(grads)
-            tot = world.sum({"loss": loss_sum.item(), "sup": n_sup, "tok": n_tok})
-            n_sup, n_tok = int(tot["sup"]), int(tot["tok"])
-            grads = scale_tree(grads, 1.0 / n_sup)
-            loss = mx.array(tot["loss"] / n_sup)
-            applied, norm = guarded_update(model, optimizer, loss, grads, cfg.grad_clip)
-            if not applied:
-                bad_steps += 1
-                consecutive_bad += 1
-                log.append({"step": step, "kind": "skip", "loss": float(loss.item()),
-                            "grad_norm": norm, "reason": "non-finite loss or gradient"})
-                say(f"step {step}: non-finite loss/gradient — step skipped, adapters unchanged")
-                if consecutive_bad >= cfg.max_bad_steps:
-                    raise FloatingPointError(
-                        f"{consecutive_bad} consecutive steps with NaN/inf loss or gradients — "
-                        "lower learning_rate (the last good state is in the checkpoints)")
-            dt = time.perf_counter() - t_step
-            if applied:
-                consecutive_bad = 0
-                window.add(float(loss.item()), n_sup, n_tok, norm, dt)
-            if step % cfg.steps_per_report == 0 or step == cfg.iters:
-                if window.steps:
-                    log.append({"step": step, "kind": "train", "learning_rate": lr,
-                                **window.row()})
-                window = Window()
-            advance(1, loss=f"{float(loss.item()):.4f}", tok_s=f"{n_tok / dt:.0f}",
-                    mem=_fmt_gb(peak_memory_gb()))
-            if val_rows and world.is_main and (step % cfg.steps_per_eval == 0
-                                               or step == cfg.iters):
-                last_val = validate(model, processor, val_encoder, cfg, loaded.path)
-                log.append({"step": step, "kind": "val", **last_val})
-                say(f"step {step} val: " + " ".join(
-                    f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}"
-                    for k, v in last_val.items()))
-                write_curves(run_dir, f"SFT {run_dir.name}")
-            saved = step % cfg.steps_per_save == 0 or step == cfg.iters or stop_requested()
-            if saved:
-                save(step)
-            if on_step is not None:
-                on_step(step, {"loss": float(loss.item()), "tokens": n_tok,
-                               "supervised_tokens": n_sup, "applied": applied})
-            if stop_requested():  # Ctrl-C: finish cleanly at a step boundary
-                if not saved:
-                    save(step)
-                if world.is_main:
-                    write_curves(run_dir, f"SFT {run_dir.name}")
-                say(f"stopped at step {step}; checkpoint saved — continue with --resume")
-                raise KeyboardInterrupt
-    if not world.is_main:
-        return run_dir
-    write_curves(run_dir, f"SFT {run_dir.name}")
-    atomic_write_json(run_dir / SUMMARY_FILE, {
-        "steps": cfg.iters, "resumed_from": start, "skipped_steps": bad_steps,
-        "train_rows": len(rows), "skipped_rows": len(problems) + len(order.bad),
-        "seconds": round(time.perf_counter() - t_run, 2),
-        "peak_memory_gb": round(peak_memory_gb(), 4), "adapters": str(run_dir / ADAPTERS_DIR),
-        "last_val": last_val})
-    return run_dir
+    bad = train_loop(run, LoopSettings(cfg.iters, cfg.steps_per_report, cfg.steps_per_save,
+                                       cfg.max_bad_steps, cfg.progress),
+                     step, save, report=report, after_step=validate_at, on_step=on_step)
+    run.curves()
+    run.finish({"skipped_steps": bad, "train_rows": len(rows),
+                "skipped_rows": len(problems) + len(order.bad), "last_val": last_val})
+    return run.dir
 
 
 def _next_batch(encoder: Encoder, order: DataOrder, world: World) -> Batch | None:
@@ -431,11 +359,3 @@ def _next_batch(encoder: Encoder, order: DataOrder, world: World) -> Batch | Non
         elif batch is None:
             continue
         return batch
-
-
-def current_lr_for(optimizer) -> float:
-    """The learning rate the next update will use (the schedule at the update count)."""
-    sched = optimizer._schedulers.get("learning_rate")
-    return float(sched(optimizer.step).item()) if sched else current_lr(optimizer)
-
-

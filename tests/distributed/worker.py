@@ -25,7 +25,7 @@ def main() -> None:
         cfg = load_config(SFTConfig, None, values)
     else:
         from qponder_mlx.grpo.config import GRPOConfig
-        from qponder_mlx.grpo.trainer import run
+        from qponder_mlx.grpo.trainer import run_grpo as run
         from qponder_mlx.train.config import load_config
         cfg = load_config(GRPOConfig, None, values)
 

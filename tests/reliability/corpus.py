@@ -4,7 +4,7 @@ Each kind is generated on the fly (nothing binary is checked in) and carries its
 outcome, so the tests and docs/reliability.md read from one table:
 
 * images (`IMAGE_KINDS`): `scored` (we must read it), `error` with the short reason the
-  `qponder score` summary counts it under (`qponder_mlx.library.run.error_reason`), or
+  `qponder score` summary counts it under (`qponder_mlx.library.score_job.error_reason`), or
   `skipped` (a path discovery cannot use: one "skipped:" line, no row);
 * label rows (`LABEL_ROW_KINDS`): one row of a JSONL file each, `skipped` with the words its
   one-line problem must contain, or `usable`;

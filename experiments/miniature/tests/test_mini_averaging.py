@@ -1,0 +1,83 @@
+"""WeightAverage: the running mean against numpy's mean, its schedule, and its checkpoint state."""
+
+import importlib
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from averaging import AVERAGE_FILE, WeightAverage
+
+from qponder_mlx.train.checkpoint import CheckpointError
+
+
+def _points(n, seed=0):
+    rng = np.random.default_rng(seed)
+    return [{"a": rng.normal(size=(3, 4)).astype(np.float32),
+             "b": rng.normal(size=(5,)).astype(np.float32) * 100} for _ in range(n)]
+
+
+def test_running_mean_equals_the_plain_mean_of_the_points():
+    pts = _points(7)
+    avg = WeightAverage(every=3)
+    assert avg.weights() is None  # nothing folded in yet: callers keep the model's own weights
+    for p in pts:
+        avg.add({k: mx.array(v) for k, v in p.items()})
+    assert avg.count == 7
+    for k in ("a", "b"):
+        np.testing.assert_allclose(np.array(avg.weights()[k]),
+                                   np.mean([p[k] for p in pts], axis=0), rtol=1e-5, atol=1e-5)
+
+
+def test_due_follows_every_and_zero_is_off():
+    assert [s for s in range(1, 31) if WeightAverage(10).due(s)] == [10, 20, 30]
+    assert not any(WeightAverage(0).due(s) for s in range(1, 100))
+
+
+def test_mismatched_tensors_are_refused():
+    avg = WeightAverage(1)
+    avg.add({"a": mx.zeros(2)})
+    with pytest.raises(ValueError, match="do not match"):
+        avg.add({"b": mx.zeros(2)})
+
+
+def test_restore_picks_up_the_saved_mean_and_refuses_a_changed_schedule(tmp_path):
+    avg = WeightAverage(5)
+    for p in _points(2):
+        avg.add({k: mx.array(v) for k, v in p.items()})
+    mx.save_safetensors(str(tmp_path / AVERAGE_FILE), avg.mean)
+    back = WeightAverage(5)
+    back.restore(tmp_path, avg.state())
+    assert back.count == 2
+    for k in avg.mean:
+        np.testing.assert_array_equal(np.array(back.mean[k]), np.array(avg.mean[k]))
+    with pytest.raises(CheckpointError, match="average_every = 5"):
+        WeightAverage(10).restore(tmp_path, avg.state())
+    (tmp_path / AVERAGE_FILE).unlink()
+    with pytest.raises(CheckpointError, match="missing"):
+        WeightAverage(5).restore(tmp_path, avg.state())
+    fresh = WeightAverage(5)  # a checkpoint saved without averaging: start the mean empty
+    fresh.restore(tmp_path, {})
+    assert fresh.count == 0 and fresh.weights() is None
+
+
+def test_bench_average_adapters_writes_the_mean_of_adapter_folders(tmp_path):
+    import json
+
+
+    tool = importlib.import_module("average_adapters")
+    pts = _points(3, seed=1)
+    dirs = []
+    for i, p in enumerate(pts):
+        d = tmp_path / f"a{i}"
+        d.mkdir()
+        mx.save_safetensors(str(d / "adapters.safetensors"), {k: mx.array(v) for k, v in p.items()})
+        (d / "adapter_config.json").write_text(json.dumps({"rank": i}))
+        dirs.append(d)
+    assert tool.main([str(tmp_path / "out"), *map(str, dirs)]) == 0
+    got = mx.load(str(tmp_path / "out" / "adapters.safetensors"))
+    for k in ("a", "b"):
+        np.testing.assert_allclose(np.array(got[k]), np.mean([p[k] for p in pts], axis=0),
+                                   rtol=1e-5, atol=1e-5)
+    assert json.loads((tmp_path / "out" / "adapter_config.json").read_text()) == {"rank": 0}
+    with pytest.raises(SystemExit, match="missing"):
+        tool.main([str(tmp_path / "o2"), str(tmp_path / "nowhere")])
