@@ -71,6 +71,7 @@ if __name__ == "__main__":
     _reexec_with_openblas()
 
 import mlx.core as mx  # noqa: E402
+import mlx.optimizers as optim  # noqa: E402
 import numpy as np  # noqa: E402
 from PIL import Image, ImageOps  # noqa: E402
 
@@ -84,7 +85,7 @@ from qponder_mlx.model import load_model  # noqa: E402
 from qponder_mlx.prompts import chat_messages, parse_response  # noqa: E402
 from qponder_mlx.testing import build_tiny_model  # noqa: E402
 from qponder_mlx.train.config import LoraConfig  # noqa: E402
-from qponder_mlx.train.loop import make_optimizer  # noqa: E402
+from qponder_mlx.train.loop import lr_schedule  # noqa: E402
 from qponder_mlx.train.lora import attach_lora  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -172,7 +173,8 @@ def run_ours(model_dir: Path, imgs, mos, setup: Setup, steps: int) -> Side:
                      epsilon_high=setup.epsilon, learning_rate=setup.learning_rate,
                      lr_schedule="constant", rewards=setup.rewards, lora=setup.lora,
                      seed=setup.seed)
-    optimizer = make_optimizer(cfg.learning_rate, 1 + steps, schedule="constant")
+    optimizer = optim.AdamW(learning_rate=lr_schedule(cfg.learning_rate, 1 + steps,
+                                                      kind="constant"))
     reward = shared_reward(setup)
     reward_fn = lambda ro, parsed, mos_rows: reward(ro.texts, mos_rows)  # noqa: E731
     prompt = prompt_text(processor)
@@ -253,7 +255,8 @@ def run_mlx_vlm(model_dir: Path, imgs, mos, setup: Setup, steps: int, tmp: Path,
     prompt = prompt_text(processor)
     rows = [{"prompt": prompt, "image": im, "answer": m} for im, m in zip(imgs, mos)]
     clock = _Clock()
-    optimizer = make_optimizer(setup.learning_rate, 1 + steps, schedule="constant")
+    optimizer = optim.AdamW(learning_rate=lr_schedule(setup.learning_rate, 1 + steps,
+                                                      kind="constant"))
     trainer = Trainer(policy, args, task="vlm", algorithm="grpo", train_dataset=rows,
                       processing_class=processor, optimizer=optimizer,
                       reference_model=reference, reward_funcs=[qponder_reward],

@@ -2,9 +2,9 @@
 
 `blind_scores_vlm` re-scores a step's B·G reasonings blind. Every row starts with the same chat
 template and judge prompt; with `share_prefix` that head runs once and its keys/values are
-repeated for all rows. Same process, same reasonings (the synthetic teacher's phrasings, as in
-the reproduction), the modes alternate for --repeats rounds after one untimed warm-up each;
-the scores of the two modes are compared as well. A third mode, the shared head without the
+repeated for all rows. Same process, same reasonings (short expert-style assessments), the
+modes alternate for --repeats rounds after one untimed warm-up each; the scores of the two modes
+are compared as well. A third mode, the shared head without the
 decimal read (judge-v1, `decimals=False`), prices the decimal read (judge-v2's two extra tokens
 per row on the first pass's cache).
 
@@ -27,26 +27,38 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import numpy as np  # noqa: E402
-from qponder_mlx.distill.synthetic_teacher import LEVEL_MOS, describe  # noqa: E402
 
 from qponder_mlx.grpo.judge import blind_scores_vlm  # noqa: E402
 from qponder_mlx.model import load_model  # noqa: E402
 from qponder_mlx.testing import build_tiny_model  # noqa: E402
 
+# Short expert-style assessments of the length a cold-started student writes (~40 tokens).
+_PARTS = {
+    "focus": ["Focus is sharp on the subject.", "Edges are slightly soft.",
+              "Strong blur smears every edge and texture."],
+    "noise": ["Noise is low.", "Fine grain is visible in the shadows.",
+              "Heavy noise covers flat areas."],
+    "compression": ["No compression artifacts.", "Mild blocking around edges.",
+                    "Severe JPEG blocking and ringing."],
+    "exposure": ["Exposure is balanced.", "Highlights are slightly clipped."],
+}
+
+
+def reasoning(rng: random.Random) -> str:
+    return " ".join(rng.choice(v) for v in _PARTS.values()) + " Overall quality follows."
+
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default=None,
-                    help="model folder (default: a random tiny one, LM 256 x 2 like the "
-                         "reproduction's student)")
+                    help="model folder (default: a random tiny one, LM 256 x 2)")
     ap.add_argument("--adapter", default=None)
     ap.add_argument("--rows", type=int, default=64, help="reasonings per call (B·G)")
     ap.add_argument("--repeats", type=int, default=5)
     args = ap.parse_args(argv)
 
     rng = random.Random(0)
-    kinds = sorted(LEVEL_MOS)
-    texts = [describe(rng.choice(kinds), rng.randint(1, 5), rng) for _ in range(args.rows)]
+    texts = [reasoning(rng) for _ in range(args.rows)]
     with tempfile.TemporaryDirectory() as tmp:
         model = args.model or str(build_tiny_model(Path(tmp) / "m", hidden_size=256, seed=0))
         loaded = load_model(model, args.adapter)

@@ -3,7 +3,7 @@
 Same process, same images, same greedy decode; the two read-outs alternate for --repeats rounds
 (after one untimed warm-up each), so a machine that gets busier mid-run affects both. The expected
 read-out adds a gather of the ten digit log-probs per decode step. Default: a random tiny
-Qwen2.5-VL (LM 128 x 2 like the reproduction's student; it never closes its answer, so every
+Qwen2.5-VL (LM 128 x 2; it never closes its answer, so every
 row decodes the full --max-tokens budget: the worst case for a per-step cost).
 
     . scripts/blas_env.sh; .venv/bin/python bench/readout_cost.py            # ~2 min

@@ -2,20 +2,19 @@
 batches:
 
 - shared prefix (`share_prefix`): every SFT row starts with the same system prompt and
-  instruction before its image (in the miniature reproduction ~half of a 194-token row);
+  instruction before its image (~half of a 194-token cold-start row);
   `sft_loss_sum` runs it once per batch and repeats its keys/values for the rows;
 - tower cache (`vision_cache`): with the vision tower frozen its output is a fixed function of
   the image, computed once per image (train/image_features.py) instead of once per step.
 
     source scripts/blas_env.sh
-    .venv/bin/python bench/sft_step_speed.py                    # reproduction-shaped student
-    .venv/bin/python bench/sft_step_speed.py --run runs/whl_s3  # a reproduction's own rows
+    .venv/bin/python bench/sft_step_speed.py                    # a small 256 x 2 student
+    .venv/bin/python bench/sft_step_speed.py --run runs/repro   # a run's own student and rows
 
-One optimizer step = forward, backward and AdamW update of LoRA (bench/repro_sft.toml's: r32 on
-every linear incl. lm_head) over `--batch` rows. Ways take turns in blocks of steps on
+One optimizer step = forward, backward and AdamW update of LoRA (r32 on every linear incl.
+lm_head) over `--batch` rows. Ways take turns in blocks of steps on
 the same batches, each way's time is the median of its steps (a shared 2-core machine); the tower
-cache is filled before timing (the steady state from the second epoch; in the reproduction's
-1500 x 8 rows 2,550 images are computed once, 21 % of the rows). Every way's loss on the same
+cache is filled before timing (the steady state from the second epoch). Every way's loss on the same
 weights and batch is printed first: they must agree to rounding.
 
 Ends with `RESULT sft_shared_prefix_speedup <x> goal 1.5` and `RESULT sft_step_speedup <x>
@@ -42,36 +41,38 @@ from qponder_mlx.images import PixelPolicy  # noqa: E402
 from qponder_mlx.model import load_model  # noqa: E402
 from qponder_mlx.testing import build_tiny_model  # noqa: E402
 from qponder_mlx.testing.sft_sets import cc0_sft_rows, write_jsonl  # noqa: E402
-from qponder_mlx.train.config import SFTConfig, load_config  # noqa: E402
+from qponder_mlx.train.config import DEFAULT_LORA_TARGETS, LoraConfig  # noqa: E402
 from qponder_mlx.train.image_features import tower_features  # noqa: E402
 from qponder_mlx.train.lora import attach_lora  # noqa: E402
 from qponder_mlx.train.sft import Encoder, sft_loss_sum  # noqa: E402
 from qponder_mlx.train.sft_rows import read_sft_rows  # noqa: E402
 
-# The synthetic teacher's style and length (qponder_mlx/distill/synthetic_teacher.py)
+# A short teacher-style answer (a cold-start row of ~190 tokens with the image)
 REASONING = ("Moderate blur softens edges and texture. Noise is low. Compression artifacts are "
              "absent. Exposure is fine and colours are normal. Overall, {q} quality.")
-SFT_TOML = Path(__file__).resolve().parent / "repro_sft.toml"  # the reproduction's LoRA
+# LoRA r32 on every language-model linear including the output head
+LORA = LoraConfig(rank=32, alpha=128.0, target_modules=[*DEFAULT_LORA_TARGETS, "lm_head"])
 
 
 def setup(a: argparse.Namespace, work: Path):
     if a.run:
         model_dir, data = Path(a.run) / "student_base", Path(a.run) / "distill" / "train.jsonl"
-    else:  # the reproduction's student shape (bench/repro_pipeline.toml [student])
+    else:  # a small student: LM 256 x 2, vision tower 320 x 3
         model_dir = build_tiny_model(work / "student", hidden_size=256, num_layers=2,
-                                     vision_hidden=320, vision_depth=3, vision_stem="dct")
+                                     vision_hidden=320, vision_depth=3)
         data = write_jsonl(work / "rows.jsonl", cc0_sft_rows(64, reasoning=REASONING))
     loaded = load_model(str(model_dir))
     pixels = PixelPolicy(a.pixels, a.pixels)
     rows, _ = read_sft_rows(data, loaded.processor.tokenizer, pixels, 4096)
     mx.random.seed(0)
-    attach_lora(loaded.model, load_config(SFTConfig, SFT_TOML, {"data": str(data)}).lora)
+    attach_lora(loaded.model, LORA)
     return loaded, rows, pixels
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--run", help="a bench/reproduce.py folder: its student_base and distill rows")
+    ap.add_argument("--run", help="a run folder with student_base/ and distill/train.jsonl (e.g. "
+                    "experiments/miniature/reproduce.py's)")
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--steps", type=int, default=12, help="timed steps per way")
     ap.add_argument("--block", type=int, default=3, help="steps per turn before switching")
