@@ -13,8 +13,8 @@ from qponder_mlx.images import PixelPolicy, load_image
 from qponder_mlx.prompts import chat_messages
 from qponder_mlx.scoring import ScoreConfig, Scorer
 from qponder_mlx.testing.sft_sets import CC0_IMAGES, cc0_sft_rows, sft_row, write_jsonl
-from qponder_mlx.train.sft import sft_loss, sft_loss_sum
 from qponder_mlx.train.data_order import DataOrder
+from qponder_mlx.train.sft import sft_loss, sft_loss_sum
 from qponder_mlx.train.sft_rows import (
     SFTDataError,
     collate,
@@ -249,3 +249,58 @@ def test_cached_tower_features_give_the_models_own_loss_and_gradient(tmp_path, t
     fresh = load_model(str(tiny_model_dir)).model
     attach_lora(fresh, LoraConfig(rank=4, target_modules=["q_proj"], train_vision=True))
     assert tower_features(fresh, 16) is None
+
+
+MLX_VLM_ROW_ANSWER = "<think>Sharp, fine noise.</think><answer>3.10</answer>"
+
+
+def _mlx_vlm_row(image, **extra) -> dict:
+    """A row in mlx-vlm's own dataset shape: string contents plus an `images` list."""
+    return {"images": [str(image)], "messages": [
+        {"role": "user", "content": "Rate this photo."},
+        {"role": "assistant", "content": MLX_VLM_ROW_ANSWER}], **extra}
+
+
+@pytest.mark.parametrize("model_type, image_first", [("qwen2_5_vl", True), ("qwen2_vl", False)])
+def test_mlx_vlm_dataset_rows_train_on_mlx_vlms_own_prompt(tmp_path, tiny_loaded, small_pixels,
+                                                          model_type, image_first):
+    """The image goes where mlx-vlm's trainer puts it: the prompt equals the one mlx-vlm's prompt
+    helper renders with num_images=1, and the supervised tokens are the answer + <|im_end|>."""
+    from mlx_vlm.prompt_utils import apply_chat_template
+
+    tok, proc = tiny_loaded.tokenizer, tiny_loaded.processor
+    img = sorted(CC0_IMAGES.iterdir())[2]
+    (row,), problems = read_sft_rows(write_jsonl(tmp_path / "d.jsonl", [_mlx_vlm_row(img)]),
+                                     tok, small_pixels, 4096, model_type=model_type)
+    assert problems == []
+    messages = [{"role": "user", "content": "Rate this photo."}]
+    expected = apply_chat_template(proc, {"model_type": model_type}, messages,
+                                   add_generation_prompt=True, num_images=1)
+    assert row.prompt == expected
+    vision = "<|vision_start|><|image_pad|><|vision_end|>"
+    user_turn = (f"<|im_start|>user\n{vision}Rate this photo.<|im_end|>" if image_first
+                 else f"<|im_start|>user\nRate this photo.{vision}<|im_end|>")
+    assert user_turn in row.prompt
+    enc = encode_row(proc, row, small_pixels)
+    batch = collate([enc], tok.pad_token_id)
+    assert tok.decode(np.array(batch.targets).tolist()) == MLX_VLM_ROW_ANSWER + "<|im_end|>"
+    assert len(enc.input_ids) == row.length
+
+
+def test_mlx_vlm_rows_conversations_key_and_text_parts(tmp_path, tiny_loaded, small_pixels):
+    """mlx-vlm also reads `conversations` and text-only part lists; an image part in two
+    messages is ambiguous and skipped with a one-line reason."""
+    tok = tiny_loaded.tokenizer
+    img = sorted(CC0_IMAGES.iterdir())[0]
+    conv = _mlx_vlm_row(img)
+    conv["conversations"] = conv.pop("messages")
+    parts = _mlx_vlm_row(img)
+    parts["messages"][0]["content"] = [{"type": "text", "text": "Rate this photo."}]
+    two = {"images": [str(img)], "messages": [
+        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "a"}]},
+        {"role": "assistant", "content": "ok"},
+        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "b"}]},
+        {"role": "assistant", "content": MLX_VLM_ROW_ANSWER}]}
+    rows, problems = _rows(tmp_path, tok, small_pixels, [conv, parts, two])
+    assert len(rows) == 2 and rows[0].prompt == rows[1].prompt
+    assert [p.kind for p in problems] == ["format"] and "several messages" in str(problems[0])

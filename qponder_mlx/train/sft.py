@@ -227,7 +227,9 @@ def run_sft(cfg: SFTConfig, *, resume: bool = False, loaded: LoadedModel | None 
     pixels = PixelPolicy(min_pixels=cfg.min_pixels, max_pixels=cfg.max_pixels)
 
     # Data before LoRA/quantization: a bad file fails before any model preparation.
-    rows, problems = read_sft_rows(cfg.data, tok, pixels, cfg.max_seq_len)
+    model_type = model.config.model_type  # where an mlx-vlm dataset row's image goes
+    rows, problems = read_sft_rows(cfg.data, tok, pixels, cfg.max_seq_len,
+                                   model_type=model_type)
     # The seeded shuffle permutes row positions: put the rows in a canonical order first, so that
     # the same rows give the same run whatever order a concurrent writer (distill) left them in.
     rows.sort(key=lambda r: (r.id, r.answer_ids, str(r.image)))
@@ -243,7 +245,8 @@ def run_sft(cfg: SFTConfig, *, resume: bool = False, loaded: LoadedModel | None 
                            f"skipped){first}")
     val_rows: list[SFTRow] = []
     if cfg.val_data:
-        val_rows, vprobs = read_sft_rows(cfg.val_data, tok, pixels, cfg.max_seq_len)
+        val_rows, vprobs = read_sft_rows(cfg.val_data, tok, pixels, cfg.max_seq_len,
+                                         model_type=model_type)
         say(f"val data {cfg.val_data}: {problem_summary(len(val_rows), vprobs)}")
         if cfg.val_samples:
             val_rows = val_rows[:cfg.val_samples]

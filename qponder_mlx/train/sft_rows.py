@@ -7,6 +7,12 @@ A row is what `qponder distill` writes (mlx-vlm's chat format):
      {"role": "assistant", "content": "<think>…</think><answer>3.72</answer>"}],
      "id": ..., "mos": ...}
 
+mlx-vlm's own dataset rows train too: string contents (or text parts only) plus an `images`
+list, and `conversations` for `messages`. The image then goes where mlx-vlm's prompt helper puts
+it (`mlx_vlm.prompt_utils.apply_chat_template`, which `mlx_vlm`'s trainer calls with
+`num_images=len(images)`): into the last user message, before the text for qwen2_5_vl and after
+it for qwen2_vl — so such a row trains on the very prompt mlx-vlm's trainer would build.
+
 Image paths are relative to the JSONL's folder or absolute. The prompt is the tokenizer's chat
 template of every message but the last, with the generation prompt, i.e. the very text
 `Scorer` sends; the image goes through `load_image` + `PixelPolicy.resize` + the processor
@@ -129,16 +135,29 @@ def _tokens(tokenizer, text: str) -> list[int]:
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
+def place_image(messages: list[dict], model_type: str) -> list[dict]:
+    """The prompt messages with one image part where mlx-vlm's prompt helper puts it (see the
+    module doc); messages that already carry an image part are returned unchanged."""
+    if any(_has_image_part(m) for m in messages):
+        return messages
+    from mlx_vlm.prompt_utils import apply_chat_template
+
+    return apply_chat_template(None, {"model_type": model_type}, messages,
+                               return_messages=True, num_images=1)
+
+
 def parse_row(row: Any, base: Path, tokenizer, pixels: PixelPolicy, max_seq_len: int,
-              file: str, line: int) -> SFTRow | RowProblem:
-    """One JSONL object -> an SFTRow, or the RowProblem that makes it unusable."""
+              file: str, line: int, *, model_type: str = "qwen2_5_vl") -> SFTRow | RowProblem:
+    """One JSONL object -> an SFTRow, or the RowProblem that makes it unusable.
+
+    `model_type` (the model config's) decides where an mlx-vlm row's image goes."""
 
     def problem(kind: str, msg: str) -> RowProblem:
         return RowProblem(file, line, kind, msg)
 
     if not isinstance(row, dict):
         return problem("json", "not a JSON object — each line must be one {...} row")
-    messages = row.get("messages")
+    messages = row.get("messages", row.get("conversations"))
     if not isinstance(messages, list) or not messages or not all(
             isinstance(m, dict) for m in messages):
         return problem("format", "no 'messages' list of {role, content} objects")
@@ -154,8 +173,13 @@ def parse_row(row: Any, base: Path, tokenizer, pixels: PixelPolicy, max_seq_len:
     if not isinstance(images, list) or len(images) != 1 or not isinstance(images[0], str):
         n = len(images) if isinstance(images, list) else 0
         return problem("format", f"needs exactly one image path in 'images', got {n}")
-    if sum(_has_image_part(m) for m in messages[:-1]) != 1:
-        return problem("format", "the user message needs one image part {'type': 'image'}")
+    if sum(_has_image_part(m) for m in messages[:-1]) > 1:
+        return problem("format", "several messages carry an image part — keep one "
+                                 "{'type': 'image'} (or none: the image then goes where "
+                                 "mlx-vlm puts it)")
+    if not any(m.get("role") == "user" for m in messages[:-1]):
+        return problem("format", "no user message before the assistant's — the image goes "
+                                 "into the user turn")
     path = Path(images[0]).expanduser()
     path = path if path.is_absolute() else base / path
     try:
@@ -164,7 +188,7 @@ def parse_row(row: Any, base: Path, tokenizer, pixels: PixelPolicy, max_seq_len:
     except ImageError as e:
         return problem("image", str(e))
 
-    prompt_msgs = messages[:-1]
+    prompt_msgs = place_image(messages[:-1], model_type)
     full_msgs = [*prompt_msgs, {"role": "assistant", "content": answer}]
     prompt = tokenizer.apply_chat_template(prompt_msgs, tokenize=False,
                                            add_generation_prompt=True)
@@ -193,9 +217,11 @@ def parse_row(row: Any, base: Path, tokenizer, pixels: PixelPolicy, max_seq_len:
                   answer_ids=answer_ids, length=length, mos=mos, line=line)
 
 
-def read_sft_rows(path: str | Path, tokenizer, pixels: PixelPolicy,
-                  max_seq_len: int) -> tuple[list[SFTRow], list[RowProblem]]:
-    """Every usable row of a chat-format JSONL file, and a problem for every other one."""
+def read_sft_rows(path: str | Path, tokenizer, pixels: PixelPolicy, max_seq_len: int, *,
+                  model_type: str = "qwen2_5_vl") -> tuple[list[SFTRow], list[RowProblem]]:
+    """Every usable row of a chat-format JSONL file, and a problem for every other one.
+
+    `model_type`: the model config's (where an mlx-vlm dataset row's image goes)."""
     path = Path(path)
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
@@ -217,7 +243,8 @@ def read_sft_rows(path: str | Path, tokenizer, pixels: PixelPolicy,
             problems.append(RowProblem(str(path), i, "json", f"not valid JSON {why} — fix or "
                                                              "delete the line"))
             continue
-        out = parse_row(obj, base, tokenizer, pixels, max_seq_len, str(path), i)
+        out = parse_row(obj, base, tokenizer, pixels, max_seq_len, str(path), i,
+                        model_type=model_type)
         (rows if isinstance(out, SFTRow) else problems).append(out)
     return rows, problems
 
