@@ -9,6 +9,7 @@ image tokens is known up front.
 
 from __future__ import annotations
 
+import io
 import math
 import os
 import re
@@ -80,9 +81,25 @@ def load_image(path: str | os.PathLike, *, max_image_pixels: int = MAX_IMAGE_PIX
         raise _fail(path, "is a directory, not an image", "point at an image file")
     if st.st_size == 0:
         raise _fail(path, "empty file (0 bytes)", "re-export or remove it")
+    return _decode(p, path, max_image_pixels)
 
+
+def load_image_bytes(data: bytes, name: str | os.PathLike, *,
+                     max_image_pixels: int = MAX_IMAGE_PIXELS) -> Image.Image:
+    """`load_image` on bytes already read (`name` labels the messages).
+
+    Callers that hash a file and then score it decode these same bytes, so the result is stored
+    under the hash of exactly what was decoded, even if the file changes meanwhile.
+    """
+    ensure_heif_support()
+    if not data:
+        raise _fail(name, "empty file (0 bytes)", "re-export or remove it")
+    return _decode(io.BytesIO(data), name, max_image_pixels)
+
+
+def _decode(source, path: str | os.PathLike, max_image_pixels: int) -> Image.Image:
     try:
-        with Image.open(p) as im:
+        with Image.open(source) as im:
             w, h = im.size
             if w <= 0 or h <= 0:
                 raise _fail(path, f"image has zero size ({w}x{h})", "re-export or remove it")

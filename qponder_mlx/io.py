@@ -2,19 +2,63 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import stat
 import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
+
+
+def open_regular(path: str | os.PathLike) -> BinaryIO:
+    """Open a regular file for reading; anything else raises OSError before a byte is read.
+
+    O_NONBLOCK makes opening a FIFO return at once instead of waiting for a writer, and the
+    fstat of the opened descriptor (not of the name) is what decides: a FIFO, a device
+    (`/dev/zero` never ends) or a socket behind a link is refused, and a file swapped after a
+    check cannot slip in. On a regular file O_NONBLOCK changes nothing.
+    """
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            raise OSError(errno.EINVAL, f"not a regular file ({file_kind(mode)})",
+                          os.fspath(path))
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def read_regular(path: str | os.PathLike) -> tuple[bytes, os.stat_result]:
+    """The bytes of a regular file and the stat of the descriptor they were read from."""
+    with open_regular(path) as f:
+        st = os.fstat(f.fileno())
+        return f.read(), st
+
+
+def file_kind(mode: int) -> str:
+    """What a stat mode names, for messages: "FIFO", "character device", ..."""
+    for test, name in ((stat.S_ISFIFO, "FIFO"), (stat.S_ISCHR, "character device"),
+                       (stat.S_ISBLK, "block device"), (stat.S_ISSOCK, "socket"),
+                       (stat.S_ISDIR, "folder"), (stat.S_ISREG, "regular file")):
+        if test(mode):
+            return name
+    return "special file"
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     """Write to a temp file in the same folder, fsync, then rename over `path`."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    # The temporary name keeps at most 40 characters of the final one: a name near the file
+    # system's 255-byte limit must still leave room for the random part and ".tmp".
+    stem = path.name[:40]
+    while len(os.fsencode(stem)) > 40:
+        stem = stem[:-1]
+    fd, tmp = tempfile.mkstemp(prefix=f".{stem}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)

@@ -14,6 +14,7 @@ from fixtures_labels import png_with_header
 from PIL import Image
 
 from qponder_mlx.library import ResultStore, StopFlag, StoreError, score_library, write_csv
+from qponder_mlx import io as io_mod
 from qponder_mlx.library import store as store_mod
 from qponder_mlx.library.score_job import error_reason, model_size, plan_batches
 from qponder_mlx.library.tables import write_jsonl
@@ -50,7 +51,9 @@ class Counting:
 
     def score(self, items):
         items = list(items)
-        self.calls.append([os.path.basename(str(i)) for i in items])
+        # score_library passes decoded images that carry their file's path in `info`.
+        self.calls.append([os.path.basename(str(getattr(i, "info", {}).get("path", i)))
+                           for i in items])
         return self.inner.score(items)
 
     @property
@@ -273,14 +276,16 @@ def bad_files(root):
 
 def refuse_reading(monkeypatch, name):
     """Root reads any file, so simulate the OS refusing `name` (as chmod 000 does for users)."""
-    real_open = open
+    real_open = io_mod.open_regular
 
     def fake_open(path, *a, **k):
         if os.path.basename(str(path)) == name:
             raise PermissionError(13, "Permission denied", str(path))
         return real_open(path, *a, **k)
 
-    monkeypatch.setattr(store_mod, "open", fake_open, raising=False)
+    # Every read of a file's bytes (hashing, then the read-once decode) goes through it.
+    monkeypatch.setattr(io_mod, "open_regular", fake_open)
+    monkeypatch.setattr(store_mod, "open_regular", fake_open)
 
 
 def test_bad_files_become_error_rows_and_odd_valid_files_score(fast, store, tmp_path,

@@ -9,12 +9,16 @@ The job in four steps:
    an error row at once;
 3. plan batches of images that the pixel policy resizes to the same size (read from the file
    header), so each batch runs as one model call with no padding;
-4. score batch by batch; each batch's rows are one transaction, so a crash or Ctrl-C loses at
-   most the batch in flight, and a rerun picks up exactly where the last commit left off.
+4. score batch by batch; each file is read once more and its result is stored under the hash of
+   the very bytes decoded (a file rewritten after step 1 is stored as its new content, a file
+   removed meanwhile becomes a retried read error, never the old content's result); each
+   batch's rows are one transaction, so a crash or Ctrl-C loses at most the batch in flight,
+   and a rerun picks up exactly where the last commit left off.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import signal
@@ -29,7 +33,8 @@ from typing import TYPE_CHECKING
 
 from PIL import Image
 
-from qponder_mlx.images import PixelPolicy, ensure_heif_support
+from qponder_mlx.images import ImageError, PixelPolicy, ensure_heif_support, load_image_bytes
+from qponder_mlx.io import read_regular
 from qponder_mlx.library.store import UNREADABLE_PREFIX, FileState, ResultStore, file_sha256
 from qponder_mlx.progress import progress_bar
 
@@ -83,6 +88,7 @@ _REASONS = (
     ("truncated or corrupt", "truncated or corrupt"),
     ("aspect ratio", "extreme aspect ratio"),
     ("no such file", "file vanished"),
+    ("not a regular file", "not a regular file"),
     ("model failed", "model failed"),
 )
 
@@ -229,6 +235,7 @@ def score_library(scorer: Scorer, files: Sequence[str | os.PathLike], store: Res
     status, todo = _reconcile(scorer, store, hashes, unreadable, summary)
 
     # Steps 3-4: plan same-size batches; score and commit one batch at a time.
+    hashes = dict(hashes)  # a file rewritten or removed before its batch moves to its new key
     sha_of = {p: s for s, p in todo.items()}
     batches = plan_batches(list(todo.values()), scorer.config.pixels, scorer.config.batch_size)
     n_err = sum(1 for s in status.values() if s.startswith("error:"))
@@ -238,10 +245,10 @@ def score_library(scorer: Scorer, files: Sequence[str | os.PathLike], store: Res
             if stop:
                 summary.interrupted = True
                 break
-            results = scorer.score(batch)
-            rows = [_result_row(scorer, sha_of[p], p, r) for p, r in zip(batch, results)]
+            rows, files = _score_batch(scorer, batch, sha_of, hashes)
             with store.transaction():
                 store.put_results(rows)
+                store.put_files(files)
             for row in rows:
                 if row["error"]:
                     status[row["sha256"]] = "error:" + error_reason(row["error"])
@@ -253,6 +260,68 @@ def score_library(scorer: Scorer, files: Sequence[str | os.PathLike], store: Res
     _tally(summary, paths, hashes, status)
     summary.seconds = time.perf_counter() - t0
     return summary
+
+
+@dataclass
+class _Read:
+    """One file read for scoring: the hash of the bytes read, and their image or error."""
+
+    sha256: str | None = None  # None: the file could not be read (error is then a read error)
+    state: FileState | None = None
+    image: Image.Image | None = None
+    error: str | None = None
+
+
+def _read_for_scoring(path: str, policy: PixelPolicy) -> _Read:
+    """Read the file once; hash and decode those same bytes, resized to the model's grid.
+
+    The hash from step 1 may be stale by now (the file rewritten or removed since): a result is
+    only ever stored under the hash of the bytes that produced it, and a read failure is never
+    stored under a content hash at all (it is a retried "read" error of the path).
+    """
+    try:
+        data, st = read_regular(path)
+    except OSError as e:
+        why = "permission denied" if isinstance(e, PermissionError) else (
+            "no such file" if isinstance(e, FileNotFoundError) else
+            f"cannot read file ({e.strerror or e})")
+        return _Read(error=f"{path}: {why} — check the file and rerun to retry it")
+    sha = hashlib.sha256(data).hexdigest()
+    r = _Read(sha, FileState(sha, st.st_size, st.st_mtime_ns))
+    try:
+        # Resized here, one photo at a time: a batch holds model-sized images, never 8 decoded
+        # full-resolution ones.
+        r.image = policy.resize(load_image_bytes(data, path), name=path)
+        r.image.info["path"] = path  # for whoever inspects a batch (tests, debugging)
+    except ImageError as e:
+        r.error = str(e)
+    return r
+
+
+def _score_batch(scorer: Scorer, batch: Sequence[str], sha_of: dict[str, str],
+                 hashes: dict[str, str]) -> tuple[list[dict], list[tuple[str, FileState]]]:
+    """Result rows for one batch, and the files whose content changed since it was hashed."""
+    from qponder_mlx.scoring import ScoreResult
+
+    reads = [_read_for_scoring(p, scorer.config.pixels) for p in batch]
+    images = [r.image for r in reads if r.image is not None]
+    answers = iter(scorer.score(images) if images else [])
+    rows: list[dict] = []
+    files: list[tuple[str, FileState]] = []
+    for path, r in zip(batch, reads):
+        if r.sha256 is None:  # gone or unreadable since step 1
+            key = UNREADABLE_PREFIX + path
+            rows.append({**_result_row(scorer, key, path, ScoreResult(key=path, error=r.error)),
+                         "error_kind": "read"})
+            files.append((path, FileState(key, -1, -1)))  # rehashed on the next run
+            hashes.pop(path, None)
+            continue
+        answer = next(answers) if r.image is not None else ScoreResult(key=path, error=r.error)
+        rows.append(_result_row(scorer, r.sha256, path, answer))
+        if r.sha256 != sha_of[path]:  # rewritten since step 1: the new bytes were scored
+            files.append((path, r.state))
+            hashes[path] = r.sha256
+    return rows, files
 
 
 def _reconcile(scorer: Scorer, store: ResultStore, hashes: dict[str, str],

@@ -21,10 +21,13 @@ import hashlib
 import os
 import sqlite3
 import time
-from collections.abc import Iterable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
+
+from qponder_mlx.io import open_regular
+from qponder_mlx.safe_paths import shown
 
 SCHEMA_VERSION = "1"
 
@@ -80,6 +83,53 @@ class StoreError(RuntimeError):
     """The results database cannot be used; one line naming the file and the fix."""
 
 
+# A second qponder on one store waits this long for the write lock before giving up.
+LOCK_WAIT_S = 30.0
+LOCK_NOTICE_S = 2.0  # after this long it says that it is waiting
+APP_MARK = "qponder-results"
+OUR_TABLES = frozenset({"meta", "files", "results", "thumbs"})
+SQLITE_MAGIC = b"SQLite format 3\x00"  # the first 16 bytes of every SQLite 3 database
+
+
+def _say(message: str) -> None:
+    from qponder_mlx.progress import say
+
+    say(message)
+
+
+def _one_line(e: BaseException | str) -> str:
+    return " ".join(str(e).split())
+
+
+def _locked(e: sqlite3.OperationalError) -> bool:
+    return "locked" in str(e) or "busy" in str(e)
+
+
+def _existing_size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except FileNotFoundError:
+        return 0
+    except OSError as e:
+        raise StoreError(f"{shown(path)}: cannot access the results database ({_one_line(e)}) — "
+                         "check the path") from None
+
+
+def _check_sqlite_header(path: Path) -> None:
+    """Refuse a file that is not SQLite at all (a photo, a CSV) before sqlite3 touches it."""
+    if not path.is_file():
+        raise StoreError(f"{shown(path)}: not a file — pass a file path as --db")
+    try:
+        with open(path, "rb") as f:
+            magic = f.read(len(SQLITE_MAGIC))
+    except OSError as e:
+        raise StoreError(f"{shown(path)}: cannot read the results database ({_one_line(e)}) — "
+                         "check its permissions") from None
+    if magic != SQLITE_MAGIC:
+        raise StoreError(f"{shown(path)}: not a qponder results database (not a SQLite file) — "
+                         "pass a new --db path; this file is left as it is")
+
+
 @dataclass(frozen=True)
 class FileState:
     sha256: str
@@ -88,38 +138,107 @@ class FileState:
 
 
 def file_sha256(path: str | os.PathLike, bufsize: int = 1 << 20) -> str:
+    """sha256 of a regular file's bytes; a FIFO or device raises OSError instead of hanging."""
     h = hashlib.sha256()
-    with open(path, "rb") as f:
+    with open_regular(path) as f:
         while chunk := f.read(bufsize):
             h.update(chunk)
     return h.hexdigest()
 
 
 class ResultStore:
-    """A results database; open it with `ResultStore(path)` or `with ResultStore(path) as s:`."""
+    """A results database; open it with `ResultStore(path)` or `with ResultStore(path) as s:`.
 
-    def __init__(self, path: str | os.PathLike):
+    Opening never writes to a file that is not already ours: an existing file must be SQLite and
+    carry our `meta` schema row (or be an empty database) before the first write — switching
+    another program's database to WAL or adding our tables to it would change it for good. An
+    existing store is checked with `PRAGMA quick_check` (every page and index readable, O(N),
+    no cross-check of index contents), so a damaged page is named instead of read on silently.
+
+    `lock_wait_s`: how long a write waits for another process holding the write lock (a second
+    qponder on the same store); after `LOCK_NOTICE_S` it says it is waiting, at the end it
+    raises StoreError. `on_wait` prints that message (default: one line on stderr).
+    """
+
+    def __init__(self, path: str | os.PathLike, *, lock_wait_s: float | None = None,
+                 on_wait: Callable[[str], None] | None = None):
         self.path = Path(path)
+        self.lock_wait_s = LOCK_WAIT_S if lock_wait_s is None else lock_wait_s
+        self._notice_s = min(LOCK_NOTICE_S, self.lock_wait_s)
+        self._on_wait = on_wait or _say
+        where = shown(self.path)
+        existing = _existing_size(self.path) > 0
+        if existing:
+            _check_sqlite_header(self.path)
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             # Autocommit mode: transactions are explicit (`transaction()`), one per batch.
-            self.db = sqlite3.connect(self.path, isolation_level=None, timeout=30.0)
+            self.db = sqlite3.connect(self.path, isolation_level=None, timeout=self._notice_s)
+        except (sqlite3.Error, OSError) as e:  # no such folder, read-only folder
+            raise StoreError(f"{where}: cannot open the results database ({_one_line(e)}) — "
+                             "check the folder exists and is writable") from None
+        try:
             self.db.row_factory = sqlite3.Row
+            fresh, tables = self._check_ours() if existing else (True, set())
+            if not fresh:
+                self._quick_check()
             self.db.execute("PRAGMA journal_mode=WAL")
             self.db.execute("PRAGMA synchronous=FULL")
-            self.db.executescript(SCHEMA)
-            row = self.db.execute("SELECT value FROM meta WHERE key='schema'").fetchone()
-        except (sqlite3.OperationalError, OSError) as e:  # no such folder, read-only, locked
-            raise StoreError(f"{self.path}: cannot open the results database ({e}) — check the "
-                             "folder exists and is writable") from None
+            if fresh or not tables >= OUR_TABLES:  # new, or from before a table existed
+                with self.transaction():  # all tables and the marker, or none of them
+                    for stmt in SCHEMA.split(";"):
+                        if stmt.strip():
+                            self.db.execute(stmt)
+                    self.db.execute("INSERT OR IGNORE INTO meta VALUES ('schema', ?)",
+                                    (SCHEMA_VERSION,))
+                    self.db.execute("INSERT OR IGNORE INTO meta VALUES ('app', ?)", (APP_MARK,))
+        except StoreError:
+            self.db.close()
+            raise
+        except sqlite3.OperationalError as e:  # read-only, locked, disk full
+            self.db.close()
+            raise StoreError(f"{where}: cannot open the results database ({_one_line(e)}) — "
+                             "check the folder is writable and has free space") from None
         except sqlite3.DatabaseError as e:
-            raise StoreError(f"{self.path}: not a qponder results database ({e}) — pass a new "
-                             "--db path") from None
+            self.db.close()
+            raise StoreError(f"{where}: not a qponder results database ({_one_line(e)}) — pass a "
+                             "new --db path") from None
+
+    def _check_ours(self) -> tuple[bool, set[str]]:
+        """Reads only: (fresh, its tables). Fresh: an empty database, ours to set up; raises
+        for another program's database."""
+        where = shown(self.path)
+        tables = {r[0] for r in self.db.execute(
+            "SELECT name FROM sqlite_master WHERE type='table' AND name NOT LIKE 'sqlite_%'")}
+        if not tables:
+            return True, tables
+        row = None
+        if "meta" in tables:
+            row = self.db.execute("SELECT value FROM meta WHERE key='schema'").fetchone()
         if row is None:
-            self.db.execute("INSERT OR IGNORE INTO meta VALUES ('schema', ?)", (SCHEMA_VERSION,))
-        elif row[0] != SCHEMA_VERSION:
-            raise StoreError(f"{self.path}: results schema {row[0]}, this qponder reads "
+            # A store created before setup was one transaction could lose its marker to a kill
+            # between the CREATEs and the INSERT; with only our tables and no result it is ours.
+            if tables <= OUR_TABLES and ("results" not in tables or self.db.execute(
+                    "SELECT COUNT(*) FROM results").fetchone()[0] == 0):
+                return True, tables
+            names = ", ".join(sorted(tables)[:5]) + (", ..." if len(tables) > 5 else "")
+            raise StoreError(f"{where}: a SQLite database of another program (tables: "
+                             f"{shown(names)}) — qponder leaves it untouched; pass a new --db path")
+        if row[0] != SCHEMA_VERSION:
+            raise StoreError(f"{where}: results schema {shown(row[0])}, this qponder reads "
                              f"{SCHEMA_VERSION} — use a new --db path or a matching qponder")
+        return False, tables
+
+    def _quick_check(self) -> None:
+        try:
+            bad = [r[0] for r in self.db.execute("PRAGMA quick_check(3)") if r[0] != "ok"]
+        except sqlite3.DatabaseError as e:
+            bad = [str(e)]
+        if bad:
+            raise StoreError(f"{shown(self.path)}: the results store is damaged (quick_check: "
+                             f"{shown(_one_line(bad[0]))}) — score into a new store with "
+                             "--db new.sqlite (everything is scored again), or restore a backup "
+                             "of this file; it is left as it is")
 
     def close(self) -> None:
         self.db.close()
@@ -130,16 +249,58 @@ class ResultStore:
     def __exit__(self, *exc) -> None:
         self.close()
 
+    def _write_error(self, e: BaseException) -> StoreError:
+        return StoreError(f"{shown(self.path)}: cannot save to the results store "
+                          f"({_one_line(e)}) — everything saved before is intact; free disk "
+                          "space (or fix the folder's permissions) and rerun the same command to "
+                          "resume")
+
+    def _begin(self) -> None:
+        """BEGIN IMMEDIATE (take the write lock now), waiting for another writer if need be."""
+        try:
+            self.db.execute("BEGIN IMMEDIATE")
+            return
+        except sqlite3.OperationalError as e:
+            if not _locked(e):
+                raise self._write_error(e) from None
+        self._on_wait(f"{shown(self.path)}: another process is writing to this store — waiting "
+                      f"up to {self.lock_wait_s:g} s for it to finish")
+        rest_ms = int(max(0.0, self.lock_wait_s - self._notice_s) * 1000)
+        self.db.execute(f"PRAGMA busy_timeout={rest_ms}")
+        try:
+            self.db.execute("BEGIN IMMEDIATE")
+        except sqlite3.OperationalError as e:
+            if _locked(e):
+                raise StoreError(f"{shown(self.path)}: still locked by another process after "
+                                 f"{self.lock_wait_s:g} s — let the other qponder finish (or "
+                                 "stop it), then rerun the same command; everything saved "
+                                 "before is intact") from None
+            raise self._write_error(e) from None
+        finally:
+            self.db.execute(f"PRAGMA busy_timeout={int(self._notice_s * 1000)}")
+
     @contextmanager
     def transaction(self) -> Iterator[sqlite3.Connection]:
-        """All or nothing: a crash or an exception inside leaves the store as it was."""
-        self.db.execute("BEGIN IMMEDIATE")
+        """All or nothing: a crash or an exception inside leaves the store as it was. A failed
+        write (disk full, read-only) raises StoreError; earlier transactions stay intact."""
+        self._begin()
         try:
             yield self.db
-        except BaseException:
-            self.db.execute("ROLLBACK")
+        except BaseException as e:
+            self._rollback()
+            if isinstance(e, sqlite3.OperationalError):
+                raise self._write_error(e) from None
             raise
-        self.db.execute("COMMIT")
+        try:
+            self.db.execute("COMMIT")
+        except sqlite3.OperationalError as e:
+            self._rollback()
+            raise self._write_error(e) from None
+
+    def _rollback(self) -> None:
+        # SQLite may have rolled back already (SQLITE_FULL can end the transaction itself).
+        with suppress(sqlite3.OperationalError):
+            self.db.execute("ROLLBACK")
 
     # ------------------------------------------------------------------ files: path -> content
 
