@@ -1,6 +1,7 @@
 """Configs: defaults < saved run config < TOML < flags, typed, with one-line errors."""
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import pytest
 
@@ -127,3 +128,17 @@ def test_the_documented_toml_is_valid_and_complete(tmp_path):
     names = {f.name for f in dc_fields(SFTConfig)} | {f.name for f in dc_fields(LoraConfig)}
     missing = [n for n in names - {"lora"} if f"{n} =" not in block]
     assert not missing and "[lora]" in block
+
+
+@pytest.mark.parametrize("path", sorted((Path(__file__).resolve().parents[1] / "configs")
+                                        .glob("*.toml")), ids=lambda p: p.name)
+def test_shipped_recipes_load_and_validate(path):
+    """configs/*.toml are complete, valid configs of their stage (every key known, every value
+    in range) for the real model they name."""
+    from qponder_mlx.grpo.config import GRPOConfig
+
+    cls = GRPOConfig if path.name.endswith(".grpo.toml") else SFTConfig
+    cfg = load_config(cls, path, {"data": "x.jsonl"})
+    cfg.validate()
+    assert cfg.model.startswith("mlx-community/Qwen2.5-VL-")
+    assert cfg.warmup is None or cfg.warmup <= cfg.iters

@@ -1,20 +1,22 @@
-"""A miniature Q-Ponder reproduction on a CPU: distill → SFT → GRPO → eval, through our commands.
+"""A miniature Q-Ponder reproduction on a CPU: distill → SFT → GRPO → eval (README.md beside it).
 
     source scripts/blas_env.sh        # Linux: MLX's CPU wheel links the reference BLAS
-    .venv/bin/python bench/reproduce.py --out runs/repro
+    .venv/bin/python experiments/miniature/reproduce.py --out runs/repro --seed 0
 
-What it does, each step a `qponder …` subprocess (the real commands, logged to OUT/logs/):
+What it does, each step a subprocess logged to OUT/logs/ (the product's `qponder` commands where
+the product has the step, this folder's scripts where the step exists only for the miniature):
 
-1. `qponder dev synth-iqa OUT/data`: a KADID-style set (scikit-image CC0 photos × Gaussian blur,
-   white noise and JPEG at KADID-10k's 5 levels, labelled with KADID's mean MOS per level),
-   split by photo into train.jsonl and test.jsonl; train photos also as random crops (--crops).
-2. A tiny Qwen2.5-VL student in OUT/student_base (`qponder_mlx.testing`): random language model,
-   vision tower holding the fixed DCT-energy stem (`vision_stem`).
-3. `qponder distill --teacher synthetic`: the stand-in teacher writes reasoning from each train
-   image's known distortion and level, with noisy scores; blind filtering keeps the agreeing ones.
-4. `qponder train --stage sft` (bench/repro_sft.toml) → OUT/sft/adapters (Q-Ponder-CI).
-5. `qponder train --stage grpo` (bench/repro_grpo.toml) from the SFT adapter → OUT/grpo/adapters
-   (Q-Ponder); reward per component per step in OUT/grpo/metrics.jsonl and curves.html.
+1. `synth_iqa.py OUT/data`: a KADID-style set (scikit-image CC0 photos × Gaussian blur, white
+   noise and JPEG at KADID-10k's 5 levels, labelled with KADID's mean MOS per level), split by
+   photo into train.jsonl and test.jsonl; train photos also as random crops (--crops).
+2. A tiny Qwen2.5-VL student in OUT/student_base (`vision_stem.build_student`: the product's tiny
+   random model with the fixed DCT-energy stem in its vision tower), whitened (`whiten_stem.py`).
+3. `distill_synthetic.py`: the stand-in teacher writes reasoning from each train image's known
+   distortion and level, with noisy scores; the product's agreement filter keeps the agreeing ones.
+4. `qponder train --stage sft` (configs/sft.toml) → OUT/sft/adapters (Q-Ponder-CI).
+5. `train_grpo.py` (configs/grpo.toml: the product's GRPO plus the miniature's own settings)
+   from the SFT adapter → OUT/grpo/adapters (Q-Ponder); reward per component per step in
+   OUT/grpo/metrics.jsonl and curves.html.
 6. `qponder eval` of both students on the held-out photos, reason and fast mode.
 7. BRISQUE (OpenCV contrib + Debian's opencv-data model) and PIQE (pypiqe) on the same test
    images, if installed (`pip install 'qponder-mlx[bench]'`, `apt-get install opencv-data`).
@@ -71,7 +73,8 @@ from qponder_mlx.train.config import (  # noqa: E402
     read_config_file,
 )
 
-BENCH = Path(__file__).resolve().parent
+HERE = Path(__file__).resolve().parent
+CONFIGS = HERE / "configs"
 BRISQUE_DIR = Path("/usr/share/opencv4/quality")  # Debian/Ubuntu `opencv-data`
 GOALS = {"srcc": 0.93, "grpo_minus_sft": 0.03, "grpo_minus_brisque": 0.0}
 ALL_VIEWS = ", all views"  # row-name suffix for the scores on every view of the held-out photos
@@ -94,7 +97,7 @@ class DataSettings:
     photos: str = ""  # comma-separated scikit-image CC0 photos ("" = all thirteen)
     test_photos: str = "coffee,rocket,grass"
     seed: int = 0
-    crops: int = 0  # extra random crops per TRAIN photo (qponder dev synth-iqa --crops)
+    crops: int = 0  # extra random crops per TRAIN photo (synth_iqa.py --crops)
     test_crops: int = 0  # extra random crops per TEST photo: a second, larger held-out set
 
 
@@ -106,8 +109,8 @@ class StudentSettings:
     vocab_size: int = 640
     vision_hidden: int = 320
     vision_depth: int = 3
-    vision_stem: str = "dct"  # vision_stem; "random" = a plain random tower
-    # Whiten the image tokens over the TRAIN images (qponder dev whiten-stem; labels unused):
+    vision_stem: str = "dct"  # vision_stem.py; "random" = a plain random tower
+    # Whiten the image tokens over the TRAIN images (whiten_stem.py; labels unused):
     # every direction the tokens vary in equally strong for the language model to read
     whiten: bool = False
 
@@ -126,11 +129,11 @@ class DistillSettings:
     # paper's setting: the teacher's text is costly, human MOS exists for a larger set, so what the
     # cold start never saw is what GRPO's reward can add (History AY).
     photos: str = ""
-    # A miscalibrated teacher (`qponder distill --synthetic-bias`): offsets of its scores per
+    # A miscalibrated teacher (`distill_synthetic.py --bias`): offsets of its scores per
     # distortion type, "" = calibrated. GRPO's reward reads the human MOS, so correcting what the
     # filter let through is GRPO's job (History AX).
     bias: str = ""
-    # A coarse teacher (`qponder distill --synthetic-coarse`): 3 severities per distortion, the
+    # A coarse teacher (`distill_synthetic.py --coarse`): 3 severities per distortion, the
     # finer order left to GRPO's reward (History AZ).
     coarse: bool = False
 
@@ -148,8 +151,8 @@ class ReproConfig:
     distill: DistillSettings = field(default_factory=DistillSettings)
     eval: EvalSettings = field(default_factory=EvalSettings)
     base: str = ""  # another pipeline TOML beside this one: its settings, then this file's
-    sft_config: str = "repro_sft.toml"  # relative to the pipeline file
-    grpo_config: str = "repro_grpo.toml"
+    sft_config: str = "sft.toml"  # relative to the pipeline file
+    grpo_config: str = "grpo.toml"
     # `qponder train --set key=value` overrides on top of those files (e.g. ["iters=60"]), so a
     # variant recipe names what it changes instead of copying a whole train TOML
     sft_set: list[str] = field(default_factory=list)
@@ -214,8 +217,8 @@ def blas_warning() -> str | None:
 
 
 class Runner:
-    """Runs `qponder ARGV` as a subprocess (default) or in this process (fast smoke tests: the
-    same Typer command functions, without ~4 s of imports per command)."""
+    """Runs `qponder ARGV`, or one of this folder's scripts, as a subprocess (default) or in this
+    process (fast smoke tests: the same command functions, without ~4 s of imports each)."""
 
     def __init__(self, out: Path, *, in_process: bool = False, echo=print):
         self.out, self.in_process, self.echo = out, in_process, echo
@@ -228,21 +231,34 @@ class Runner:
         with self.commands_file.open("a", encoding="utf-8") as f:
             f.write(line + "\n")
 
-    def __call__(self, name: str, argv: list[str]) -> None:
-        line = "qponder " + " ".join(shlex.quote(a) for a in argv)
+    def __call__(self, name: str, argv: list[str], script: str | None = None) -> None:
+        """`script`: a file of this folder (its `main(argv)` in process), else `qponder`."""
+        head = f"python {HERE / script}" if script else "qponder"
+        line = head + " " + " ".join(shlex.quote(a) for a in argv)
         self.record(line)
         log = self.logs / f"{name}.log"
         self.echo(f"  $ {line}")
+        cmd = ([sys.executable, str(HERE / script)] if script
+               else [sys.executable, "-m", "qponder_mlx.cli.main"])
         with log.open("a", encoding="utf-8") as f:
             f.write(f"$ {line}\n")
             f.flush()
-            rc = self._inline(argv, f) if self.in_process else subprocess.call(
-                [sys.executable, "-m", "qponder_mlx.cli.main", *argv], stdout=f,
-                stderr=subprocess.STDOUT)
+            if self.in_process:
+                rc = self._script(script, argv, f) if script else self._inline(argv, f)
+            else:
+                rc = subprocess.call([*cmd, *argv], stdout=f, stderr=subprocess.STDOUT)
         if rc:
             tail = log.read_text(encoding="utf-8", errors="replace").strip().splitlines()[-5:]
             raise StageError(f"{name}: `{line}` exited {rc}; last lines of {log}:\n    "
                              + "\n    ".join(tail))
+
+    @staticmethod
+    def _script(script: str, argv: list[str], f) -> int:
+        import importlib
+
+        module = importlib.import_module(Path(script).stem)
+        with contextlib.redirect_stdout(f), contextlib.redirect_stderr(f):
+            return module.main(argv)
 
     @staticmethod
     def _inline(argv: list[str], f) -> int:
@@ -423,23 +439,24 @@ def run_pipeline(cfg: ReproConfig, pipeline_dir: Path, out: Path, *, in_process:
         echo(f"[{name}] {timings[name]:.0f} s")
 
     def synth():
-        argv = ["dev", "synth-iqa", str(data), "--size", str(cfg.data.size),
+        argv = [str(data), "--size", str(cfg.data.size),
                 "--test-photos", cfg.data.test_photos, "--seed", str(cfg.data.seed),
                 "--crops", str(cfg.data.crops), "--test-crops", str(cfg.data.test_crops)]
         if cfg.data.photos:
             argv += ["--photos", cfg.data.photos]
-        run("synth", argv)
+        run("synth", argv, script="synth_iqa.py")
 
     def student():
-        from qponder_mlx.testing import build_tiny_model
+        from vision_stem import build_student
 
         s = cfg.student
-        build_tiny_model(base, seed=s.seed, hidden_size=s.hidden_size, num_layers=s.num_layers,
-                         vocab_size=s.vocab_size, vision_hidden=s.vision_hidden,
-                         vision_depth=s.vision_depth, vision_stem=s.vision_stem)
-        run.record(f"# student base: qponder_mlx.testing.build_tiny_model({base}, {asdict(s)})")
+        build_student(base, seed=s.seed, hidden_size=s.hidden_size, num_layers=s.num_layers,
+                      vocab_size=s.vocab_size, vision_hidden=s.vision_hidden,
+                      vision_depth=s.vision_depth, vision_stem=s.vision_stem)
+        run.record(f"# student base: vision_stem.build_student({base}, {asdict(s)})")
         if s.whiten:
-            run("student", ["dev", "whiten-stem", str(base), "--data", str(data / "train.jsonl")])
+            run("student", [str(base), "--data", str(data / "train.jsonl")],
+                script="whiten_stem.py")
 
     def distill():
         d = cfg.distill
@@ -456,22 +473,24 @@ def run_pipeline(cfg: ReproConfig, pipeline_dir: Path, out: Path, *, in_process:
                 which.append(f"of the photos {d.photos}")
             run.record(f"# cold start: {source} = the {len(rows)} rows of train.jsonl "
                        + " and ".join(which))
-        run("distill", ["distill", "--data", str(source),
-                        "--out", str(out / "distill" / "train.jsonl"), "--teacher", "synthetic",
+        run("distill", ["--data", str(source), "--out", str(out / "distill" / "train.jsonl"),
                         "--samples-per-image", str(d.samples_per_image),
                         "--temperature", str(d.temperature),
                         "--max-score-error", str(d.max_score_error),
-                        *(["--synthetic-bias", d.bias] if d.bias else []),
-                        *(["--synthetic-coarse"] if d.coarse else [])])
+                        *(["--bias", d.bias] if d.bias else []),
+                        *(["--coarse"] if d.coarse else [])], script="distill_synthetic.py")
 
     def train(stage_name: str, extra: list[str], config: Path, sets: list[str]):
         run_dir = out / stage_name
         extra = [*extra, *(a for kv in sets for a in ("--set", kv))]
         resume = ["--resume"] if (run_dir / "checkpoints").exists() else []
         # The student's seed also seeds both trainers (LoRA init, data order, GRPO sampling).
-        run(stage_name, ["train", "--stage", stage_name, "--config", str(config),
-                         "--model", str(base), "--out", str(run_dir), *extra, *px,
-                         "--no-progress", "--seed", str(cfg.student.seed), *resume])
+        common = ["--config", str(config), "--model", str(base), "--out", str(run_dir), *extra,
+                  *px, "--no-progress", "--seed", str(cfg.student.seed), *resume]
+        if stage_name == "sft":
+            run(stage_name, ["train", "--stage", "sft", *common])
+        else:
+            run(stage_name, common, script="train_grpo.py")
 
     # Each stage is done when the LAST file it writes exists.
     stage("synth", data / "train.jsonl", synth)
@@ -488,7 +507,7 @@ def run_pipeline(cfg: ReproConfig, pipeline_dir: Path, out: Path, *, in_process:
                                                             cfg.student.seed))
             run.record(f"# GRPO null: {grpo_data} = train.jsonl with its MOS permuted "
                        f"(seed {cfg.student.seed})")
-    stage("grpo", out / "grpo" / "summary.json",
+    stage("grpo", out / "grpo" / "miniature.json",
           lambda: train("grpo", ["--data", str(grpo_data),
                                  "--adapter", str(out / "sft" / "adapters")], grpo_cfg,
                         cfg.grpo_set))
@@ -647,7 +666,7 @@ def result_lines(results: dict) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", type=Path, default=Path("runs/repro"))
-    ap.add_argument("--config", type=Path, default=BENCH / "repro_pipeline.toml",
+    ap.add_argument("--config", type=Path, default=CONFIGS / "pipeline.toml",
                     help="pipeline TOML (data, student, distill, eval; names the train TOMLs)")
     ap.add_argument("--figures", type=Path, default=None,
                     help="where the SVG curves go (default OUT/figures)")
