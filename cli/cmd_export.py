@@ -51,6 +51,9 @@ def export_cmd(
     max_pixels: int | None = typer.Option(None, help="Largest pixel count (default 512*28*28)."),
     batch_size: int | None = typer.Option(None, help="Images per model call (default 8)."),
     force: bool | None = typer.Option(None, "--force", help="Replace a non-empty --out."),
+    target: str | None = typer.Option(None, help="Who loads the bundle: mlx-swift (default: "
+                                      "refuse a bundle MLX Swift's loader would not load) or "
+                                      "python (mlx-vlm only, no check)."),
     config: Path | None = typer.Option(None, help="TOML file with any ExportConfig field."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show progress bars."),
 ) -> None:
@@ -58,6 +61,7 @@ def export_cmd(
     mlx-vlm (and MLX Swift VLM loaders) read, with a qponder.json manifest for the app."""
     from qponder_mlx.export.config import ExportConfig, ExportConfigError
     from qponder_mlx.export.staging import OutputExistsError, check_destination
+    from qponder_mlx.export.swift_compat import SwiftCompatError
 
     from qponder_mlx.model import ModelLoadError
     from qponder_mlx.train.config import ConfigError, load_config
@@ -69,7 +73,7 @@ def export_cmd(
         "calibration": calibration, "calibration_limit": calibration_limit,
         "reason_images": reason_images, "reason_max_tokens": reason_max_tokens,
         "agreement": agreement, "min_pixels": min_pixels, "max_pixels": max_pixels,
-        "batch_size": batch_size, "force": force,
+        "batch_size": batch_size, "force": force, "target": target,
     }
     overrides = {k: str(v) if isinstance(v, Path) else v for k, v in flags.items()
                  if v is not None}
@@ -88,7 +92,7 @@ def export_cmd(
         result = export_bundle(cfg, progress=progress,
                                log=lambda msg: typer.echo(msg, err=True))
     except (ExportConfigError, OutputExistsError, ModelLoadError, AdapterError,
-            FileNotFoundError) as e:
+            SwiftCompatError, FileNotFoundError) as e:
         fail(str(e))
     except KeyboardInterrupt:
         typer.secho(f"interrupted — nothing was written to {cfg.out}", err=True,
@@ -104,8 +108,12 @@ def export_cmd(
 def verify_cmd(
     path: Path = typer.Argument(..., help="Bundle folder."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show progress."),
+    golden: bool = typer.Option(True, "--golden/--no-golden", help="Also load the model and "
+                                "recompute the golden vectors (default on)."),
 ) -> None:
-    """Recompute every checksum; exit 1 and name each bad, missing or unexpected file."""
+    """Recompute every checksum and check every weight header; then load the model and recompute
+    its golden vectors. Exit 1 and name each bad, missing or unexpected file or value."""
+    from qponder_mlx.export.golden import verify_folder
     from qponder_mlx.export.manifest import MANIFEST
     from qponder_mlx.export.verify import verify_bundle
 
@@ -117,13 +125,20 @@ def verify_cmd(
         total = len(json.loads((path / MANIFEST).read_text()).get("files", {}))
     with progress_bar(total, "verify", unit="file", enabled=progress) as advance:
         result = verify_bundle(path, on_file=lambda name, size: advance())
+    golden_line = ""
+    if result.ok and golden and result.manifest is not None:
+        if result.manifest.get("golden"):
+            result.problems += verify_folder(path, result.manifest)
+            golden_line = "; golden vectors recomputed and matched"
+        else:
+            golden_line = "; no golden vectors (bundle made before they existed)"
     if not result.ok:
         for p in result.problems:
             typer.secho(f"error: {p}", err=True, fg=typer.colors.RED)
         typer.echo(f"FAILED: {len(result.problems)} problem(s) in {path}", err=True)
         raise typer.Exit(1)
     typer.echo(f"OK: {result.files_checked} files, {result.bytes_checked / 1e6:.1f} MB match "
-               f"{path / MANIFEST}")
+               f"{path / MANIFEST}{golden_line}")
 
 
 @bundle_app.command("info")

@@ -24,10 +24,14 @@ from pathlib import Path
 import mlx.core as mx
 
 from qponder_mlx.images import PixelPolicy
+from qponder_mlx.io import atomic_write_json
 from qponder_mlx.model import LoadedModel, ModelLoadError, load_model, resolve_model_path
 from qponder_mlx.prompts import PROMPT_VERSION
 
 from . import agreement as agree
+from . import golden as gold
+from . import swift_compat
+from .app_contract import preprocessing_section, tokens_section
 from .config import ExportConfig
 from .fuse import fuse_lora
 from .manifest import (
@@ -179,6 +183,36 @@ def _write_model(model, config: dict, base: Path, out: Path, pixels: PixelPolicy
     _apply_pixel_policy(out, pixels)
 
 
+def _write_golden(bundled: LoadedModel, folder: Path, pixels: PixelPolicy) -> dict:
+    doc = gold.compute(bundled, pixels)
+    (folder / gold.GOLDEN_DIR).mkdir()
+    for name in gold.GOLDEN_IMAGES:
+        shutil.copyfile(gold.ASSETS / name, folder / gold.GOLDEN_DIR / name)
+    atomic_write_json(folder / gold.GOLDEN_FILE, doc)
+    return doc
+
+
+def _golden_section(doc: dict) -> dict:
+    return {"file": gold.GOLDEN_FILE, "images": [e["image"] for e in doc["images"]],
+            "reason_tokens": gold.REASON_TOKENS, "tolerance": doc["tolerance"],
+            "computed_with": doc["computed_with"],
+            "check": "qponder bundle verify recomputes them; an app self-tests against them "
+                     "(docs/export.md)"}
+
+
+def _swift_section(cfg: ExportConfig, quant: dict) -> dict:
+    src = swift_compat.SWIFT_SOURCE
+    if cfg.target != "mlx-swift":
+        return {"target": cfg.target, "check": "skipped (--target python)"}
+    return {"target": "mlx-swift", "check": "passed",
+            "requires": f"{src['repo']} ({src['library']}) >= {src['min_version']}",
+            "checked_against": {"repo": src["repo"], "tag": src["min_version"],
+                                "commit": src["commit"], "files": src["files"]},
+            "not_verified_in_mlx_swift": swift_compat.unverified(
+                quant.get("spec"), bool(quant.get("quantize_vision"))),
+            "compiled": False}
+
+
 def export_bundle(cfg: ExportConfig, *, progress: bool = True,
                   log: Callable[[str], None] = lambda _: None) -> ExportResult:
     """Fuse, quantize, check and write the bundle at `cfg.out` (see the module docstring)."""
@@ -193,6 +227,10 @@ def export_bundle(cfg: ExportConfig, *, progress: bool = True,
     calib = agree.load_calibration(cfg.calibration, cfg.calibration_limit) \
         if cfg.agreement else None
     base_config = json.loads((base / "config.json").read_text())
+    if cfg.target == "mlx-swift":  # the base's own keys, before minutes of work
+        pp = base / "preprocessor_config.json"
+        swift_compat.refuse(swift_compat.check_base(
+            base_config, json.loads(pp.read_text()) if pp.is_file() else None))
 
     log(f"loading {cfg.model}" + (f" + adapter {adapter}" if adapter else ""))
     ref = load_model(cfg.model, adapter)
@@ -210,16 +248,23 @@ def export_bundle(cfg: ExportConfig, *, progress: bool = True,
         _write_model(model, config, base, tmp, pixels)
         del model, ref
         _release_memory()
+        if cfg.target == "mlx-swift":
+            swift_compat.refuse_unless_loadable(tmp)
+            log("MLX Swift check passed (mlx-swift-lm >= "
+                f"{swift_compat.SWIFT_SOURCE['min_version']} requirements)")
 
+        mx.reset_peak_memory()
+        bundled = load_model(str(tmp))
         agreement = None
         if calib is not None:
-            mx.reset_peak_memory()
-            bundled = load_model(str(tmp))
             bundle_run = agree.run_model(bundled, calib, cfg, "bundle", progress=progress)
             agreement = agree.compare(ref_run, bundle_run, calib, cfg)
             agreement["peak_memory_bytes_bundle"] = mx.get_peak_memory()
-            del bundled
-            _release_memory()
+        tokens = tokens_section(bundled)
+        golden = _write_golden(bundled, tmp, pixels)
+        log(f"golden vectors: {len(golden['images'])} images in {gold.GOLDEN_FILE}")
+        del bundled
+        _release_memory()
 
         files = file_table(tmp)
         size = sum(f["size"] for f in files.values())
@@ -234,7 +279,11 @@ def export_bundle(cfg: ExportConfig, *, progress: bool = True,
             "prompt": prompt_section(),
             "response": response_section(),
             "generation": generation_section(),
-            "pixels": pixels_section(pixels),
+            "tokens": tokens,
+            "pixels": {**pixels_section(pixels), "preprocessing": preprocessing_section(
+                pixels, json.loads((tmp / "preprocessor_config.json").read_text()))},
+            "golden": _golden_section(golden),
+            "mlx_swift": _swift_section(cfg, qreport.to_dict()),
             "base_model": {**base_identity(base),
                            "quantization": base_config.get("quantization")},
             "adapter": _adapter_section(adapter, fused),

@@ -8,6 +8,9 @@ from qponder_mlx.images import PixelPolicy
 from qponder_mlx.model import DEFAULT_MODEL
 
 Q_MODES = ("affine", "mxfp4")
+# "mlx-swift": refuse a bundle MLX Swift's Qwen2.5-VL loader would not load (swift_compat.py);
+# "python": mlx-vlm only, no such check.
+TARGETS = ("mlx-swift", "python")
 AFFINE_BITS = (2, 3, 4, 5, 6, 8)  # what mx.quantize packs in affine mode
 # MLX's defaults per mode (mlx_vlm.quant_utils.QUANTIZATION_MODE_DEFAULTS); mxfp4 allows only
 # these: 32-element blocks sharing one 8-bit power-of-two scale, 4-bit floats inside.
@@ -43,6 +46,7 @@ class ExportConfig:
     q_mode: str = "affine"
     quantize_vision: bool = False
     force: bool = False  # replace a non-empty --out
+    target: str = "mlx-swift"  # who must load the bundle: "mlx-swift" (checked) or "python"
     # Agreement report: bundle vs the unfused model, on a labelled calibration set.
     agreement: bool = True
     calibration: str | None = None  # label file; None = the CC0 set shipped with qponder
@@ -82,6 +86,9 @@ class ExportConfig:
             raise ExportConfigError(f"min_pixels/max_pixels: {e}") from None
 
     def validate(self) -> None:
+        if self.target not in TARGETS:
+            raise ExportConfigError(f"target {self.target!r}: expected one of "
+                                    f"{', '.join(TARGETS)}")
         self.quant_spec()
         self.pixels()
         for name in ("reason_images", "batch_size", "reason_max_tokens"):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import stat
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
@@ -19,6 +20,7 @@ from .manifest import (
     read_checksum_line,
     sha256_file,
 )
+from .safetensors_header import HeaderError, read_header
 
 # Files an OS or a file manager drops into folders on its own; never part of the model.
 IGNORED = {".DS_Store", "Thumbs.db", "desktop.ini"}
@@ -96,6 +98,26 @@ def _safe(rel: str) -> bool:
     return bool(rel) and not p.is_absolute() and ".." not in p.parts and "\\" not in rel
 
 
+def _not_regular(folder: Path, rel: str) -> str | None:
+    """Why `folder/rel` is not a plain file inside the bundle, or None if it is one.
+
+    A symlink can point anywhere (a weight "file" that is really /dev/zero, or a file outside
+    the bundle that changes later) and a directory crashes the loader after verify said OK.
+    """
+    path = folder
+    for part in PurePosixPath(rel).parts:
+        path = path / part
+        try:
+            mode = path.lstat().st_mode
+        except FileNotFoundError:
+            return "missing"
+        if stat.S_ISLNK(mode):
+            return "a symbolic link"
+    if stat.S_ISDIR(mode):
+        return "a folder"
+    return None if stat.S_ISREG(mode) else "not a regular file"
+
+
 def verify_bundle(folder: str | Path, *,
                   on_file: Callable[[str, int], None] | None = None) -> VerifyResult:
     """Recompute every checksum; report missing, changed, resized and unexpected files.
@@ -117,9 +139,14 @@ def verify_bundle(folder: str | Path, *,
         if not _safe(rel) or not isinstance(entry, dict):
             result.problems.append(f"{folder / MANIFEST}: bad file entry {rel!r}")
             continue
-        if not path.is_file():
+        why = _not_regular(folder, rel)
+        if why == "missing":
             result.problems.append(f"{path}: missing (listed in {MANIFEST}) — the bundle is "
                                    "incomplete; copy it again or re-export")
+            continue
+        if why is not None:
+            result.problems.append(f"{path}: {why}, not a plain file — copy the bundle without "
+                                   "links (cp -R, not cp -s) or re-export it")
             continue
         size = path.stat().st_size
         if size != entry.get("size"):
@@ -129,6 +156,13 @@ def verify_bundle(folder: str | Path, *,
         if sha256_file(path) != entry.get("sha256"):
             result.problems.append(f"{path}: sha256 differs from the manifest — the file was "
                                    "changed or corrupted; re-export the bundle")
+        elif rel.endswith(".safetensors"):
+            # A matching checksum only says the file is the one exported; the header is what a
+            # loader trusts for sizes, so it is checked before anything loads it.
+            try:
+                read_header(path)
+            except HeaderError as e:
+                result.problems.append(str(e))
         result.files_checked += 1
         result.bytes_checked += size
         if on_file:

@@ -114,6 +114,11 @@ def tiny_config(vocab_size: int, ids: dict[str, int], *, hidden_size: int, num_l
         "max_position_embeddings": 32768,
         "rope_theta": 1000000.0,
         "rope_scaling": {"type": "mrope", "mrope_section": mrope},
+        # Required by MLX Swift's Qwen25VLConfiguration (mlx-swift-lm Qwen25VL.swift), values as
+        # in Qwen2.5-VL-3B-Instruct's config.json; mlx-vlm ignores them.
+        "sliding_window": 32768,
+        "use_sliding_window": False,
+        "max_window_layers": 70,
         # Untied: with tied random embeddings the model just echoes its last input token.
         "tie_word_embeddings": False,
         "torch_dtype": "float32",
