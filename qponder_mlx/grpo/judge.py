@@ -7,8 +7,8 @@ E[first decimal]/10, the decimal read after appending the most likely leading di
 (the expected read-out's formula). The whole group is ONE batched forward pass: rows are
 right-padded, which causal attention makes harmless, and each row's logits are read at its own
 last real position; the two appended tokens run on its cache with the padding masked out.
-The rows' common head (chat template + judge prompt: ~100 of ~160 tokens per row for the
-reproduction's student) runs once and its keys/values are repeated for every row, as the
+The rows' common head (chat template + judge prompt: ~100 of ~160 tokens per row for a ~40-token
+reasoning, bench/judge_speed.py) runs once and its keys/values are repeated for every row, as the
 rollout does with an image's prompt — the same attention, ~60 % less work.
 """
 

@@ -202,6 +202,6 @@ def run_grpo(cfg: GRPOConfig, *, resume: bool = False, loaded: LoadedModel | Non
 
 
 def metric_curve(run_dir: str | Path, key: str = "reward_mean") -> np.ndarray:
-    """One logged training metric per step (for tests and the reproduction report)."""
+    """One logged training metric per step (for tests and reports)."""
     rows = read_jsonl(Path(run_dir) / METRICS_FILE)
     return np.array([r[key] for r in rows if r.get("kind") == "train"], dtype=float)

@@ -70,10 +70,10 @@ RESUME_MUST_MATCH = ("model", "data", "lora", "quantize_base", "quantize_group_s
 def sft_loss_sum(model: nn.Module, batch: Batch) -> mx.array:
     """Summed cross-entropy of the supervised tokens of a batch (divide by n_supervised).
 
-    With a shared prefix (`Batch.shared_prefix`: the system prompt and instruction, ~2/3 of a
-    reproduction row) the prefix runs once and its keys/values are repeated for every row; the
-    gradient through the repeat sums the rows' contributions, so loss and gradient are those
-    of the full rows (tested), for fewer FLOPs."""
+    With a shared prefix (`Batch.shared_prefix`: the system prompt and instruction, about half of a
+    short cold-start row, bench/sft_step_speed.py) the prefix runs once and its keys/values are
+    repeated for every row; the gradient through the repeat sums the rows' contributions, so loss
+    and gradient are those of the full rows (tested), for fewer FLOPs."""
     feats = model.get_input_embeddings(batch.input_ids, batch.pixel_values,
                                        image_grid_thw=batch.image_grid_thw,
                                        mask=batch.attention_mask,
