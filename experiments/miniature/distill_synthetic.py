@@ -38,11 +38,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         parse_bias(args.bias)
         samples, problems = read_labels(args.data)
+        # in the try: a --labels file it cannot read is a one-line error too
+        teacher = SyntheticTeacher(args.labels, temperature=args.temperature, bias=args.bias,
+                                   coarse=args.coarse)
     except (ValueError, LabelError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    teacher = SyntheticTeacher(args.labels, temperature=args.temperature, bias=args.bias,
-                               coarse=args.coarse)
     # "local": an in-process teacher; its name in every row is the stand-in's own.
     cfg = DistillConfig(teacher="local", teacher_model=teacher.model,
                         samples_per_image=args.samples_per_image, temperature=args.temperature,

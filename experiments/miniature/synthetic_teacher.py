@@ -1,4 +1,4 @@
-"""Teacher backend: a SYNTHETIC stand-in for a large VLM, for `qponder dev synth-iqa` sets only.
+"""Teacher backend: a SYNTHETIC stand-in for a large VLM, for synth_iqa.py sets only.
 
 Offline there is no 72B teacher. For a KADID-style synthetic set the truth about each image is
 known: which distortion was applied and how strongly. This teacher writes reasoning from that
@@ -19,12 +19,12 @@ distortion's levels in three bins, {1, 2}, {3} and {4, 5}: it describes a level 
 bin and scores the bin's mean MOS, so levels inside a bin get the same answer on average. The
 finer order is in the human MOS only — what GRPO's reward can add (History AZ).
 
-Used by the miniature reproduction (bench/reproduce.py) and tests; never a real teacher. Its
+Used by the miniature reproduction (distill_synthetic.py) and tests; never a real teacher. Its
 `model` name starts with "synthetic-" and lands in every row's `teacher_model`.
 
-Where the facts come from: the label rows' `distortion` and `level` fields (synth-iqa writes
-them), looked up by sample id in the label file given as `--teacher-model`, or else in the
-`labels.jsonl` found in the image's folder or the one above it (synth-iqa's layout).
+Where the facts come from: the label rows' `distortion` and `level` fields (synth_iqa.py writes
+them), looked up by sample id in the label file given as `--labels`, or else in the
+`labels.jsonl` found in the image's folder or the one above it (synth_iqa.py's layout).
 """
 
 from __future__ import annotations
@@ -115,7 +115,7 @@ QUALITY_WORDS = [(4.5, "excellent"), (3.5, "good"), (2.5, "fair"), (1.5, "poor")
 
 
 def parse_bias(text: str) -> dict[str, float]:
-    """"noise=+0.5,blur=-0.4" -> {"noise": 0.5, "blur": -0.4}; "" -> {}. Types are synth-iqa's."""
+    """"noise=+0.5,blur=-0.4" -> {"noise": 0.5, "blur": -0.4}; "" -> {}. Types are synth's."""
     out: dict[str, float] = {}
     for part in filter(None, (p.strip() for p in text.split(","))):
         kind, _, value = part.partition("=")
@@ -125,7 +125,7 @@ def parse_bias(text: str) -> dict[str, float]:
         except ValueError:
             offset = float("nan")
         if kind not in LEVEL_MOS or not abs(offset) < 4 or kind in out:
-            raise ValueError(f"synthetic_bias: bad entry {part!r} — write TYPE=OFFSET pairs, "
+            raise ValueError(f"--bias: bad entry {part!r} — write TYPE=OFFSET pairs, "
                              f"each type once ({', '.join(LEVEL_MOS)}), offsets on the 1-5 "
                              "scale, e.g. 'noise=+0.5,blur=-0.4'")
         out[kind] = offset
@@ -172,14 +172,14 @@ def read_level(text: str) -> tuple[str, int] | None:
 
 
 def read_metadata(path: str | Path) -> dict[str, tuple[str, int]]:
-    """{id and resolved image path: (distortion, level)} from a synth-iqa label file."""
+    """{id and resolved image path: (distortion, level)} from a synth_iqa.py label file."""
     path = Path(path)
     out: dict[str, tuple[str, int]] = {}
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
     except OSError as e:
         raise ValueError(f"{path}: cannot read the synthetic teacher's label file "
-                         f"({e.strerror or e}) — pass a `qponder dev synth-iqa` labels.jsonl") \
+                         f"({e.strerror or e}) — pass the labels.jsonl of a synth_iqa.py set") \
             from None
     for line in lines:
         try:
@@ -247,7 +247,7 @@ class SyntheticTeacher:
             prompt: TeacherPrompt) -> TeacherReply:
         if image is None:
             raise TeacherError(f"{sample.id}: no distortion/level for this image — the synthetic "
-                               "teacher only knows `qponder dev synth-iqa` sets", "no_metadata")
+                               "teacher only knows synth_iqa.py sets", "no_metadata")
         distortion, level = image
         with self._lock:
             attempt = self._asked[sample.id]

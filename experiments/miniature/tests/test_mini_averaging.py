@@ -1,7 +1,5 @@
 """WeightAverage: the running mean against numpy's mean, its schedule, and its checkpoint state."""
 
-import importlib
-
 import mlx.core as mx
 import numpy as np
 import pytest
@@ -59,25 +57,3 @@ def test_restore_picks_up_the_saved_mean_and_refuses_a_changed_schedule(tmp_path
     fresh.restore(tmp_path, {})
     assert fresh.count == 0 and fresh.weights() is None
 
-
-def test_bench_average_adapters_writes_the_mean_of_adapter_folders(tmp_path):
-    import json
-
-
-    tool = importlib.import_module("average_adapters")
-    pts = _points(3, seed=1)
-    dirs = []
-    for i, p in enumerate(pts):
-        d = tmp_path / f"a{i}"
-        d.mkdir()
-        mx.save_safetensors(str(d / "adapters.safetensors"), {k: mx.array(v) for k, v in p.items()})
-        (d / "adapter_config.json").write_text(json.dumps({"rank": i}))
-        dirs.append(d)
-    assert tool.main([str(tmp_path / "out"), *map(str, dirs)]) == 0
-    got = mx.load(str(tmp_path / "out" / "adapters.safetensors"))
-    for k in ("a", "b"):
-        np.testing.assert_allclose(np.array(got[k]), np.mean([p[k] for p in pts], axis=0),
-                                   rtol=1e-5, atol=1e-5)
-    assert json.loads((tmp_path / "out" / "adapter_config.json").read_text()) == {"rank": 0}
-    with pytest.raises(SystemExit, match="missing"):
-        tool.main([str(tmp_path / "o2"), str(tmp_path / "nowhere")])

@@ -1,4 +1,4 @@
-"""bench/grpo_coherence.py: the coherence estimate (hand examples, a simulated signal + noise)
+"""grpo_coherence.py: the coherence estimate (hand examples, a simulated signal + noise)
 and the batch gradient it is built on (GRPO's gradient of one rollout, replayed by its seed)."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""bench/reproduce.py at toy scale: every stage runs through our commands, every artefact appears,
+"""reproduce.py at toy scale: every stage runs through our commands, every artefact appears,
 the table's numbers are the eval reports' numbers, and a rerun resumes instead of redoing work.
 
 Whether the miniature reproduction *learns* is the bench's business (docs/reproduction.md), not
@@ -34,12 +34,12 @@ hidden_size = 64
 vision_hidden = 320
 vision_depth = 3
 vision_stem = "dct"
-whiten = true        # qponder dev whiten-stem over the train images
+whiten = true        # whiten_stem.py over the train images
 [distill]
 samples_per_image = 1
 views = 1            # cold start on the centre views only; GRPO on every view
 photos = "astronaut" # ... of one of the two train photos
-bias = "noise=+0.3"  # a miscalibrated teacher reaches `qponder distill`
+bias = "noise=+0.3"  # a miscalibrated teacher reaches distill_synthetic.py
 [eval]
 batch_size = 16
 max_tokens = 8
@@ -94,26 +94,35 @@ def test_toy_pipeline_writes_every_artefact_and_resumes(reproduce, tmp_path, cap
     assert "<polyline" in (out / "figures" / "repro_grpo_rewards.svg").read_text() or \
         "<circle" in (out / "figures" / "repro_grpo_rewards.svg").read_text()
     commands = (out / "commands.sh").read_text()
-    for cmd in ["qponder dev synth-iqa", "qponder distill", "--teacher synthetic",
-                "qponder train --stage sft", "qponder train --stage grpo", "--mode fast",
-                "--mode reason", "--no-progress --seed 0"]:
-        assert cmd in commands
+    synth_iqa, whiten, distill, train_grpo = (f"python {ROOT / s} " for s in (
+        "synth_iqa.py", "whiten_stem.py", "distill_synthetic.py", "train_grpo.py"))
+    for cmd in [synth_iqa, distill, "qponder train --stage sft", train_grpo, "qponder eval",
+                "--mode fast", "--mode reason", "--no-progress --seed 0"]:
+        assert cmd in commands, cmd
+    # the product's commands for what the product has; the miniature's own scripts otherwise
+    assert "qponder dev" not in commands and "qponder distill" not in commands
+    assert "qponder train --stage grpo" not in commands
 
     # The student's image tokens were whitened over the 60 train images (2 photos x 2 views x
     # 15), before anything trained on it
     assert json.loads((out / "student_base" / "whitening.json").read_text())["images"] == 60
-    assert commands.index("qponder dev whiten-stem") < commands.index("qponder distill")
+    assert commands.index(synth_iqa) < commands.index(whiten) < commands.index(distill) \
+        < commands.index("qponder train --stage sft") < commands.index(train_grpo) \
+        < commands.index("qponder eval")
 
     # Cold-start subset: the teacher saw only astronaut's own view (15 images), GRPO every view of
     # both train photos (+ 1 crop each: 60 rows).
     cold = [json.loads(x) for x in (out / "data" / "cold_start.jsonl").open()]
     assert len(cold) == 15 and all(r["view"] == r["reference"] == "astronaut" for r in cold)
     assert json.loads((out / "distill" / "train.summary.json").read_text())["total"] == 15
-    assert "distill --data " + str(out / "data" / "cold_start.jsonl") in commands
-    assert "--synthetic-bias noise=+0.3" in commands
+    assert distill + "--data " + str(out / "data" / "cold_start.jsonl") in commands
+    assert "--bias noise=+0.3" in commands
     assert all("noise+0.30" in r["teacher_model"] for r in read_jsonl(out / "distill" /
                                                                        "train.jsonl"))
-    assert "--data " + str(out / "data" / "train.jsonl") in commands.split("--stage grpo")[1]
+    assert "--data " + str(out / "data" / "train.jsonl") in commands.split(train_grpo)[1]
+    # GRPO's done-marker, written last by train_grpo.py: one averaged step, its last weights kept
+    marker = json.loads((out / "grpo" / "miniature.json").read_text())
+    assert marker["averaged_steps"] == 1 and marker["adapters_last"].endswith("adapters_last")
     # sft_set reaches the trainer as --set flags, over the train TOML
     assert json.loads((out / "sft" / "summary.json").read_text())["steps"] == 3
 
@@ -178,7 +187,7 @@ def test_toy_pipeline_writes_every_artefact_and_resumes(reproduce, tmp_path, cap
     # A rerun finds every stage done: no command runs again, the table is rebuilt.
     assert reproduce.main(argv) == 0
     again = capsys.readouterr().out
-    assert "done earlier" in again and "$ qponder" not in again
+    assert "done earlier" in again and "$ qponder" not in again and "$ python" not in again
     assert (out / "commands.sh").read_text() == commands
     # A stage redone from scratch (its output deleted, as GRPO-only variants do) records its
     # own time, not the sum with the stale one
@@ -224,92 +233,39 @@ def test_pipeline_base_fills_what_the_variant_leaves_out(reproduce, tmp_path):
     with pytest.raises(reproduce.ConfigError, match=r"main.toml: base w.toml leads back to itself "
                        r"\(w.toml -> v.toml -> main.toml -> w.toml\)"):
         reproduce.load_pipeline(tmp_path / "w.toml")
-    # the shipped variants load over the shipped recipe
-    bench = ROOT / "bench"
-    main, old = (reproduce.load_pipeline(bench / f"repro_pipeline{v}.toml") for v in ("", "_128"))
-    cold = reproduce.load_pipeline(bench / "repro_pipeline_cold.toml")
-    assert (main.student.hidden_size, old.student.hidden_size, cold.student.hidden_size) == \
-        (256, 128, 256)
-    assert (main.grpo_set, old.grpo_set, cold.distill.views) == (
-        ["iters=60", "average_every=10", "train_decimals=false"], [], 5)
-    # the student is whitened since History AP; every variant measured before pins it off
-    assert main.student.whiten
-    # SFT runs 1500 steps since History AT; every variant measured before pins 1000 (or its own;
-    # the 384-wide one measured 1500 steps too)
-    assert main.sft_set == ["iters=1500"]
-    # variants measured since History AT change GRPO only: whitened, SFT 1500 from the base
-    since_at = {"repro_pipeline_noans.toml", "repro_pipeline_noans_lr3.toml",
-                "repro_pipeline_bscale.toml", "repro_pipeline_acc_only.toml",
-                "repro_pipeline_judge2.toml",
-                "repro_pipeline_expread.toml", "repro_pipeline_nocons.toml",
-                "repro_pipeline_judge_reference.toml", "repro_pipeline_acc_only_lr5.toml",
-                "repro_pipeline_expread_nocons.toml", "repro_pipeline_b48.toml",
-                "repro_pipeline_b256.toml", "repro_pipeline_b256_nocons.toml"}
-    # the shipped recipe with another teacher (AX: miscalibrated, AY: on 7 photos, AZ: coarse,
-    # BD: perfect), some with the GRPO decimals back in
-    teacher_only = {"repro_pipeline_biased.toml", "repro_pipeline_biased_dec.toml",
-                    "repro_pipeline_teacher7.toml", "repro_pipeline_coarse.toml",
-                    "repro_pipeline_coarse1.toml", "repro_pipeline_teacher0.toml"}
-    # AX's teacher with another GRPO setting (BA: 120 steps, BB: no consistency reward,
-    # BC: lr and KL x3, BE: two updates per rollout, BF: no KL, BG: rank reward x3,
-    # BH: BG with BE, BI: one distortion type per GRPO batch, BJ: a threshold accuracy reward,
-    # BL: the output head only, BM: the judge reading the decimal, BN: BM + reasoning reward,
-    # CA: 256 images per step without consistency, CB: 128, CC: CB shipping the last step,
-    # CD: CB for 30 steps, CE: CB with a reasoning reward)
-    ax_grpo = {"repro_pipeline_biased_dec120.toml", "repro_pipeline_biased_dec_nocons.toml",
-               "repro_pipeline_biased_dec_lr3kl3.toml", "repro_pipeline_biased_dec_mu2.toml",
-               "repro_pipeline_biased_dec_kl0.toml", "repro_pipeline_biased_dec_rank3.toml",
-               "repro_pipeline_biased_dec_rank3_mu2.toml", "repro_pipeline_biased_dec_bytype.toml",
-               "repro_pipeline_biased_dec_thresh.toml", "repro_pipeline_biased_dec_head.toml",
-               "repro_pipeline_biased_dec_judge2.toml", "repro_pipeline_biased_dec_reason.toml",
-               "repro_pipeline_biased_dec_b256_nocons.toml",
-               "repro_pipeline_biased_dec_b128_nocons.toml",
-               "repro_pipeline_biased_dec_b128_nocons_last.toml",
-               "repro_pipeline_biased_dec_b128_nocons_i30.toml",
-               "repro_pipeline_biased_dec_b128_reason.toml"}
-    # the shipped recipe with the budget moved from SFT to GRPO (BK: SFT 500, GRPO 140)
-    split = {"repro_pipeline_short_cold.toml"}
-    biased = reproduce.load_pipeline(bench / "repro_pipeline_biased.toml")
-    # the shipped recipe with GRPO's MOS permuted across its rows (BW)
-    labels_null = {"repro_pipeline_shuffled_mos.toml"}
-    sft1500 = {"repro_pipeline_whiten_sft1500.toml", "repro_pipeline_384_sft1500.toml", *since_at,
-               *labels_null,
-               *teacher_only, *ax_grpo}
-    for variant in sorted(bench.glob("repro_pipeline_*.toml")):
-        cfg = reproduce.load_pipeline(variant)
-        assert cfg.student.whiten == ("whiten" in variant.name or
-                                      variant.name in since_at | teacher_only | ax_grpo | split
-                                      | labels_null), \
-            variant.name
-        if variant.name in teacher_only:
-            assert cfg.distill != main.distill and dataclasses.replace(
-                cfg, base="", distill=main.distill,
-                grpo_set=[x.replace("decimals=true", "decimals=false") for x in cfg.grpo_set]) \
-                == main, variant.name
-        if variant.name in ax_grpo:
-            assert cfg.distill == biased.distill and cfg.grpo_set != biased.grpo_set
-            assert dataclasses.replace(cfg, base="", distill=main.distill,
-                                       grpo_set=main.grpo_set) == main, variant.name
-        if variant.name in split:
-            assert cfg.sft_set != main.sft_set and cfg.grpo_set != main.grpo_set
-            assert dataclasses.replace(cfg, base="", sft_set=main.sft_set,
-                                       grpo_set=main.grpo_set) == main, variant.name
-        if variant.name in since_at:
-            assert (dataclasses.replace(cfg, base="", grpo_set=main.grpo_set) == main), \
-                variant.name
-        if variant.name in labels_null:
-            assert cfg.grpo_shuffled_mos and not main.grpo_shuffled_mos
-            assert dataclasses.replace(cfg, base="", grpo_shuffled_mos=False) == main
-        assert (cfg.sft_set == ["iters=1500"]) == (variant.name in sft1500), variant.name
-    alias = reproduce.load_pipeline(bench / "repro_pipeline_whiten_sft1500.toml")
-    assert dataclasses.replace(alias, base="") == main  # the name the first runs used
-    previous = reproduce.load_pipeline(bench / "repro_pipeline_whiten_nodec.toml")
-    assert dataclasses.replace(previous, base="", sft_set=["iters=1500"]) == main
-    # the 384-wide variants were measured on GRPO's last step: they pin it over the base's mean
-    assert reproduce.load_pipeline(bench / "repro_pipeline_384.toml").grpo_set == ["iters=60"]
-    short = reproduce.load_pipeline(bench / "repro_pipeline_short_sft.toml")
-    assert (short.sft_set, short.grpo_set, short.student.hidden_size) == \
-        (["iters=500"], ["iters=100"], 256)
+    # the shipped recipe and its variants (configs/): each variant holds only what it changes
+    conf = ROOT / "configs"
+    main = reproduce.load_pipeline(conf / "pipeline.toml")
+    assert (main.student.hidden_size, main.student.whiten, main.sft_set, main.grpo_set) == (
+        256, True, ["iters=1500"], ["iters=60", "average_every=10", "train_decimals=false"])
+    # History AX: the shipped recipe with a miscalibrated teacher, nothing else changed
+    biased = reproduce.load_pipeline(conf / "biased_teacher.toml")
+    assert biased.distill.bias and biased.distill != main.distill
+    assert dataclasses.replace(biased, base="", distill=main.distill) == main
+    # CB (128 images per GRPO step) and CD (CB for 30 steps): AX's teacher, another GRPO
+    b128, b128_30 = (reproduce.load_pipeline(conf / f"biased_teacher_b128{v}.toml")
+                     for v in ("", "_30steps"))
+    for cfg in (b128, b128_30):
+        assert cfg.distill == biased.distill and cfg.grpo_set != biased.grpo_set
+        assert dataclasses.replace(cfg, base="", distill=main.distill,
+                                   grpo_set=main.grpo_set) == main
+    assert [x for x in b128_30.grpo_set if x != "iters=30"] == \
+        [x for x in b128.grpo_set if x != "iters=20"] and "iters=30" in b128_30.grpo_set
+    assert sorted(p.name for p in conf.glob("*.toml")) == [
+        "biased_teacher.toml", "biased_teacher_b128.toml", "biased_teacher_b128_30steps.toml",
+        "grpo.toml", "pipeline.toml", "sft.toml"]
+    # every recipe's --set flags are settings the trainers know, over the train TOMLs they name
+    from train_grpo import MiniatureGRPOConfig
+
+    from qponder_mlx.train.config import SFTConfig, load_config, parse_set_flags
+
+    for cfg in (main, biased, b128, b128_30):
+        sft = load_config(SFTConfig, conf / cfg.sft_config, parse_set_flags(cfg.sft_set))
+        grpo = load_config(MiniatureGRPOConfig, conf / cfg.grpo_config,
+                           parse_set_flags(cfg.grpo_set))
+        assert sft.iters == 1500 and grpo.average_every in (5, 10)
+    assert (grpo.iters, grpo.batch_size, grpo.train_decimals, grpo.judge_decimals,
+            grpo.rewards.consistency_weight) == (30, 128, True, False, 0.0)
 
 
 def test_shuffled_mos_rows_permute_the_labels_only(reproduce):

@@ -15,10 +15,8 @@ from stem_whitening import (
     whitening,
 )
 from synth import center_crop, load_cc0_photo, write_set
-from typer.testing import CliRunner
-from vision_stem import STEM_HIDDEN
-
-from qponder_mlx.testing import build_tiny_model
+from vision_stem import STEM_HIDDEN, build_student
+from whiten_stem import main as whiten_stem
 
 
 def _correlated(n: int, d: int, rank: int, seed: int = 0) -> np.ndarray:
@@ -69,8 +67,8 @@ def image_set(tmp_path_factory):
 
 
 def test_whitened_merger_gives_the_tokens_the_transform_predicts(tmp_path, image_set):
-    model = build_tiny_model(tmp_path / "m", hidden_size=32, vision_hidden=STEM_HIDDEN,
-                             vision_depth=3, vision_stem="dct")
+    model = build_student(tmp_path / "m", hidden_size=32, vision_hidden=STEM_HIDDEN,
+                          vision_depth=3, vision_stem="dct")
     images = images_of(image_set)
     before = image_token_means(model, images)
     t, mu, k = whitening(before)
@@ -88,16 +86,13 @@ def test_whitened_merger_gives_the_tokens_the_transform_predicts(tmp_path, image
         whiten_merger(model, images)
 
 
-def test_cli_whitens_once_and_names_the_problem(tmp_path, image_set):
-    from qponder_mlx.cli.main import app
-
-    model = build_tiny_model(tmp_path / "m", hidden_size=32, vision_hidden=STEM_HIDDEN,
-                             vision_depth=3, vision_stem="dct")
-    r = CliRunner().invoke(app, ["dev", "whiten-stem", str(model), "--data", str(image_set)])
-    assert r.exit_code == 0, r.output
-    assert "whitened over 15 images" in r.output and (model / RECORD).exists()
-    again = CliRunner().invoke(app, ["dev", "whiten-stem", str(model), "--data", str(image_set)])
-    assert again.exit_code == 2 and "already whitened" in again.output
-    missing = CliRunner().invoke(app, ["dev", "whiten-stem", str(tmp_path / "m2"),
-                                       "--data", str(image_set)])
-    assert missing.exit_code == 2 and "model.safetensors is missing" in missing.output
+def test_cli_whitens_once_and_names_the_problem(tmp_path, image_set, capsys):
+    model = build_student(tmp_path / "m", hidden_size=32, vision_hidden=STEM_HIDDEN,
+                          vision_depth=3, vision_stem="dct")
+    assert whiten_stem([str(model), "--data", str(image_set)]) == 0
+    assert "whitened over 15 images" in capsys.readouterr().out and (model / RECORD).exists()
+    assert whiten_stem([str(model), "--data", str(image_set)]) == 2
+    assert "already whitened" in capsys.readouterr().err
+    assert whiten_stem([str(tmp_path / "m2"), "--data", str(image_set)]) == 2
+    err = capsys.readouterr().err
+    assert "model.safetensors is missing" in err and len(err.strip().splitlines()) == 1

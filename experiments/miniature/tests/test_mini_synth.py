@@ -1,4 +1,4 @@
-"""KADID-style distortions at KADID's levels, and `qponder dev synth-iqa`."""
+"""KADID-style distortions at KADID's levels, and synth_iqa.py."""
 
 import json
 from pathlib import Path
@@ -6,10 +6,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
-from qponder_mlx.cli.main import app
 from scipy.ndimage import gaussian_filter
 from synth import LEVEL_MOS, LEVELS, crop_view, distort, view_index
-from typer.testing import CliRunner
+from synth_iqa import main as synth_iqa
 
 
 def _img(seed=0, size=64):
@@ -44,11 +43,10 @@ def test_jpeg_levels_get_worse_and_labels_are_monotone():
         distort(img, "contrast", 1)
 
 
-def test_synth_iqa_cli_splits_by_photo(tmp_path):
+def test_synth_iqa_cli_splits_by_photo(tmp_path, capsys):
     pytest.importorskip("skimage")
-    res = CliRunner().invoke(app, ["dev", "synth-iqa", str(tmp_path), "--size", "64",
-                                   "--photos", "astronaut,chelsea", "--test-photos", "chelsea"])
-    assert res.exit_code == 0, res.output
+    assert synth_iqa([str(tmp_path), "--size", "64", "--photos", "astronaut,chelsea",
+                      "--test-photos", "chelsea"]) == 0
     test = [json.loads(x) for x in (tmp_path / "test.jsonl").read_text().splitlines()]
     train = [json.loads(x) for x in (tmp_path / "train.jsonl").read_text().splitlines()]
     assert len(test) == len(train) == 15
@@ -57,16 +55,18 @@ def test_synth_iqa_cli_splits_by_photo(tmp_path):
     from qponder_mlx.labels import load_labels
     samples = load_labels(tmp_path / "test.jsonl")
     assert len(samples) == 15 and samples[0].mos == pytest.approx(LEVEL_MOS["blur"][0])
-    bad = CliRunner().invoke(app, ["dev", "synth-iqa", str(tmp_path / "x"), "--photos", "dog"])
-    assert bad.exit_code == 2 and "dog" in bad.output
+    capsys.readouterr()
+    assert synth_iqa([str(tmp_path / "x"), "--photos", "dog"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "--photos" in err and "dog" in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "x").exists()
 
 
 def test_synth_iqa_crops_only_for_train_photos(tmp_path):
     pytest.importorskip("skimage")
-    args = ["dev", "synth-iqa", "--size", "56", "--photos", "astronaut,chelsea",
-            "--test-photos", "chelsea", "--crops", "2", "--seed", "3"]
-    res = CliRunner().invoke(app, [*args[:2], str(tmp_path / "a"), *args[2:]])
-    assert res.exit_code == 0, res.output
+    args = ["--size", "56", "--photos", "astronaut,chelsea", "--test-photos", "chelsea",
+            "--crops", "2", "--seed", "3"]
+    assert synth_iqa([str(tmp_path / "a"), *args]) == 0
     def rows(split):
         return [json.loads(x) for x in (tmp_path / "a" / f"{split}.jsonl").read_text().splitlines()]
 
@@ -82,19 +82,17 @@ def test_synth_iqa_crops_only_for_train_photos(tmp_path):
     assert all(p.shape == (56, 56, 3) for p in pngs)
     assert not np.array_equal(pngs[0], pngs[1]) and not np.array_equal(pngs[1], pngs[2])
     # The same seed gives the same crops.
-    assert CliRunner().invoke(app, [*args[:2], str(tmp_path / "b"), *args[2:]]).exit_code == 0
+    assert synth_iqa([str(tmp_path / "b"), *args]) == 0
     again = np.asarray(Image.open(tmp_path / "b" / "images/astronaut_crop1_noise_1.png"))
     assert np.array_equal(again, pngs[2])
 
 
 def _synth_coffee_test(out: Path, photos: str, *, crops: int = 0, test_crops: int = 0,
                        seed: int = 0) -> Path:
-    """`qponder dev synth-iqa` at 56 px with coffee held out; returns the set's folder."""
-    res = CliRunner().invoke(app, ["dev", "synth-iqa", str(out), "--size", "56",
-                                   "--photos", photos, "--test-photos", "coffee",
-                                   "--crops", str(crops), "--test-crops", str(test_crops),
-                                   "--seed", str(seed)])
-    assert res.exit_code == 0, res.output
+    """synth_iqa.py at 56 px with coffee held out; returns the set's folder."""
+    assert synth_iqa([str(out), "--size", "56", "--photos", photos, "--test-photos", "coffee",
+                      "--crops", str(crops), "--test-crops", str(test_crops),
+                      "--seed", str(seed)]) == 0
     return out
 
 
@@ -136,5 +134,5 @@ def test_view_index_orders_the_photo_then_its_crops():
     assert view_index("astronaut", "astronaut_crop15") == 16
     # a photo whose own name holds "_crop" still parses: the photo's name is stripped first
     assert view_index("a_crop", "a_crop_crop3") == 4
-    # the inverse of the name synth-iqa gives each crop
+    # the inverse of the name synth_iqa.py gives each crop
     assert all(view_index("coins", crop_view("coins", k)) == k + 1 for k in range(20))

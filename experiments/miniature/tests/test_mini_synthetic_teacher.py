@@ -1,5 +1,5 @@
-"""The synthetic teacher (`qponder distill --teacher synthetic`): what it writes, how noisy it is,
-and that it runs behind the same interface, files and filtering as a real teacher."""
+"""The synthetic teacher (distill_synthetic.py): what it writes, how noisy it is, and that it
+runs behind the product's `Teacher` interface, files and filtering as a real teacher."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from distill_synthetic import main as distill_synthetic
 from PIL import Image
-from qponder_mlx.cli.main import app
 from synth import write_set
 from synthetic_teacher import (
     COMPRESSION,
@@ -23,9 +23,8 @@ from synthetic_teacher import (
     quality_word,
     read_level,
 )
-from typer.testing import CliRunner
 
-from qponder_mlx.distill import DistillConfig, build_teacher, run_distill, teacher_prompt
+from qponder_mlx.distill import DistillConfig, run_distill, teacher_prompt
 from qponder_mlx.io import read_jsonl
 from qponder_mlx.labels import Sample
 from qponder_mlx.prompts import parse_response
@@ -139,10 +138,8 @@ def test_guided_mode_centres_on_the_mos_it_is_shown():
 
 def test_distill_cli_with_the_synthetic_teacher(synth_set):
     out = synth_set.parent / "distill.jsonl"
-    res = CliRunner().invoke(app, ["distill", "--data", str(synth_set / "labels.jsonl"),
-                                   "--out", str(out), "--teacher", "synthetic",
-                                   "--temperature", "1.0"])
-    assert res.exit_code == 0, res.output
+    assert distill_synthetic(["--data", str(synth_set / "labels.jsonl"), "--out", str(out),
+                              "--temperature", "1.0"]) == 0
     kept, rejected = list(read_jsonl(out)), list(read_jsonl(synth_set.parent /
                                                             "distill.rejected.jsonl"))
     assert len(kept) + len(rejected) == 30 and kept
@@ -169,25 +166,39 @@ def test_unknown_images_fail_one_by_one_and_explicit_label_file_is_used(synth_se
                              for i, r in enumerate(rows[:3])))
     samples = [Sample(id=f"other{i}", image=tmp_path / f"nowhere{i}.png", mos=3.0)
                for i in range(3)]
-    cfg = DistillConfig(teacher="synthetic", max_retries=0)
-    res = run_distill(samples, build_teacher(cfg), cfg, tmp_path / "d.jsonl", progress=False)
+    teacher = SyntheticTeacher()
+    cfg = DistillConfig(teacher="local", teacher_model=teacher.model, max_retries=0)
+    res = run_distill(samples, teacher, cfg, tmp_path / "d.jsonl", progress=False)
     assert res.new["failed"] == 3  # recorded per sample, the run went on
     bad = list(read_jsonl(tmp_path / "d.rejected.jsonl"))
     assert {r["code"] for r in bad} == {"no_metadata"}
 
-    # Given the synth-iqa label file explicitly, ids are looked up there.
-    cfg = DistillConfig(teacher="synthetic", teacher_model=str(synth_set / "labels.jsonl"),
-                        temperature=0)
-    teacher = build_teacher(cfg)
+    # Given the synth_iqa.py label file explicitly, ids are looked up there.
+    teacher = SyntheticTeacher(synth_set / "labels.jsonl", temperature=0)
     s = Sample(id=rows[7]["id"], image=tmp_path / "elsewhere.png", mos=rows[7]["mos"])
     assert teacher.prepare(s) == (rows[7]["distortion"], rows[7]["level"])
+    # ... and the script hands --labels to it. Without it the images' own set answers for them;
+    # the label file of another set knows neither their ids nor their paths: each one fails
+    assert distill_synthetic(["--data", str(plain), "--out", str(tmp_path / "own.jsonl"),
+                              "--temperature", "0"]) == 0
+    assert len(list(read_jsonl(tmp_path / "own.jsonl"))) == 3
+    other = tmp_path / "other"
+    write_set(other, _refs(1))
+    assert distill_synthetic(["--data", str(plain), "--out", str(tmp_path / "e.jsonl"),
+                              "--labels", str(other / "labels.jsonl")]) == 0
+    assert {r["code"] for r in read_jsonl(tmp_path / "e.rejected.jsonl")} == {"no_metadata"}
+    assert not list(read_jsonl(tmp_path / "e.jsonl"))
 
 
-def test_config_accepts_synthetic_without_a_model_and_rejects_a_missing_label_file(tmp_path):
-    DistillConfig(teacher="synthetic").validate()
-    with pytest.raises(ValueError, match="missing.jsonl.*synth-iqa"):
-        build_teacher(DistillConfig(teacher="synthetic",
-                                    teacher_model=str(tmp_path / "missing.jsonl")))
+def test_a_missing_label_file_is_one_line_naming_it(synth_set, tmp_path, capsys):
+    with pytest.raises(ValueError, match=r"missing.jsonl.*synth_iqa\.py"):
+        SyntheticTeacher(tmp_path / "missing.jsonl")
+    assert distill_synthetic(["--data", str(synth_set / "labels.jsonl"),
+                              "--out", str(tmp_path / "d.jsonl"),
+                              "--labels", str(tmp_path / "missing.jsonl")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "missing.jsonl" in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "d.jsonl").exists()
 
 
 def test_bias_shifts_blind_answers_per_type_and_guided_ones_not_at_all():
@@ -207,27 +218,21 @@ def test_bias_shifts_blind_answers_per_type_and_guided_ones_not_at_all():
 
 @pytest.mark.parametrize("text", ["speckle=+0.3", "noise", "noise=lots", "noise=0.1,noise=0.2",
                                   "blur=-9"])
-def test_bad_bias_is_one_line_naming_the_field(text):
-    with pytest.raises(ValueError, match=r"synthetic_bias: bad entry .*TYPE=OFFSET"):
+def test_bad_bias_is_one_line_naming_the_field(text, synth_set, tmp_path, capsys):
+    with pytest.raises(ValueError, match=r"--bias: bad entry .*TYPE=OFFSET"):
         parse_bias(text)
-    with pytest.raises(ValueError, match="synthetic_bias"):
-        DistillConfig(teacher="synthetic", synthetic_bias=text).validate()
+    assert distill_synthetic(["--data", str(synth_set / "labels.jsonl"),
+                              "--out", str(tmp_path / "d.jsonl"), "--bias", text]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: --bias: bad entry") and len(err.splitlines()) == 1
+    assert not (tmp_path / "d.jsonl").exists()
 
 
-def test_bias_is_for_the_synthetic_teacher_only_and_reaches_the_rows(synth_set, tmp_path):
+def test_bias_reaches_the_rows(synth_set, tmp_path):
     assert parse_bias("") == {} and parse_bias("jpeg=0.25,") == {"jpeg": 0.25}
-    with pytest.raises(ValueError, match="synthetic_bias: only the synthetic teacher"):
-        DistillConfig(teacher="openai", teacher_url="http://x/v1", teacher_model="m",
-                      synthetic_bias="noise=0.3").validate()
-    toml = tmp_path / "d.toml"
-    toml.write_text('[distill]\nteacher = "synthetic"\nsynthetic_bias = "noise=+0.3"\n')
-    assert DistillConfig.from_toml(toml).synthetic_bias == "noise=+0.3"
-
     out = tmp_path / "biased.jsonl"
-    res = CliRunner().invoke(app, ["distill", "--data", str(synth_set / "labels.jsonl"),
-                                   "--out", str(out), "--teacher", "synthetic", "--temperature",
-                                   "0", "--synthetic-bias", "noise=+0.3,blur=-0.3"])
-    assert res.exit_code == 0, res.output
+    assert distill_synthetic(["--data", str(synth_set / "labels.jsonl"), "--out", str(out),
+                              "--temperature", "0", "--bias", "noise=+0.3,blur=-0.3"]) == 0
     rows = list(read_jsonl(out))
     assert len(rows) == 30  # 0.3 off passes the 0.5 filter
     kinds = {json.loads(line)["id"]: json.loads(line)["distortion"]
@@ -269,15 +274,10 @@ def test_fine_teacher_answers_are_as_before_the_coarse_option():
         "f1eab19de23424438c8ba5834ea7f54e36a21c9ec4f19e6e38de45bfb61d6182"
 
 
-def test_coarse_is_for_the_synthetic_teacher_only_and_reaches_the_rows(synth_set, tmp_path):
-    with pytest.raises(ValueError, match="synthetic_coarse: only the synthetic teacher"):
-        DistillConfig(teacher="openai", teacher_url="http://x/v1", teacher_model="m",
-                      synthetic_coarse=True).validate()
+def test_coarse_reaches_the_rows(synth_set, tmp_path):
     out = tmp_path / "coarse.jsonl"
-    res = CliRunner().invoke(app, ["distill", "--data", str(synth_set / "labels.jsonl"),
-                                   "--out", str(out), "--teacher", "synthetic", "--temperature",
-                                   "0", "--synthetic-coarse"])
-    assert res.exit_code == 0, res.output
+    assert distill_synthetic(["--data", str(synth_set / "labels.jsonl"), "--out", str(out),
+                              "--temperature", "0", "--coarse"]) == 0
     facts = {json.loads(line)["id"]: json.loads(line)
              for line in (synth_set / "labels.jsonl").read_text().splitlines()}
     rows = list(read_jsonl(out))

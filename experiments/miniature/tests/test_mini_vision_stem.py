@@ -24,12 +24,12 @@ from vision_stem import (
     STEM_HIDDEN,
     TEXTURE_BANDS,
     ac_frequencies,
+    build_student,
     grid_pairs,
     stem_layout,
 )
 
 import qponder_mlx
-from qponder_mlx.testing import build_tiny_model
 
 H = STEM_HIDDEN
 
@@ -38,8 +38,8 @@ H = STEM_HIDDEN
 def stem_model(tmp_path_factory):
     from mlx_vlm import load
 
-    path = build_tiny_model(tmp_path_factory.mktemp("stem") / "m", hidden_size=64,
-                            vision_hidden=H, vision_depth=3, vision_stem="dct")
+    path = build_student(tmp_path_factory.mktemp("stem") / "m", hidden_size=64,
+                         vision_hidden=H, vision_depth=3, vision_stem="dct")
     model, processor = load(str(path))
     return model, processor
 
@@ -214,8 +214,8 @@ def test_stem_sees_blur_and_noise_levels(stem_model, kind):
 
 def test_stem_refuses_sizes_it_cannot_hold(tmp_path):
     with pytest.raises(ValueError, match="vision hidden size"):
-        build_tiny_model(tmp_path / "m", vision_hidden=128, vision_depth=3, vision_stem="dct")
+        build_student(tmp_path / "m", vision_hidden=128, vision_depth=3, vision_stem="dct")
     with pytest.raises(ValueError, match="depth >= 3"):
-        build_tiny_model(tmp_path / "m", vision_hidden=H, vision_depth=2, vision_stem="dct")
+        build_student(tmp_path / "m", vision_hidden=H, vision_depth=2, vision_stem="dct")
     with pytest.raises(ValueError, match="vision_stem"):
-        build_tiny_model(tmp_path / "m", vision_stem="pretrained")
+        build_student(tmp_path / "m", vision_stem="pretrained")
