@@ -165,14 +165,8 @@ def run_grpo(cfg: GRPOConfig, *, resume: bool = False, loaded: LoadedModel | Non
     optimizer, _ = make_optimizer(cfg, cfg.iters * cfg.num_iterations)
     # Batches of equal-size images prefill together in the rollout.
     lengths = [_token_count(pixels, s) for s in samples]
-    ckpt = run.checkpoint
-    order = DataOrder(lengths, cfg.batch_size, cfg.seed,
-                      state=ckpt.state.get("data") if ckpt else None)
-    if ckpt is not None:
-        ckpt_mod.restore_checkpoint(ckpt, model, optimizer)
-        say(f"resumed from {ckpt.path} (step {run.start})")
-        if world.is_main:  # they may lag the checkpoint (a kill between the two writes)
-            ckpt_mod.write_run_adapters(run.dir, model, adapter_cfg)
+    order = run.data_order(lengths, cfg.batch_size, cfg.seed)
+    run.restore(model, optimizer, adapter_cfg)
     run.begin()
     judge = make_judge(cfg.rewards.judge, model, tok, reference=reference)
     reward_fn = reward_fn or default_reward_fn(cfg, cfg.group_size, judge)

@@ -38,6 +38,7 @@ from qponder_mlx.io import append_jsonl, atomic_write_json
 from qponder_mlx.progress import progress_bar, say
 from qponder_mlx.train import checkpoint as ckpt_mod
 from qponder_mlx.train.config import CONFIG_FILE, config_dict, save_config
+from qponder_mlx.train.data_order import DataOrder
 from qponder_mlx.train.distributed import World
 from qponder_mlx.train.loop import peak_memory_gb
 from qponder_mlx.train.runlog import CURVES_FILE, METRICS_FILE, MetricsLog, write_curves
@@ -128,6 +129,20 @@ class Run:
         self.problems_path = self.dir / PROBLEMS_FILE
         self.log: MetricsLog | None = None
         self.t0 = time.perf_counter()
+
+    def data_order(self, lengths: list[int], batch_size: int, seed: int) -> DataOrder:
+        """The run's seeded data order, at the checkpoint's cursor when resuming."""
+        return DataOrder(lengths, batch_size, seed,
+                         state=self.checkpoint.state.get("data") if self.checkpoint else None)
+
+    def restore(self, model: nn.Module, optimizer, adapter_cfg: dict) -> None:
+        """Adapter weights, optimizer state and RNG from the checkpoint being resumed (if any)."""
+        if self.checkpoint is None:
+            return
+        ckpt_mod.restore_checkpoint(self.checkpoint, model, optimizer)
+        say(f"resumed from {self.checkpoint.path} (step {self.start})")
+        if self.is_main:  # they may lag the checkpoint (a kill between the two writes)
+            ckpt_mod.write_run_adapters(self.dir, model, adapter_cfg)
 
     def begin(self) -> None:
         """config.json and a metrics log that drops the rows a resumed checkpoint does not cover

@@ -257,14 +257,8 @@ def run_sft(cfg: SFTConfig, *, resume: bool = False, loaded: LoadedModel | None 
     if cfg.grad_checkpoint:
         enable_grad_checkpoint(model.language_model.model.layers)
     optimizer, schedule = make_optimizer(cfg, cfg.iters)
-    ckpt = run.checkpoint
-    order = DataOrder([r.length for r in rows], cfg.batch_size, cfg.seed,
-                      state=ckpt.state.get("data") if ckpt else None)
-    if ckpt is not None:
-        ckpt_mod.restore_checkpoint(ckpt, model, optimizer)
-        say(f"resumed from {ckpt.path} (step {run.start})")
-        if world.is_main:  # they may lag the checkpoint (a kill between the two writes)
-            ckpt_mod.write_run_adapters(run.dir, model, adapter_cfg)
+    order = run.data_order([r.length for r in rows], cfg.batch_size, cfg.seed)
+    run.restore(model, optimizer, adapter_cfg)
     run.begin()
     image_token = model.config.image_token_id if cfg.share_prefix else None
     features = tower_features(model, cfg.vision_cache)  # after attach_lora: knows what trains
