@@ -5,7 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import typer
-from qponder_mlx.cli.common import fail, read_samples
+from qponder_mlx.cli.common import check_at_least, fail, read_samples, writing
+
+from qponder_mlx.safe_paths import shown
 
 
 def register(app: typer.Typer) -> None:
@@ -78,9 +80,19 @@ def distill(
     except ValueError as e:
         fail(str(e))
 
+    check_at_least(limit=(limit, 1))
+    if out.resolve() == data.resolve():
+        fail(f"--out {shown(out)} is the label file (--data) — writing it would destroy it; "
+             "pick another file name")
     samples, problems = read_samples(data, format=format, images_root=images_root,
                                      mos_range=mos_range, limit=limit)
 
+    from qponder_mlx.distill.distill_job import check_outputs
+
+    try:
+        check_outputs(out, samples)  # before a local teacher spends a model load
+    except DistillError as e:
+        fail(str(e))
     try:
         tutor = build_teacher(cfg)
     except ValueError as e:  # missing key variable, bad settings
@@ -88,11 +100,15 @@ def distill(
     except Exception as e:  # noqa: BLE001 — model load errors (local) become one line
         fail(f"cannot start the {cfg.teacher} teacher: {e}")
     try:
-        result = run_distill(samples, tutor, cfg, out, retry_failed=retry_failed)
+        with writing("--out", out, safe=f"every sample finished before is in {shown(out)} and "
+                     "its .rejected.jsonl", resume="fix that and rerun the same command to "
+                     "resume (finished samples are skipped)"):
+            result = run_distill(samples, tutor, cfg, out, retry_failed=retry_failed)
     except DistillError as e:
         fail(str(e))
     except KeyboardInterrupt:
-        fail(f"interrupted — finished samples are in {out}; rerun the same command to resume",
+        fail(f"interrupted — finished samples are in {shown(out)}; rerun the same command to "
+             "resume",
              code=130)
     finally:
         tutor.close()
@@ -102,5 +118,5 @@ def distill(
     typer.echo(f"this run: kept {new['kept']}, rejected {new['rejected']}, failed "
                f"{new['failed']}")
     typer.echo(headline(result.summary))
-    typer.echo(f"kept: {result.out}\nrejected/failed: {result.rejected}\n"
-               f"summary: {result.summary_path}")
+    typer.echo(f"kept: {shown(result.out)}\nrejected/failed: {shown(result.rejected)}\n"
+               f"summary: {shown(result.summary_path)}")

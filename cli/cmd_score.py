@@ -5,7 +5,18 @@ from __future__ import annotations
 from pathlib import Path
 
 import typer
-from qponder_mlx.cli.common import check_scoring_flags, fail, load_scorer, pixel_policy
+from qponder_mlx.cli.common import (
+    check_at_least,
+    check_outputs,
+    check_scoring_flags,
+    fail,
+    load_scorer,
+    pixel_policy,
+    skipped,
+    writing,
+)
+
+from qponder_mlx.safe_paths import shown
 
 # PixelPolicy's defaults, repeated here so `--help` shows them without importing the model stack.
 DEFAULT_MIN_PIXELS = 128 * 28 * 28
@@ -37,6 +48,9 @@ def score_cmd(
                    f"{DEFAULT_MAX_PIXELS}]."),
     recursive: bool = typer.Option(True, "--recursive/--no-recursive", help="Walk sub-folders."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show progress bars."),
+    force: bool = typer.Option(False, "--force", help="Overwrite an existing --csv/--jsonl/"
+                               "--report file even if it is not a qponder export (never the "
+                               "store or an input image)."),
 ) -> None:
     """Score every photo under PATHS; results go to --db and rerunning skips what is done."""
     from qponder_mlx.library import (
@@ -56,19 +70,24 @@ def score_cmd(
     if bundle is not None and (model is not None or adapter is not None):
         fail("--bundle already holds the model and adapter — pass --bundle or --model/--adapter")
     check_scoring_flags(mode, readout)
+    check_at_least(batch_size=(batch_size, 1), max_tokens=(max_tokens, 1),
+                   min_pixels=(min_pixels, 1), max_pixels=(max_pixels, 1))
     # A bundle carries the pixel policy it was exported (and checked) with: use it unless told.
     pixels = pixel_policy(min_pixels, max_pixels, bundle)
 
     found = discover(paths, recursive=recursive)
     for p in found.problems[:20]:
-        typer.echo(f"skipped: {p}", err=True)
+        skipped(p)
     if len(found.problems) > 20:
         typer.echo(f"... and {len(found.problems) - 20} more paths skipped", err=True)
     if not found.files:
-        fail(f"no image files found in {', '.join(map(str, paths))} — looked for "
+        fail(f"no image files found in {', '.join(map(shown, paths))} — looked for "
              f"{' '.join(sorted(IMAGE_SUFFIXES))}")
     typer.echo(f"{len(found.files)} images found" + (
         f" ({found.skipped} other files ignored)" if found.skipped else ""), err=True)
+    # Before the store opens and the model loads: a refused path must cost nothing.
+    check_outputs({"--csv": (csv, "csv"), "--jsonl": (jsonl, "jsonl"),
+                   "--report": (report, "report")}, store=db, inputs=found.files, force=force)
 
     try:
         store = ResultStore(db)
@@ -87,23 +106,31 @@ def score_cmd(
                 summary = score_library(scorer, found.files, store, stop=stop, progress=progress)
         except KeyboardInterrupt:
             typer.echo(f"aborted (second Ctrl-C): the batch in flight was not saved; every "
-                       f"earlier batch is in {db}. Run the same command again to resume.",
+                       f"earlier batch is in {shown(db)}. Run the same command again to resume.",
                        err=True)
             raise typer.Exit(EXIT_INTERRUPTED) from None
+        except StoreError as e:  # disk full, read-only, locked by another process too long
+            fail(str(e))
         for line in summary.lines():
             typer.echo(line)
 
         rows = store.rows(scorer.identity, map(str, found.files))
-        if csv:
-            write_csv(rows, csv)
-            typer.echo(f"csv: {csv}")
-        if jsonl:
-            write_jsonl(rows, jsonl)
-            typer.echo(f"jsonl: {jsonl}")
-        if report:
-            write_report(store, rows, report, pending=summary.pending, progress=progress)
-            typer.echo(f"report: {report}")
-    typer.echo(f"store: {db}")
+        safe = f"nothing was lost: every score is in {shown(db)}"
+        resume = "fix that and rerun the same command (scored files are skipped)"
+        for option, path, write in (("--csv", csv, lambda p: write_csv(rows, p)),
+                                    ("--jsonl", jsonl, lambda p: write_jsonl(rows, p)),
+                                    ("--report", report, lambda p: write_report(
+                                        store, rows, p, pending=summary.pending,
+                                        progress=progress))):
+            if path is None:
+                continue
+            try:
+                with writing(option, path, safe=safe, resume=resume):
+                    write(path)
+            except StoreError as e:  # the report caches its thumbnails in the store
+                fail(str(e))
+            typer.echo(f"{option.lstrip('-')}: {shown(path)}")
+    typer.echo(f"store: {shown(db)}")
     if summary.interrupted:
         typer.echo(f"interrupted: stopped after the current batch; {summary.pending} files not "
                    f"scored yet. Run the same command again to resume (scored files are "

@@ -2,16 +2,66 @@
 
 from __future__ import annotations
 
+import os
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import NoReturn
 
 import typer
 
+from qponder_mlx.safe_paths import OutputPathError, check_distinct, check_output, shown
+
 
 def fail(message: str, code: int = 2) -> NoReturn:
-    """Print `error: <message>` (one line per problem) and exit; no traceback for user errors."""
-    typer.secho(f"error: {message}", err=True, fg=typer.colors.RED)
+    """Print `error: <message>` (one line per problem) and exit; no traceback for user errors.
+
+    Control characters are escaped (a file name in the message cannot drive the terminal);
+    only the line breaks between problems stay.
+    """
+    text = "\n".join(shown(line) for line in str(message).split("\n"))
+    typer.secho(f"error: {text}", err=True, fg=typer.colors.RED)
     raise typer.Exit(code)
+
+
+def skipped(problem: object) -> None:
+    """One `skipped: ...` line on stderr, control characters escaped."""
+    typer.echo(f"skipped: {shown(problem)}", err=True)
+
+
+def check_at_least(**options: tuple[float | None, float]) -> None:
+    """`--batch-size -5`: fail before anything loads. options: flag_name=(value, minimum);
+    a None value (option not given) passes."""
+    for name, (value, minimum) in options.items():
+        if value is not None and not value >= minimum:
+            flag = "--" + name.replace("_", "-")
+            fail(f"{flag} {value}: must be at least {minimum:g}")
+
+
+def check_outputs(outputs: dict[str, tuple[Path | None, str]], *, store: Path | None = None,
+                  inputs: Iterable[str | os.PathLike] = (), force: bool = False) -> None:
+    """Refuse (one line) output paths that are the store, an input, a folder or someone else's
+    file; outputs: option -> (path or None, kind in safe_paths.OUTPUT_KINDS)."""
+    inputs = list(inputs)
+    try:
+        check_distinct({opt: path for opt, (path, _) in outputs.items()})
+        for option, (path, kind) in outputs.items():
+            if path is not None:
+                check_output(option, path, kind, store=store, inputs=inputs, force=force)
+    except OutputPathError as e:
+        fail(str(e))
+
+
+@contextmanager
+def writing(option: str, path: Path, *, safe: str, resume: str) -> Iterator[None]:
+    """A failed write of `path` (disk full, read-only folder) becomes one line saying what
+    failed, what is safe (`safe`) and how to carry on (`resume`), instead of a traceback."""
+    from qponder_mlx.safe_paths import os_error_reason
+
+    try:
+        yield
+    except OSError as e:
+        fail(f"{option} {shown(path)}: cannot write ({os_error_reason(e)}) — {safe}; {resume}")
 
 
 def parse_range(text: str | None) -> tuple[float, float] | None:
@@ -37,7 +87,7 @@ def read_samples(data: Path, *, format: str = "auto", images_root: Path | None =
     except LabelError as e:
         fail(str(e))
     for p in problems[:20]:
-        typer.echo(f"skipped: {p}", err=True)
+        skipped(p)
     if len(problems) > 20:
         typer.echo(f"... and {len(problems) - 20} more skipped label rows", err=True)
     if limit:

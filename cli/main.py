@@ -65,22 +65,34 @@ def eval_cmd(
     verify: bool = typer.Option(True, help="Verify a --bundle's checksums before loading."),
     limit: int | None = typer.Option(None, help="Only the first N samples."),
     out: Path | None = typer.Option(None, help="Write the JSON report here."),
+    force: bool = typer.Option(False, "--force", help="Overwrite an existing --out file even if "
+                               "it is not a qponder eval report (never an input file)."),
 ) -> None:
     """Score a labelled set; print SRCC/PLCC/n/format-rate; write a JSON report."""
+    from qponder_mlx.cli.common import check_at_least, check_outputs, writing
+
     from qponder_mlx.evaluate import evaluate
     from qponder_mlx.io import atomic_write_json
+    from qponder_mlx.safe_paths import shown
 
     check_scoring_flags(mode, readout)
+    check_at_least(batch_size=(batch_size, 1), max_tokens=(max_tokens, 1),
+                   min_pixels=(min_pixels, 1), max_pixels=(max_pixels, 1), limit=(limit, 1))
+    check_outputs({"--out": (out, "eval_json")}, inputs=[data], force=force)
     samples, problems = read_samples(data, format=format, images_root=images_root,
                                      mos_range=mos_range, limit=limit)
+    # The images are inputs too (`--out photo.jpg` from a glob must not overwrite one).
+    check_outputs({"--out": (out, "eval_json")}, inputs=[s.image for s in samples], force=force)
     scorer = load_scorer(model, adapter, bundle, verify=verify, mode=mode, readout=readout,
                          batch_size=batch_size, max_tokens=max_tokens, min_pixels=min_pixels,
                          max_pixels=max_pixels)
     report = evaluate(scorer, samples, problems)
     typer.echo(report.headline())
     if out:
-        atomic_write_json(out, report.to_dict())
-        typer.echo(f"report: {out}")
+        with writing("--out", out, safe="the scores above were printed but not saved",
+                     resume="fix that and rerun with --out on a writable disk"):
+            atomic_write_json(out, report.to_dict())
+        typer.echo(f"report: {shown(out)}")
     if report.n_images_failed == len(samples):
         fail(f"{data}: none of the {len(samples)} images could be scored (unreadable)", code=1)
 

@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -197,3 +198,17 @@ def check_distinct(outputs: dict[str, str | os.PathLike | None]) -> None:
             raise OutputPathError(f"{option} and {seen[key]} name the same file {shown(path)} — "
                                   "give each its own name")
         seen[key] = option
+
+
+# ------------------------------------------------------------------------------ write errors
+
+_OS_REASONS = {errno.ENOSPC: "disk full", errno.EROFS: "read-only file system",
+               errno.EACCES: "permission denied", errno.EPERM: "permission denied",
+               errno.ENAMETOOLONG: "file name too long", errno.EIO: "input/output error"}
+if hasattr(errno, "EDQUOT"):
+    _OS_REASONS[errno.EDQUOT] = "disk quota exceeded"
+
+
+def os_error_reason(e: OSError) -> str:
+    """A short, one-line reason for a failed write: "disk full", "read-only file system"..."""
+    return _OS_REASONS.get(e.errno) or " ".join(str(e.strerror or e).split()) or type(e).__name__

@@ -53,13 +53,16 @@ class DistillConfig:
             bad("mode", f"must be one of {', '.join(MODES)}")
         if not self.max_score_error > 0:
             bad("max_score_error", "must be > 0")
+        # `not x >= bound` (not `x < bound`) so that NaN is refused too.
         for name in ("samples_per_image", "concurrency", "max_tokens", "max_pixels"):
-            if getattr(self, name) < 1:
+            if not getattr(self, name) >= 1:
                 bad(name, "must be >= 1")
         for name in ("min_reasoning_words", "max_retries", "backoff_s", "max_backoff_s",
                      "max_retry_after_s", "temperature"):
-            if getattr(self, name) < 0:
+            if not getattr(self, name) >= 0:
                 bad(name, "must be >= 0")
+        if not self.timeout_s < float("inf"):
+            bad("timeout_s", "must be a finite number of seconds")
         if not self.timeout_s > 0:
             bad("timeout_s", "must be > 0")
         if self.teacher == "openai" and not self.teacher_url:

@@ -47,9 +47,14 @@ from qponder_mlx.prompts import (
     format_response,
     parse_response,
 )
+from qponder_mlx.safe_paths import OutputPathError, check_distinct, check_output
 
 FORMAT_HINT = "<think>…</think><answer>X.XX</answer>"
 TEXT_KEEP = 4000  # characters of a rejected answer kept for inspection
+# A reply longer than this many characters per max_tokens token cannot be an answer of that
+# budget (the longest tokens of Qwen2's BPE vocabulary are runs of ~16 characters); it is
+# rejected, never kept as a training row.
+TEXT_CHARS_PER_TOKEN = 16
 
 
 class DistillError(ValueError):
@@ -97,10 +102,13 @@ class RunResult:
 
 def _judge(a: Attempt, mos: float, cfg: DistillConfig) -> None:
     """Set `a.code`/`a.reason` for an answered attempt (None = keepable)."""
-    p = parse_response(a.text)
+    p = parse_response(a.text[:TEXT_CHARS_PER_TOKEN * cfg.max_tokens + 1])
     a.score, a.reasoning = p.score, p.reasoning
     cut = " (reply cut at max_tokens)" if a.finish_reason == "length" else ""
-    if not a.text.strip():
+    if len(a.text) > TEXT_CHARS_PER_TOKEN * cfg.max_tokens:
+        a.code, a.reason = "too_long", (f"reply of {len(a.text):,} characters, more than "
+                                        f"max_tokens={cfg.max_tokens} allows")
+    elif not a.text.strip():
         a.code, a.reason = "empty", "empty reply" + cut
     elif not p.format_ok:
         a.code, a.reason = "bad_format", f"reply not in {FORMAT_HINT} form{cut}"
@@ -163,6 +171,9 @@ def _ask_once(teacher: Teacher, image: Any, sample: Sample, cfg: DistillConfig, 
         raise
     except TeacherError as e:
         attempt.code, attempt.reason, attempt.retries = e.code, e.reason, stats.retries
+        # An over-long reply is an answer (a bad one): the sample is rejected, not failed, and
+        # --retry-failed does not ask for it again.
+        attempt.answered = e.code == "too_long"
         return attempt
     except Exception as e:  # noqa: BLE001 — a backend bug on one sample must not end the run
         attempt.code, attempt.reason = "error", f"teacher raised {type(e).__name__}: {e}"
@@ -214,6 +225,28 @@ def _check_resume(path: Path, teacher_model: str, cfg: DistillConfig) -> set[str
     return ids
 
 
+def check_outputs(out: str | Path, samples: Sequence[Sample]) -> None:
+    """Raise DistillError unless `out` and its siblings are new or distill files of ours and
+    none is an input image; `run_distill` calls it first, a CLI may call it before loading."""
+    out = Path(out)
+    _check_outputs(out, sibling(out, "rejected"), sibling(out, "summary", ".json"), samples)
+
+
+def _check_outputs(out: Path, rejected: Path, summary_path: Path,
+                   samples: Sequence[Sample]) -> None:
+    # Before anything is cut or appended: a torn-tail cut on a photo would destroy it.
+    images = [s.image for s in samples]
+    try:
+        check_distinct({"--out": out, "the rejected file": rejected,
+                        "the summary file": summary_path})
+        for name, path, kind in (("--out", out, "distill_rows"),
+                                 ("the rejected file", rejected, "distill_rows"),
+                                 ("the summary file", summary_path, "distill_summary")):
+            check_output(name, path, kind, inputs=images)
+    except OutputPathError as e:
+        raise DistillError(str(e)) from None
+
+
 def _drop_failed(path: Path) -> int:
     """Remove failed rows (so they are asked again); atomic, so a crash keeps the old file."""
     rows = list(read_jsonl(path))
@@ -235,6 +268,7 @@ def run_distill(samples: Sequence[Sample], teacher: Teacher, cfg: DistillConfig,
     cfg.validate()
     out = Path(out)
     rejected, summary_path = sibling(out, "rejected"), sibling(out, "summary", ".json")
+    _check_outputs(out, rejected, summary_path, samples)
     out.parent.mkdir(parents=True, exist_ok=True)
     for p in (out, rejected):
         truncate_torn_tail(p)  # a kill -9 mid-append leaves half a line; never glue onto it

@@ -3,7 +3,14 @@
 vLLM, SGLang, DashScope's compatible mode, LM Studio, Ollama and `mlx_vlm.server` all accept
 `POST {base}/chat/completions` with the image as a base64 data URL. httpx gives us the
 connection pool and the timeouts; retries live in `retry.py` so every backend shares them.
-The API key travels only in the Authorization header and is scrubbed from every error text.
+The API key travels only in the Authorization header and is scrubbed from every error text, as
+is a `user:password@` in the URL (httpx sends it as Basic auth; we print the URL without it).
+
+A reply is read as a stream under two bounds, because httpx's timeout bounds each read, not the
+request: a server that keeps sending (an endless chunked body, a slow trickle) would otherwise
+hold a worker and fill memory without end. The body may be at most `reply_cap(max_tokens)`
+bytes, and the whole request must finish within `timeout_s` (checked as each piece arrives, so
+the overshoot is at most one gap between two pieces, itself under `timeout_s`).
 """
 
 from __future__ import annotations
@@ -11,6 +18,8 @@ from __future__ import annotations
 import base64
 import io
 import json
+import math
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,6 +36,7 @@ from qponder_mlx.distill.teachers import (
 )
 from qponder_mlx.images import load_image
 from qponder_mlx.labels import Sample
+from qponder_mlx.safe_paths import redact_secrets, redact_url
 
 # ~1 MP: enough to see noise and blur at the teacher's native patch size, small enough for
 # hosted APIs' request limits. Downscaling hides fine noise, so raise it for such datasets.
@@ -35,6 +45,18 @@ DEFAULT_MAX_PIXELS = 1280 * 28 * 28
 # Formats that every OpenAI-compatible server decodes; others are re-encoded as PNG.
 _PASS_THROUGH = {"JPEG": "image/jpeg", "PNG": "image/png"}
 _ORIENTATION_TAG = 0x0112
+# The largest reply body we read, from the token budget: a token is a few characters of text,
+# and JSON may spell one character as a 6-byte \uXXXX escape (ensure_ascii servers, CJK text),
+# so 16 bytes a token plus 64 KiB for the envelope (ids, usage, a reasoning field) holds any
+# honest reply; 1024 tokens -> 80 KiB.
+REPLY_BYTES_PER_TOKEN = 16
+REPLY_HEADROOM_BYTES = 64 * 1024
+
+
+def reply_cap(max_tokens: int) -> int:
+    return REPLY_HEADROOM_BYTES + REPLY_BYTES_PER_TOKEN * max(1, max_tokens)
+
+
 _FATAL_STATUS = {401: "check the key (--api-key-env)", 403: "check the key (--api-key-env)",
                  404: "check --teacher-url and --teacher-model"}
 
@@ -92,6 +114,7 @@ class OpenAITeacher:
         self.config = config
         self.model = config.model
         self.endpoint = chat_url(config.url)
+        self.shown_endpoint = redact_url(self.endpoint)  # what messages print
         self._secret = api_key or None
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         pool = max(1, config.concurrency)
@@ -101,7 +124,7 @@ class OpenAITeacher:
             limits=httpx.Limits(max_connections=pool, max_keepalive_connections=pool))
 
     def __repr__(self) -> str:  # never show the key, even in a debugger or a traceback
-        return f"OpenAITeacher(endpoint={self.endpoint!r}, model={self.model!r})"
+        return f"OpenAITeacher(endpoint={self.shown_endpoint!r}, model={self.model!r})"
 
     def close(self) -> None:
         self._client.close()
@@ -110,7 +133,8 @@ class OpenAITeacher:
         return image_data_url(sample.image, self.config.max_pixels)
 
     def _scrub(self, text: str) -> str:
-        return text.replace(self._secret, "***") if self._secret else text
+        text = text.replace(self._secret, "***") if self._secret else text
+        return redact_secrets(text, self.endpoint)
 
     def ask(self, image: str, sample: Sample, prompt: TeacherPrompt) -> TeacherReply:
         body = {
@@ -123,8 +147,10 @@ class OpenAITeacher:
             "temperature": self.config.temperature,
             "max_tokens": self.config.max_tokens,
         }
+        deadline = time.monotonic() + self.config.timeout_s
         try:
-            resp = self._client.post(self.endpoint, json=body)
+            with self._client.stream("POST", self.endpoint, json=body) as resp:
+                content = self._read_body(resp, deadline)
         except httpx.TimeoutException as e:
             raise TransientTeacherError(
                 f"timeout after {self.config.timeout_s:g} s ({type(e).__name__})", "timeout"
@@ -133,24 +159,47 @@ class OpenAITeacher:
             raise TransientTeacherError(
                 self._scrub(f"connection error ({type(e).__name__}: {e})"), "connection"
             ) from None
-        return self._reply(resp)
+        return self._reply(resp, content)
 
-    def _reply(self, resp: httpx.Response) -> TeacherReply:
+    def _read_body(self, resp: httpx.Response, deadline: float) -> bytes:
+        """The body, or an error once it passes the size cap or the request's deadline."""
+        cap = reply_cap(self.config.max_tokens)
+        too_long = TeacherError(
+            f"reply larger than {cap:,} bytes, more than max_tokens={self.config.max_tokens} "
+            "allows — not kept (a server that never ends its reply, or ignores max_tokens)",
+            "too_long")
+        declared = resp.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > cap:
+            raise too_long
+        pieces, size = [], 0
+        for piece in resp.iter_bytes():
+            size += len(piece)
+            if size > cap:
+                raise too_long
+            pieces.append(piece)
+            if time.monotonic() > deadline:
+                raise TransientTeacherError(
+                    f"timeout: the reply did not end within {self.config.timeout_s:g} s "
+                    f"({size:,} bytes so far)", "timeout")
+        return b"".join(pieces)
+
+    def _reply(self, resp: httpx.Response, content: bytes) -> TeacherReply:
         code = resp.status_code
+        text = content.decode(resp.encoding or "utf-8", "replace")
         if code != 200:
-            detail = self._scrub(" ".join(resp.text.split())[:200])
+            detail = self._scrub(" ".join(text.split())[:200])
             reason = f"HTTP {code} {resp.reason_phrase}" + (f": {detail}" if detail else "")
             if code == 429 or code >= 500:
                 raise TransientTeacherError(reason, f"http_{code}",
                                             parse_retry_after(resp.headers.get("Retry-After")))
             if code in _FATAL_STATUS:
-                raise FatalTeacherError(f"teacher {self.endpoint} answered {reason} — "
+                raise FatalTeacherError(f"teacher {self.shown_endpoint} answered {reason} — "
                                         f"{_FATAL_STATUS[code]}", f"http_{code}")
             raise TeacherError(reason, f"http_{code}")
         try:
-            data = resp.json()
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            snippet = self._scrub(" ".join(resp.text.split())[:80])
+            data = json.loads(content)
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
+            snippet = self._scrub(" ".join(text.split())[:80])
             raise TeacherError(f"malformed reply: body is not JSON ({snippet!r})",
                                "malformed") from None
         return self._parse(data)
@@ -177,5 +226,15 @@ class OpenAITeacher:
                             finish_reason=choice.get("finish_reason"))
 
 
+# Usage counts are advisory (the summary's token totals): a count that is not a plain,
+# finite, non-negative number below 2**53 (`1e999` parses as inf) reads as 0, never an error
+# that would throw away a valid answer.
+_MAX_COUNT = 2**53
+
+
 def _int(x: Any) -> int:
-    return int(x) if isinstance(x, (int, float)) and not isinstance(x, bool) else 0
+    if isinstance(x, bool) or not isinstance(x, (int, float)):
+        return 0
+    if isinstance(x, float) and not math.isfinite(x):
+        return 0
+    return int(x) if 0 <= x < _MAX_COUNT else 0

@@ -10,9 +10,13 @@ is listed once.
 from __future__ import annotations
 
 import os
+import stat
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from qponder_mlx.io import file_kind
+from qponder_mlx.safe_paths import shown
 
 # Suffixes Pillow (+ pillow-heif for HEIC/HEIF) decodes; matched case-insensitively.
 IMAGE_SUFFIXES = frozenset({
@@ -37,8 +41,15 @@ def _utf8(path: str) -> bool:
     return True
 
 
-def _shown(path: str) -> str:
-    return path.encode("utf-8", "backslashreplace").decode("utf-8")
+def _shown(path: object) -> str:
+    # Control characters escaped (an ESC sequence in a name must not drive the terminal, a
+    # newline must not forge a second line); undecodable bytes shown as \udcXX escapes.
+    return shown(path)
+
+
+def _not_regular(path: str, mode: int) -> str:
+    return (f"{_shown(path)}: not a regular file ({file_kind(mode)}) — only image files are "
+            "read; remove it from the arguments")
 
 
 def is_image_name(name: str) -> bool:
@@ -54,13 +65,16 @@ def discover(paths: Iterable[str | os.PathLike], *, recursive: bool = True) -> D
         try:
             st = p.stat()
         except FileNotFoundError:
-            out.problems.append(f"{arg}: no such file or folder — check the path")
+            out.problems.append(f"{_shown(arg)}: no such file or folder — check the path")
             continue
         except OSError as e:
-            out.problems.append(f"{arg}: cannot access ({e.strerror or e}) — check the path")
+            out.problems.append(f"{_shown(arg)}: cannot access ({e.strerror or e}) — check the "
+                                "path")
             continue
-        if p.is_dir():
+        if stat.S_ISDIR(st.st_mode):
             _walk(p, recursive, found, out, visited=set())
+        elif not stat.S_ISREG(st.st_mode):  # a FIFO or a device would hang or never end
+            out.problems.append(_not_regular(str(p), st.st_mode))
         elif is_image_name(p.name) and not _utf8(str(p)):
             out.problems.append(f"{_shown(str(p))}: file name is not valid UTF-8 — rename it "
                                 "(e.g. convmv -f latin1 -t utf8)")
@@ -80,7 +94,8 @@ def _walk(root: Path, recursive: bool, found: dict, out: Discovery,
         try:
             st = folder.stat()
         except OSError as e:
-            out.problems.append(f"{folder}: cannot access ({e.strerror or e}) — check the path")
+            out.problems.append(f"{_shown(folder)}: cannot access ({e.strerror or e}) — check "
+                                "the path")
             continue
         if (st.st_dev, st.st_ino) in visited:
             continue  # a symlink loop, or a folder already walked through another link
@@ -88,7 +103,7 @@ def _walk(root: Path, recursive: bool, found: dict, out: Discovery,
         try:
             entries = sorted(os.scandir(folder), key=lambda e: e.name)
         except OSError as e:
-            out.problems.append(f"{folder}: cannot list folder ({e.strerror or e}) — "
+            out.problems.append(f"{_shown(folder)}: cannot list folder ({e.strerror or e}) — "
                                 "fix its permissions")
             continue
         subdirs = []
@@ -102,9 +117,14 @@ def _walk(root: Path, recursive: bool, found: dict, out: Discovery,
                     continue
                 if not entry.is_file():
                     if entry.is_symlink() and is_image_name(entry.name):
-                        out.problems.append(f"{_shown(entry.path)}: broken link (its target is "
-                                            "gone) — fix or remove the link")
-                    continue  # sockets, fifos
+                        try:
+                            target = os.stat(entry.path)
+                        except FileNotFoundError:
+                            out.problems.append(f"{_shown(entry.path)}: broken link (its target "
+                                                "is gone) — fix or remove the link")
+                        else:  # a link to a FIFO or a device (/dev/zero) is not broken
+                            out.problems.append(_not_regular(entry.path, target.st_mode))
+                    continue  # sockets, fifos, devices
                 est = entry.stat()
             except OSError as e:
                 out.problems.append(f"{_shown(entry.path)}: cannot access "
