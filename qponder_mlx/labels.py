@@ -29,11 +29,19 @@ KNOWN_FORMATS: dict[str, tuple[float, float] | None] = {
     # up to ~4.3, so the scale is 0-5, not 1-5; the paper's own statement was not checked.
     "agiqa3k": (0.0, 5.0),
     "spaq": (0.0, 100.0),  # SPAQ "MOS and Image attribute scores.xlsx"
-    "qalign_json": (1.0, 5.0),  # Q-Align / DeQA-Score meta JSON (gt_score)
+    "qalign_json": (1.0, 5.0),  # Q-Align meta JSON (gt_score)
+    # DeQA-Score metas (zhiyuanyou/Data-DeQA-Score, <SET>/metas/*.json): gt_score is each set's
+    # raw MOS (DeQA-Score build_soft_labels/gen_soft_label.py writes "gt_score": mos), so the
+    # scale varies by set: 1-5 is assumed only when every value lies in 1-5, as for "csv".
+    "deqa": None,
+    # pyiqa meta-info CSVs (chaofengc/IQA-PyTorch-Datasets-metainfo, meta_info_<Name>Dataset.csv):
+    # the range comes from the file's name (PYIQA_SETS); unknown names behave like "csv".
+    "pyiqa": None,
     "jsonl": (1.0, 5.0),  # ours: {"image", "mos", "id"?, "mos_std"?} per line
     "csv": None,  # generic: 1-5 assumed only when every value lies in 1-5
 }
-FORMAT_ALIASES = {"deqa": "qalign_json", "qalign": "qalign_json", "live_c": "livec"}
+FORMAT_ALIASES = {"deqa_json": "deqa", "qalign": "qalign_json", "live_c": "livec",
+                  "iqa_pytorch": "pyiqa"}
 
 # Formats that are plain lists of paths: without an explicit images_root they may point anywhere.
 FREE_FORM = frozenset({"qalign_json", "jsonl", "csv"})
@@ -107,6 +115,8 @@ def load_labels(
     check_images: bool = True,
     image_column: str | None = None,
     mos_column: str | None = None,
+    split: str | None = None,
+    split_column: str | None = None,
 ) -> list[Sample]:
     """Strict `read_labels`: raises one LabelError listing every problem, if there is any."""
     samples, problems = read_labels(
@@ -117,6 +127,8 @@ def load_labels(
         check_images=check_images,
         image_column=image_column,
         mos_column=mos_column,
+        split=split,
+        split_column=split_column,
     )
     if problems:
         raise LabelError(problems)
@@ -132,6 +144,8 @@ def read_labels(
     check_images: bool = True,
     image_column: str | None = None,
     mos_column: str | None = None,
+    split: str | None = None,
+    split_column: str | None = None,
 ) -> tuple[list[Sample], list[LabelProblem]]:
     """Read a label file leniently: the usable samples, and one problem per rejected row.
 
@@ -153,6 +167,11 @@ def read_labels(
     Ids are the image path relative to the root (JSON/JSONL may give their own `id`); the second
     occurrence of an id is a problem. Each rejected row yields exactly one problem, so
     `len(problems)` counts skipped rows plus any file-level problems (e.g. a missing column).
+    Splits: `split="train"|"val"|"test"` keeps the rows of that split, read from the file's
+    split column (pyiqa meta-info CSVs: `split_column`, default `official_split` where the set
+    has one, else pyiqa's first random split `ratio802_seed123_split_01`; `list_splits` shows
+    them). Other formats carry no split column: their train and test sets are separate files.
+
     Raises LabelError at once when the label file itself is missing or of unknown format.
     """
     src = Path(path)
@@ -166,16 +185,23 @@ def read_labels(
         table = _read_livec(src, label)
     elif fmt == "qalign_json":
         table = _read_qalign_json(src, label, image_column, mos_column)
+    elif fmt == "deqa":
+        table = _read_deqa_json(src, label, image_column, mos_column)
+    elif fmt == "pyiqa":
+        table = _read_pyiqa(src, label, image_column, mos_column, split, split_column)
     elif fmt == "jsonl":
         table = _read_jsonl(src, label, image_column, mos_column)
     else:
         table = _read_table(src, label, fmt, image_column, mos_column)
+    if (split is not None or split_column is not None) and fmt != "pyiqa":
+        raise LabelError([LabelProblem(label, None, f"a {fmt} file has no split column — pass "
+                                       "the split's own label file instead of split=...")])
 
     if images_root is not None:
         root, enforce = _abs(Path(images_root)), True
     else:
         root, enforce = table.default_root, fmt not in FREE_FORM
-    native = KNOWN_FORMATS[fmt]
+    native = table.native_range if table.native_known else KNOWN_FORMATS[fmt]
     return _finish(table, root, enforce, mos_range or native, check_images)
 
 
@@ -211,7 +237,10 @@ def _resolve_format(src: Path, label: str, format: str) -> str:
     if suffix == ".jsonl":
         return "jsonl"
     if suffix == ".json":
-        return "qalign_json"
+        # DeQA-Score keeps its metas in <SET>/metas/ (Data-DeQA-Score layout, README.md).
+        return "deqa" if src.parent.name.lower() == "metas" else "qalign_json"
+    if suffix == ".csv" and lower.startswith("meta_info_"):
+        return "pyiqa"  # pyiqa names every meta-info file meta_info_<Name>Dataset.csv
     if suffix in (".csv", ".tsv", ".txt", ".xlsx"):
         try:
             header = [h.strip().lower() for h in _read_header(src)]
@@ -258,6 +287,8 @@ class _Table:
     problems: list[LabelProblem] = field(default_factory=list)
     std_is_var: bool = False  # KADID publishes the variance
     fallback_dirs: tuple[str, ...] = ()  # extra subfolders of the root to look in (LIVE-C)
+    native_range: tuple[float, float] | None = None  # the file's own scale, when the reader
+    native_known: bool = False  # knows it better than KNOWN_FORMATS (pyiqa: per data set)
 
     def problem(self, row: int | None, message: str) -> None:
         self.problems.append(LabelProblem(self.label, row, message, self.unit))
@@ -489,6 +520,166 @@ def _read_qalign_json(
     for i, item in enumerate(items, start=1):
         _json_record(table, i, item, image_key, mos_key, "std")
     return table
+
+
+def _read_deqa_json(
+    src: Path, label: str, image_column: str | None, mos_column: str | None
+) -> _Table:
+    """DeQA-Score metas: Q-Align's JSON shape, laid out as <root>/<SET>/metas/<file>.json with
+    images named "<SET>/images/<file>" relative to <root> (Data-DeQA-Score README.md; the name is
+    os.path.join(img_dir, img) in build_soft_labels/gen_soft_label.py). The "<SET>/images/"
+    prefix is dropped, so the images root is the folder holding the images themselves: by
+    default <SET>/images next to metas/, or any folder passed as images_root (e.g. where an
+    archive unpacked them)."""
+    table = _read_qalign_json(src, label, image_column, mos_column)
+    if src.parent.name.lower() == "metas":
+        table.default_root = src.parent.parent / "images"
+    for rec in table.records:
+        if isinstance(rec.image, str):
+            parts = rec.image.replace("\\", "/").split("/")
+            if len(parts) >= 3 and parts[1] == "images" and parts[0] not in ("", ".", ".."):
+                rec.image = "/".join(parts[2:])
+    return table
+
+
+@dataclass(frozen=True)
+class _PyiqaSet:
+    native: tuple[float, float]
+    roots: tuple[str, ...]  # image folders relative to the data root (meta_info/'s parent)
+    std_on_mos_scale: bool = True
+    fallback_dirs: tuple[str, ...] = ()
+
+
+# pyiqa meta-info files we know, by name. Ranges: KADID's MOS is 1-5; LIVE-C's and SPAQ's are
+# 0-100 sliders; KonIQ's `mos` is the 0-100 MOS_zscore column (row 10004473376.jpg: mos 77.38
+# while its c1..c5 histogram gives 3.83 on 1-5), and its `std` is the SD on the 1-5 scale
+# (0.527 for that row), so it is dropped rather than rescaled by the wrong factor. Folders are
+# pyiqa's `dataroot_target`s (pyiqa/default_dataset_configs.yml); KonIQ's archive also holds
+# 1024x768/, used when 512x384/ is absent.
+PYIQA_SETS = {
+    "meta_info_koniq10kdataset": _PyiqaSet(
+        (0.0, 100.0), ("koniq10k/512x384", "koniq10k/1024x768"), std_on_mos_scale=False),
+    "meta_info_kadid10kdataset": _PyiqaSet((1.0, 5.0), ("kadid10k/images",)),
+    "meta_info_spaqdataset": _PyiqaSet((0.0, 100.0), ("SPAQ/TestImage",)),
+    "meta_info_livechallengedataset": _PyiqaSet(
+        (0.0, 100.0), ("LIVEC/Images",), fallback_dirs=("trainingImages",)),
+}
+# NR files name the image first (img_name; older SPAQ files "Image name"); FR files hold
+# ref_name, dist_name: the distorted image is the one scored.
+_PYIQA_IMAGE = ("dist_name", "img_name", "Image name", "image_name", "name")
+_PYIQA_MOS = ("mos", "dmos")
+_SPLIT_VALUES = {"train": "train", "training": "train", "val": "val", "valid": "val",
+                 "validation": "val", "test": "test", "testing": "test"}
+
+
+def _pyiqa_key(src: Path) -> str:
+    return src.name.split(".")[0].lower()
+
+
+def _split_value(v: Any) -> str:
+    text = "" if v is None else str(v).strip().lower()
+    return _SPLIT_VALUES.get(text, text)
+
+
+def _split_columns(header: list[str]) -> list[str]:
+    cols = [h for h in header if h and "split" in h.lower()]
+    # pyiqa's choice when the set has an official split, then its first random split (_01).
+    return sorted(cols, key=lambda c: (c.lower() != "official_split", c.lower() != "split", c))
+
+
+def _read_pyiqa(
+    src: Path,
+    label: str,
+    image_column: str | None,
+    mos_column: str | None,
+    split: str | None,
+    split_column: str | None,
+) -> _Table:
+    known = PYIQA_SETS.get(_pyiqa_key(src))
+    data_root = src.parent.parent if src.parent.name.lower() == "meta_info" else src.parent
+    roots = known.roots if known else ()
+    table = _Table(label, "row", _default_root(data_root, roots),
+                   fallback_dirs=known.fallback_dirs if known else ())
+    if known:
+        table.native_range, table.native_known = known.native, True
+    try:
+        header, rows = _read_csv(src)
+    except UnicodeDecodeError as e:
+        table.problem(None, f"not UTF-8 text ({e.reason} at byte {e.start}) — re-save as UTF-8")
+        return table
+    except Exception as e:  # csv.Error, OSError
+        table.problem(None, f"cannot read the table ({_one_line(e)}) — check the file")
+        return table
+    image_col = _pick_column(table, header, (image_column,) if image_column else _PYIQA_IMAGE,
+                             "image", "image_column")
+    mos_col = _pick_column(table, header, (mos_column,) if mos_column else _PYIQA_MOS, "MOS",
+                           "mos_column")
+    std_col = _find_column(header, ("std",)) if (known is None or known.std_on_mos_scale) \
+        else None
+    if image_col is None or mos_col is None:
+        return table
+    keep = None
+    if split is not None or split_column is not None:
+        col = _pick_split_column(table, header, split_column)
+        if col is None:
+            return table
+        if split is None:
+            table.problem(None, f"split_column={split_column!r} needs split=train|val|test")
+            return table
+        want = _split_value(split)
+        present = sorted({_split_value(r.get(col)) for _, r in rows} - {""})
+        if want not in present:
+            table.problem(None, f"no rows with split {split!r} in column {col!r} (values: "
+                                f"{', '.join(present) or 'none'})")
+            return table
+        keep = (col, want)
+    for row_no, row in rows:
+        if keep is not None and _split_value(row.get(keep[0])) != keep[1]:
+            continue
+        table.records.append(
+            _Record(row_no, row.get(image_col), row.get(mos_col),
+                    row.get(std_col) if std_col else None)
+        )
+    return table
+
+
+def _pick_split_column(table: _Table, header: list[str], wanted: str | None) -> str | None:
+    cols = _split_columns(header)
+    if wanted is not None:
+        col = _find_column(header, (wanted,))
+        if col is None:
+            table.problem(None, f"no split column {wanted!r} (split columns: "
+                                f"{', '.join(cols) or 'none'})")
+        return col
+    if not cols:
+        table.problem(None, "has no split column — pass the whole file (no split=...) or a "
+                            "file that carries one")
+        return None
+    return cols[0]
+
+
+def list_splits(path: str | os.PathLike) -> dict[str, dict[str, int]]:
+    """Split columns of a pyiqa meta-info CSV -> {split value: rows}; {} for other files.
+
+    Values are normalised (training -> train, validation -> val). The first column is the one
+    `read_labels(split=...)` uses by default.
+    """
+    src = Path(path)
+    try:
+        if _resolve_format(src, str(path), "auto") != "pyiqa":
+            return {}
+    except LabelError:
+        return {}
+    header, rows = _read_csv(src)
+    out: dict[str, dict[str, int]] = {}
+    for col in _split_columns(header):
+        counts: dict[str, int] = {}
+        for _, row in rows:
+            v = _split_value(row.get(col))
+            if v:
+                counts[v] = counts.get(v, 0) + 1
+        out[col] = dict(sorted(counts.items()))
+    return out
 
 
 def _read_jsonl(src: Path, label: str, image_column: str | None, mos_column: str | None) -> _Table:
