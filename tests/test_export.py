@@ -229,7 +229,8 @@ def test_manifest_gives_the_app_prompt_parse_rule_pixels_and_checksums(q4_bundle
     assert (m["pixels"]["min_pixels"], m["pixels"]["max_pixels"]) == (56 * 56, 112 * 112)
     assert m["generation"]["reason"]["temperature"] == 0.0
     files = m["files"]
-    on_disk = sorted(p.name for p in q4_bundle.out.iterdir())
+    on_disk = sorted(p.relative_to(q4_bundle.out).as_posix() for p in q4_bundle.out.rglob("*")
+                     if p.is_file())
     assert sorted([*files, MANIFEST, MANIFEST_SHA]) == on_disk
     for name, entry in files.items():
         assert entry["sha256"] == sha256_file(q4_bundle.out / name)
