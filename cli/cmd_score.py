@@ -89,16 +89,23 @@ def score_cmd(
     check_outputs({"--csv": (csv, "csv"), "--jsonl": (jsonl, "jsonl"),
                    "--report": (report, "report")}, store=db, inputs=found.files, force=force)
 
-    try:
-        store = ResultStore(db)
-    except StoreError as e:
-        fail(str(e))
+    def open_store():
+        try:
+            return ResultStore(db)
+        except StoreError as e:
+            fail(str(e))
+
+    # An existing store is checked before the model loads (a foreign or damaged file costs
+    # nothing); a new one is created only once the model is up, so a failed load leaves no
+    # empty results.sqlite behind.
+    store = open_store() if Path(db).exists() else None
     try:
         scorer = load_scorer(model or DEFAULT_MODEL, adapter, bundle, mode=mode, readout=readout,
                              batch_size=batch_size, max_tokens=max_tokens, pixels=pixels)
     except KeyboardInterrupt:
         typer.echo("interrupted while loading the model; nothing was scored.", err=True)
         raise typer.Exit(EXIT_INTERRUPTED) from None
+    store = store or open_store()
     with store:
         stop = StopFlag()
         try:

@@ -71,11 +71,10 @@ def resolve_model_path(model: str) -> Path:
 
     try:
         return Path(get_model_path(model))
-    except Exception as e:  # hub errors come in many types; all mean "could not fetch"
-        offline = os.environ.get("HF_HUB_OFFLINE") == "1"
-        hint = "unset HF_HUB_OFFLINE or download it once" if offline else "check the name"
-        raise ModelLoadError(f"{model}: could not fetch from the Hugging Face hub "
-                             f"({type(e).__name__}) — {hint}") from None
+    except Exception as e:  # hub errors come in many types: name the real cause
+        from qponder_mlx.hub_errors import describe
+
+        raise ModelLoadError(describe(model, e)) from None
 
 
 def load_model(model: str, adapter: str | Path | None = None) -> LoadedModel:
