@@ -83,7 +83,7 @@ def read_samples(data: Path, *, format: str = "auto", images_root: Path | None =
 
     try:
         samples, problems = read_labels(data, format=format, images_root=images_root,
-                                        mos_range=parse_range(mos_range))
+                                        mos_range=parse_range(mos_range), limit=limit)
     except LabelError as e:
         fail(str(e))
     for p in problems[:20]:

@@ -146,6 +146,7 @@ def read_labels(
     mos_column: str | None = None,
     split: str | None = None,
     split_column: str | None = None,
+    limit: int | None = None,
 ) -> tuple[list[Sample], list[LabelProblem]]:
     """Read a label file leniently: the usable samples, and one problem per rejected row.
 
@@ -172,6 +173,9 @@ def read_labels(
     has one, else pyiqa's first random split `ratio802_seed123_split_01`; `list_splits` shows
     them). Other formats carry no split column: their train and test sets are separate files.
 
+    `limit`: stop after that many usable samples; the rows after them are not checked (their
+    images' headers are not read), so `--limit 3` on a 100,000-row file costs the parse only.
+
     Raises LabelError at once when the label file itself is missing or of unknown format.
     """
     src = Path(path)
@@ -181,6 +185,9 @@ def read_labels(
     if not src.exists():
         raise LabelError([LabelProblem(label, None, f"no such file ({_accepted()})")])
     fmt = _resolve_format(src, label, format)
+    if fmt == "jsonl" and limit is not None and split is None and split_column is None:
+        return _first_jsonl_samples(src, label, image_column, mos_column, images_root,
+                                    mos_range, check_images, limit)
     if fmt == "livec":
         table = _read_livec(src, label)
     elif fmt == "qalign_json":
@@ -202,7 +209,7 @@ def read_labels(
     else:
         root, enforce = table.default_root, fmt not in FREE_FORM
     native = table.native_range if table.native_known else KNOWN_FORMATS[fmt]
-    return _finish(table, root, enforce, mos_range or native, check_images)
+    return _finish(table, root, enforce, mos_range or native, check_images, limit)
 
 
 def detect_format(path: str | os.PathLike) -> str:
@@ -682,7 +689,27 @@ def list_splits(path: str | os.PathLike) -> dict[str, dict[str, int]]:
     return out
 
 
-def _read_jsonl(src: Path, label: str, image_column: str | None, mos_column: str | None) -> _Table:
+def _first_jsonl_samples(src: Path, label: str, image_column: str | None,
+                         mos_column: str | None, images_root: str | os.PathLike | None,
+                         mos_range: tuple[float, float] | None, check_images: bool,
+                         limit: int) -> tuple[list[Sample], list[LabelProblem]]:
+    """The first `limit` usable samples of a JSONL file, reading only as far as needed: parse a
+    few more lines than `limit`, and four times as many again while rejected rows leave too few
+    (the re-reads add at most a third to the lines a single exact pass would parse)."""
+    want = max(2 * limit, 64)
+    while True:
+        table = _read_jsonl(src, label, image_column, mos_column, max_records=want)
+        root, enforce = ((_abs(Path(images_root)), True) if images_root is not None
+                         else (table.default_root, False))  # jsonl is free-form
+        samples, problems = _finish(table, root, enforce, mos_range or KNOWN_FORMATS["jsonl"],
+                                    check_images, limit)
+        if len(samples) >= limit or len(table.records) < want:
+            return samples, problems
+        want *= 4
+
+
+def _read_jsonl(src: Path, label: str, image_column: str | None, mos_column: str | None,
+                max_records: int | None = None) -> _Table:
     table = _Table(label, "line", src.parent)
     image_key, mos_key = image_column or "image", mos_column or "mos"
     n = 0
@@ -702,6 +729,8 @@ def _read_jsonl(src: Path, label: str, image_column: str | None, mos_column: str
                     table.problem(n, f"not valid JSON ({e.msg}) — fix or drop the line")
                     continue
                 _json_record(table, n, item, image_key, mos_key, "mos_std")
+                if max_records is not None and len(table.records) >= max_records:
+                    break  # `_first_jsonl_samples` asks for more if these are not enough
     except UnicodeDecodeError as e:
         # Rows before the bad bytes are kept; the rest of the file cannot be trusted.
         table.problem(n + 1, f"not UTF-8 text ({e.reason}) — re-save the file as UTF-8")
@@ -766,6 +795,7 @@ def _finish(
     enforce_root: bool,
     mos_range: tuple[float, float] | None,
     check_images: bool,
+    limit: int | None = None,
 ) -> tuple[list[Sample], list[LabelProblem]]:
     unit = table.unit
     fix = f"fix or drop the {unit}"
@@ -803,6 +833,8 @@ def _finish(
         )
         return [], table.problems
     for rec, raw in parsed:
+        if limit is not None and len(samples) >= limit:
+            break
         if not lo - tol <= raw <= hi + tol:
             table.problem(
                 rec.row,
