@@ -133,6 +133,13 @@ def train(
                     f"--stage {stage} --out {shlex.quote(str(cfg.out))} --resume", err=True,
                     fg=typer.colors.YELLOW)
         raise typer.Exit(130) from None
+    except OSError as e:  # disk full, read-only --out: one line, the checkpoints stand
+        from qponder_mlx.safe_paths import os_error_reason, shown
+
+        fail(f"--out {shown(cfg.out)}: cannot write ({os_error_reason(e)}: "
+             f"{shown(e.filename or '')}) — checkpoints saved before are intact; free space, "
+             f"then continue with: qponder train --stage {stage} --out "
+             f"{shlex.quote(str(cfg.out))} --resume")
     typer.echo(f"done: adapter in {Path(run_dir) / 'adapters'} (use --adapter with eval/score); "
                f"metrics in {Path(run_dir) / 'metrics.jsonl'}, curves in "
                f"{Path(run_dir) / 'curves.html'}")
