@@ -16,6 +16,7 @@ from qponder_mlx.labels import (
     LabelProblem,
     Sample,
     detect_format,
+    list_splits,
     load_labels,
     read_labels,
 )
@@ -237,6 +238,124 @@ def test_qalign_json_out_of_range_suggests_mos_range(tmp_path):
     assert s["b.jpg"].mos == approx(1.12)
 
 
+# pyiqa meta-info CSVs (chaofengc/IQA-PyTorch-Datasets-metainfo): the image column first, then
+# mos and std; split columns `official_split` or `ratio802_seed123_split_NN` (train/val/test),
+# or, in files before pyiqa merged its splits in, `split` (training/validation/test).
+def pyiqa_root(tmp_path, images_dir, names):
+    make_images(tmp_path / images_dir, names)
+    return tmp_path / "meta_info"
+
+
+def test_pyiqa_koniq_scale_std_and_official_split(tmp_path):
+    meta = pyiqa_root(tmp_path, "koniq10k/512x384", ["a.jpg", "b.jpg", "c.jpg", "d.jpg"])
+    path = write_csv(meta / "meta_info_KonIQ10kDataset.csv",
+                     ["img_name", "mos", "std", "official_split", "c1"],
+                     [["a.jpg", 77.3836206897, 0.527, "train", 0.0],
+                      ["b.jpg", 68.7285714286, 0.58, "test", 0.0],
+                      ["c.jpg", 0, 0.5, "val", 0.0],
+                      ["d.jpg", 100, 0.5, "train", 0.0]])
+    assert detect_format(path) == "pyiqa"
+    s = by_id(load_labels(path))
+    assert list(s) == ["a.jpg", "b.jpg", "c.jpg", "d.jpg"]
+    # mos is KonIQ's 0-100 MOS_zscore: 1 + 4 * 77.38/100; its std is on 1-5, so it is dropped
+    assert s["a.jpg"].mos == approx(4.095344827588) and s["a.jpg"].mos_std is None
+    assert s["c.jpg"].mos == approx(1.0) and s["d.jpg"].mos == approx(5.0)
+    assert s["a.jpg"].image == (tmp_path / "koniq10k/512x384/a.jpg").resolve()
+    assert [x.id for x in load_labels(path, split="test")] == ["b.jpg"]
+    assert [x.id for x in load_labels(path, split="training")] == ["a.jpg", "d.jpg"]
+    assert list_splits(path) == {"official_split": {"test": 1, "train": 2, "val": 1}}
+
+
+def test_pyiqa_legacy_split_column_values_are_normalised(tmp_path):
+    meta = pyiqa_root(tmp_path, "koniq10k/1024x768", ["a.jpg", "b.jpg"])  # no 512x384/
+    path = write_csv(meta / "meta_info_KonIQ10kDataset.csv",
+                     ["img_name", "mos", "std", "split"],
+                     [["a.jpg", 50, 0.5, "training"], ["b.jpg", 60, 0.5, "validation"]])
+    (s,) = load_labels(path, split="val")
+    assert s.id == "b.jpg" and s.image.parent.name == "1024x768"
+    assert list_splits(path) == {"split": {"train": 1, "val": 1}}
+
+
+def test_pyiqa_kadid_full_reference_and_random_splits(tmp_path):
+    meta = pyiqa_root(tmp_path, "kadid10k/images", ["I01_01_01.png", "I01_01_02.png"])
+    path = write_csv(meta / "meta_info_KADID10kDataset.csv",
+                     ["ref_name", "dist_name", "dmos", "std", "ratio802_seed123_split_01",
+                      "ratio802_seed123_split_02"],
+                     [["I01.png", "I01_01_01.png", 4.57, 0.496, "train", "val"],
+                      ["I01.png", "I01_01_02.png", 4.33, 0.869, "val", "train"]])
+    s = by_id(load_labels(path))
+    # the distorted image is scored; KADID's dmos is a 1-5 MOS, higher is better; std as is
+    assert s["I01_01_01.png"].mos == approx(4.57) and s["I01_01_01.png"].mos_std == approx(0.496)
+    assert [x.id for x in load_labels(path, split="val")] == ["I01_01_02.png"]  # split 01
+    got = load_labels(path, split="val", split_column="ratio802_seed123_split_02")
+    assert [x.id for x in got] == ["I01_01_01.png"]
+    for kwargs, msg in (
+        ({"split": "test"}, "no rows with split 'test' in column 'ratio802_seed123_split_01' "
+                            "(values: train, val)"),
+        ({"split": "val", "split_column": "official_split"},
+         "no split column 'official_split' (split columns: ratio802_seed123_split_01, "
+         "ratio802_seed123_split_02)"),
+        ({"split_column": "ratio802_seed123_split_02"},
+         "split_column='ratio802_seed123_split_02' needs split=train|val|test"),
+    ):
+        with pytest.raises(LabelError) as exc:
+            load_labels(path, **kwargs)
+        assert str(exc.value) == f"{path}: {msg}"
+
+
+def test_pyiqa_livec_practice_photos_and_scale(tmp_path):
+    meta = pyiqa_root(tmp_path, "LIVEC/Images", ["100.bmp"])
+    make_images(tmp_path / "LIVEC/Images/trainingImages", ["t1.bmp"])
+    path = write_csv(meta / "meta_info_LIVEChallengeDataset.csv", ["img_name", "mos", "std"],
+                     [["t1.bmp", 63.963406174124174, 18.376200073180403],
+                      ["100.bmp", 32.56107532210109, 19.12472638223644]])
+    s = by_id(load_labels(path))  # as the LIVE-C .mat reader: found in the subfolder
+    assert s["trainingImages/t1.bmp"].image.parent.name == "trainingImages"
+    assert s["100.bmp"].mos == approx(1 + 4 * 0.3256107532210109)
+    assert s["100.bmp"].mos_std == approx(19.12472638223644 * 4 / 100)
+    with pytest.raises(LabelError, match="has no split column"):
+        load_labels(path, split="test")
+
+
+def test_pyiqa_file_we_do_not_know_needs_its_range(tmp_path):
+    make_images(tmp_path / "tid2013", ["i01_01_1.bmp"])
+    path = write_csv(tmp_path / "meta_info" / "meta_info_TID2013Dataset.csv",
+                     ["ref_name", "dist_name", "mos", "std"],
+                     [["I01.BMP", "i01_01_1.bmp", 5.51429, 0.13013]])
+    samples, problems = read_labels(path, images_root=tmp_path / "tid2013")
+    assert samples == [] and "--mos-range LO,HI" in problems[0].message
+    (s,) = load_labels(path, images_root=tmp_path / "tid2013", mos_range=(0, 9))
+    assert s.mos == approx(1 + 4 * 5.51429 / 9)
+
+
+def test_deqa_metas_layout_and_scale(tmp_path):
+    root = tmp_path / "Data-DeQA-Score"
+    make_images(root / "AGIQA3K" / "images", ["a.jpg", "b.jpg"])
+    meta = root / "AGIQA3K" / "metas" / "test_agiqa_3k.json"
+    meta.parent.mkdir(parents=True)
+    items = [{"id": "a.jpg->0.4", "image": "AGIQA3K/images/a.jpg", "gt_score": 0.4,
+              "gt_score_norm": 1.2, "std": 0.5, "std_norm": 0.4},
+             {"id": "b.jpg->4.1", "image": "AGIQA3K/images/b.jpg", "gt_score": 4.1, "std": 0.3}]
+    meta.write_text(json.dumps(items))
+    assert detect_format(meta) == "deqa"
+    # gt_score is each set's raw MOS: 0.4 is outside 1-5, so the scale must be given
+    samples, problems = read_labels(meta)
+    assert samples == [] and "0.4..4.1, not 1–5" in problems[0].message
+    s = by_id(load_labels(meta, mos_range=(0, 5)))
+    assert s["a.jpg->0.4"].mos == approx(1.32) and s["a.jpg->0.4"].mos_std == approx(0.4)
+    assert s["b.jpg->4.1"].image == (root / "AGIQA3K/images/b.jpg").resolve()
+    # images elsewhere (an archive unpacked flat): the <SET>/images/ prefix is not needed
+    make_images(tmp_path / "flat", ["a.jpg", "b.jpg"])
+    got = load_labels(meta, mos_range=(0, 5), images_root=tmp_path / "flat")
+    assert [x.image.parent.name for x in got] == ["flat", "flat"]
+    items[1]["image"] = "AGIQA3K/images/../../../b.jpg"
+    meta.write_text(json.dumps(items))
+    _, problems = read_labels(meta, mos_range=(0, 5))
+    assert "leaves the images root" in problems[0].message
+    with pytest.raises(LabelError, match="a deqa file has no split column"):
+        load_labels(meta, mos_range=(0, 5), split="test")
+
+
 def test_jsonl_blank_lines_ids_and_bad_line(tmp_path):
     make_images(tmp_path / "img", ["a.png", "b.png", "c.png"])
     path = tmp_path / "labels.jsonl"
@@ -305,6 +424,8 @@ def test_known_formats_and_ranges():
         "agiqa3k": (0.0, 5.0),
         "spaq": (0.0, 100.0),
         "qalign_json": (1.0, 5.0),
+        "deqa": None,
+        "pyiqa": None,
         "jsonl": (1.0, 5.0),
         "csv": None,
     }
@@ -409,7 +530,7 @@ def test_unknown_format_lists_accepted_formats(tmp_path):
         read_labels(path)
     msg = str(exc.value)
     assert "\n" not in msg and msg.startswith(f"{path}: unknown label format")
-    assert "koniq, kadid, livec, agiqa3k, spaq, qalign_json, jsonl, csv" in msg
+    assert "koniq, kadid, livec, agiqa3k, spaq, qalign_json, deqa, pyiqa, jsonl, csv" in msg
 
     with pytest.raises(LabelError, match="unknown format 'tid2013'"):
         read_labels(path, format="tid2013")
