@@ -94,6 +94,12 @@ def export_cmd(
     except (ExportConfigError, OutputExistsError, ModelLoadError, AdapterError,
             SwiftCompatError, FileNotFoundError) as e:
         fail(str(e))
+    except OSError as e:  # disk full, read-only folder: the staged folder is already removed
+        from qponder_mlx.safe_paths import os_error_reason, shown
+
+        fail(f"--out {shown(cfg.out)}: cannot write ({os_error_reason(e)}) — nothing was "
+             "written there (the partial bundle was removed); free space or pick a writable "
+             "--out, then rerun the same command")
     except KeyboardInterrupt:
         typer.secho(f"interrupted — nothing was written to {cfg.out}", err=True,
                     fg=typer.colors.YELLOW)
