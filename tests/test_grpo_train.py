@@ -112,3 +112,23 @@ def test_reference_is_the_starting_adapter_also_after_resume(tiny_model_dir, cc0
     for k in a:
         np.testing.assert_allclose(a[k], b[k], atol=1e-5)
     np.testing.assert_allclose(metric_curve(resumed, "kl"), kl, atol=1e-6)
+
+
+def test_a_run_without_reward_signal_warns_once_with_the_likely_cause(
+        tiny_model_dir, cc0_labels, tmp_path, capsys):
+    from qponder_mlx.grpo.trainer import NO_SIGNAL_STEPS
+
+    def flat(ro, parsed, mos):  # what a model that never writes the format earns: 0 everywhere
+        r = np.zeros(len(ro.texts))
+        return r, {"format": r}
+
+    cfg = _cfg(tiny_model_dir, cc0_labels, tmp_path / "flat", NO_SIGNAL_STEPS + 1)
+    cfg.max_completion_length, cfg.batch_size, cfg.group_size = 2, 1, 2
+    run_grpo(cfg, reward_fn=flat)
+    err = capsys.readouterr().err
+    assert err.count("every group's rewards were equal") == 1
+    assert "no SFT cold start" in err and "--adapter" in err
+    cfg = _cfg(tiny_model_dir, cc0_labels, tmp_path / "ok", NO_SIGNAL_STEPS)
+    cfg.max_completion_length, cfg.batch_size = 4, 1
+    run_grpo(cfg, reward_fn=_low_ids)
+    assert "rewards were equal" not in capsys.readouterr().err

@@ -43,6 +43,9 @@ from qponder_mlx.train.runner import (
 )
 from qponder_mlx.train.sft_rows import image_size
 
+# Steps in a row with equal rewards in every group before the run warns that it cannot learn.
+NO_SIGNAL_STEPS = 5
+
 # Settings a resumed run must share with its checkpoint: anything else would silently train a
 # different model or read different images.
 RESUME_MUST_MATCH = ("model", "adapter", "data", "lora", "quantize_base", "quantize_group_size",
@@ -171,12 +174,23 @@ def run_grpo(cfg: GRPOConfig, *, resume: bool = False, loaded: LoadedModel | Non
     judge = make_judge(cfg.rewards.judge, model, tok, reference=reference)
     reward_fn = reward_fn or default_reward_fn(cfg, cfg.group_size, judge)
 
+    flat = {"steps": 0, "warned": False}
+
     def step(n: int) -> StepOutcome:
         mx.random.seed(ckpt_mod.step_seed(cfg.seed, n))  # sampling, resumable
         imgs, mos = _next_images(samples, order, pixels, run, world)
         res = grpo_step(model, processor, prompt, imgs, mos, cfg, optimizer, reward_fn,
                         world, reference=reference, token_mask=token_mask)
         m = res.metrics
+        # Equal rewards within every group give zero advantages: the step cannot learn.
+        flat["steps"] = flat["steps"] + 1 if m.get("reward_group_std", 0.0) == 0.0 else 0
+        if flat["steps"] >= NO_SIGNAL_STEPS and not flat["warned"]:
+            flat["warned"] = True
+            say(f"warning: for {flat['steps']} steps in a row every group's rewards were equal "
+                f"(reward {m['reward_mean']:.3f}, format rate {m['format_rate']:.2f}): no "
+                "advantage, no learning. Likely cause: no SFT cold start, so the model never "
+                "writes the answer format (pass --adapter RUN/adapters of `qponder train "
+                "--stage sft`), or the wrong --adapter")
         return StepOutcome(not res.skipped, m["loss"], m,
                            {"reward": f"{m['reward_mean']:.3f}", "fmt": f"{m['format_rate']:.2f}",
                             "mem": f"{peak_memory_gb():.2f}GB"})
