@@ -26,6 +26,7 @@ class FakeHub:
         self.files = dict(files)
         self.cut_after: dict[str, int] = {}
         self.requests: list[tuple[str, str, str | None]] = []  # (method, path, Range)
+        self.authorization: list[str | None] = []  # the Authorization header of each request
         hub = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -41,6 +42,7 @@ class FakeHub:
             def _serve(self, body: bool):
                 rng = self.headers.get("Range")
                 hub.requests.append((self.command, self.path, rng))
+                hub.authorization.append(self.headers.get("Authorization"))
                 m = _PATH.match(self.path.split("?")[0])
                 if not m:
                     return self._error(404, "RepoNotFound")

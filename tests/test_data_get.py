@@ -222,6 +222,21 @@ def test_not_found_unreachable_and_disk_full_are_one_line(online, tmp_path):
     assert "\n" not in msg and msg.startswith(f"cannot reach {dead}")
 
 
+def test_hf_token_is_sent_and_disk_full_while_writing_is_one_line(online, tmp_path,
+                                                                   monkeypatch):
+    import errno
+
+    from qponder_mlx.iqa_sets.fetch import explain
+
+    monkeypatch.setenv("HF_TOKEN", "hf_fake_token_for_the_test")
+    with FakeHub(koniq_files()) as hub:
+        download_archive(ARCH, "koniq10k.tgz", tmp_path / "k.tgz", endpoint=hub.endpoint)
+    assert set(hub.authorization) == {"Bearer hf_fake_token_for_the_test"}
+    full = OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "k.tgz.part"))
+    msg = str(explain(full, f"{ARCH}/koniq10k.tgz"))
+    assert msg.startswith(f"disk full while writing {ARCH}/koniq10k.tgz") and "rerun" in msg
+
+
 def test_unknown_set_is_one_line(tmp_path):
     res = CliRunner().invoke(app, ["data", "get", "tid2013", "--out", str(tmp_path)])
     assert res.exit_code == 2
