@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -32,18 +33,42 @@ class EvalReport:
     metrics_written: dict[str, float] | None = None
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        """Strict JSON: an undefined metric is null, and `metrics_undefined` says why (NaN and
+        Infinity are not JSON; strict parsers reject them)."""
+        out = asdict(self)
+        why = {}
+        for key in ("metrics", "metrics_written"):
+            values = out.get(key) or {}
+            for name, v in values.items():
+                if not _finite(v):
+                    values[name] = None
+                    why[f"{key}.{name}"] = self.undefined_reason()
+        out["metrics_undefined"] = why
+        return out
+
+    def undefined_reason(self) -> str:
+        if self.n_scored < 2:
+            return f"needs at least 2 scored answers, got {self.n_scored}"
+        return "the scores or the MOS are all equal (a correlation with a constant is undefined)"
 
     def headline(self) -> str:
-        m = self.metrics
+        def corr(m: dict) -> str:
+            return "  ".join(f"{k.upper()} {m[k]:.4f}" if _finite(m[k]) else f"{k.upper()} n/a"
+                             for k in ("srcc", "plcc"))
+
         fr = "n/a" if self.format_rate is None else f"{self.format_rate:.3f}"
-        line = (f"SRCC {m['srcc']:.4f}  PLCC {m['plcc']:.4f}  n {self.n_scored}/{self.n_labels}  "
+        line = (f"{corr(self.metrics)}  n {self.n_scored}/{self.n_labels}  "
                 f"format-rate {fr}  ({self.n_bad_labels} bad label rows, "
                 f"{self.n_images_failed} unreadable images)")
+        if not all(_finite(self.metrics[k]) for k in ("srcc", "plcc")):
+            line += f"\nSRCC/PLCC undefined: {self.undefined_reason()}"
         if self.metrics_written is not None:
-            w = self.metrics_written
-            line += f"\nwritten answers: SRCC {w['srcc']:.4f}  PLCC {w['plcc']:.4f}"
+            line += f"\nwritten answers: {corr(self.metrics_written)}"
         return line
+
+
+def _finite(v) -> bool:
+    return isinstance(v, (int, float)) and math.isfinite(v)
 
 
 def evaluate(scorer: Scorer, samples: Sequence[Sample],

@@ -9,9 +9,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 from huggingface_hub import constants
+from qponder_mlx.cli.main import app
 from typer.testing import CliRunner
 
-from qponder_mlx.cli.main import app
 from qponder_mlx.model import ModelLoadError, resolve_model_path
 from qponder_mlx.testing.sft_sets import CC0_IMAGES as CC0
 

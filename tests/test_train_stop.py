@@ -12,9 +12,9 @@ import time
 
 import numpy as np
 import pytest
+from qponder_mlx.cli.main import app
 from typer.testing import CliRunner
 
-from qponder_mlx.cli.main import app
 from qponder_mlx.grpo.config import GRPOConfig
 from qponder_mlx.grpo.trainer import run_grpo
 from qponder_mlx.testing.sft_sets import cc0_sft_rows, write_jsonl
