@@ -16,8 +16,30 @@ from qponder_mlx.model import DEFAULT_MODEL
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Train, run and ship reasoning image-quality models with MLX.")
-dev = typer.Typer(no_args_is_help=True, help="Developer tools: offline tiny models and data.")
+dev = typer.Typer(no_args_is_help=True, help="Developer tools: an offline tiny model.")
 app.add_typer(dev, name="dev")
+
+
+def _print_version(value: bool) -> None:
+    if not value:
+        return
+    from importlib.metadata import PackageNotFoundError, version
+
+    def v(name: str) -> str:
+        try:
+            return version(name)
+        except PackageNotFoundError:
+            return "not installed"
+
+    typer.echo(f"qponder-mlx {v('qponder-mlx')} (mlx {v('mlx')}, mlx-vlm {v('mlx-vlm')}, "
+               f"mlx-lm {v('mlx-lm')})")
+    raise typer.Exit()
+
+
+@app.callback()
+def _root(version: bool = typer.Option(False, "--version", callback=_print_version,
+                                       is_eager=True, help="Print the versions and exit.")) -> None:
+    """Train, run and ship reasoning image-quality models with MLX."""
 
 
 @dev.command("tiny-model")
@@ -78,11 +100,11 @@ def eval_cmd(
     check_scoring_flags(mode, readout)
     check_at_least(batch_size=(batch_size, 1), max_tokens=(max_tokens, 1),
                    min_pixels=(min_pixels, 1), max_pixels=(max_pixels, 1), limit=(limit, 1))
-    check_outputs({"--out": (out, "eval_json")}, inputs=[data], force=force)
     samples, problems = read_samples(data, format=format, images_root=images_root,
                                      mos_range=mos_range, limit=limit)
-    # The images are inputs too (`--out photo.jpg` from a glob must not overwrite one).
-    check_outputs({"--out": (out, "eval_json")}, inputs=[s.image for s in samples], force=force)
+    # Before the model loads. The images are inputs too (`--out photo.jpg` from a glob).
+    check_outputs({"--out": (out, "eval_json")}, inputs=[data, *(s.image for s in samples)],
+                  force=force)
     scorer = load_scorer(model, adapter, bundle, verify=verify, mode=mode, readout=readout,
                          batch_size=batch_size, max_tokens=max_tokens, min_pixels=min_pixels,
                          max_pixels=max_pixels)

@@ -102,3 +102,12 @@ def test_eval_bad_input_is_one_line(args, msg, tiny_model_dir, cc0_labels):
     res = CliRunner().invoke(app, ["eval", "--data", str(cc0_labels), *args])
     assert res.exit_code == 2
     assert msg in res.output
+
+
+def test_version_names_the_package_and_mlx_versions():
+    from importlib.metadata import version
+
+    res = CliRunner().invoke(app, ["--version"])
+    assert res.exit_code == 0
+    assert res.output.strip() == (f"qponder-mlx {version('qponder-mlx')} (mlx {version('mlx')}, "
+                                  f"mlx-vlm {version('mlx-vlm')}, mlx-lm {version('mlx-lm')})")
