@@ -1,4 +1,4 @@
-"""bench/named_level_ceiling.py: the per-named-level re-mappings of a report's answers, checked
+"""named_level_ceiling.py: the per-named-level re-mappings of a report's answers, checked
 against scipy on a hand-built report whose reasoning is written with the teacher's own phrases."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""bench/repro_seeds.py: the per-seed goal table — mean, sample SD and worst case per measure, and
+"""repro_seeds.py: the per-seed goal table — mean, sample SD and worst case per measure, and
 the RESULT lines — from reproduce.py's results.json files."""
 
 from __future__ import annotations

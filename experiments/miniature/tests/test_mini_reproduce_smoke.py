@@ -10,6 +10,8 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -198,6 +200,19 @@ def test_toy_pipeline_writes_every_artefact_and_resumes(reproduce, tmp_path, cap
     assert "[grpo_fast]" in capsys.readouterr().out
     redone = json.loads((out / "timings.json").read_text())
     assert 0 < redone["grpo_fast"] < 1e5 and redone["sft"] == timings["sft"]
+
+
+def test_scripts_run_as_files_from_anywhere(tmp_path):
+    """The smoke test above runs each script's main() in process; a real run starts them as
+    `python <script>` (Runner's default), from any folder: each must import beside itself and
+    exit through main. `--help` stops after the imports; the four start at once (~5 s)."""
+    scripts = ["synth_iqa.py", "whiten_stem.py", "distill_synthetic.py", "train_grpo.py"]
+    procs = [subprocess.Popen([sys.executable, str(ROOT / s), "--help"], cwd=tmp_path,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for s in scripts]
+    for script, p in zip(scripts, procs):
+        out, _ = p.communicate(timeout=120)
+        assert p.returncode == 0 and f"usage: {script}" in out, (script, out[-2000:])
 
 
 def test_report_scores_reads_the_written_or_the_expected_answer(reproduce):
