@@ -60,7 +60,7 @@ CC0_PHOTOS = {
 
 
 def crop_view(photo: str, k: int) -> str:
-    """The name of random crop `k` of `photo` (`qponder dev synth-iqa --crops`)."""
+    """The name of random crop `k` of `photo` (`synth_iqa.py --crops`)."""
     return f"{photo}_crop{k}"
 
 

@@ -19,6 +19,5 @@ _product = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(_product)
 
 cc0_labels = _product.cc0_labels
-small_pixels = _product.small_pixels
 tiny_loaded = _product.tiny_loaded
 tiny_model_dir = _product.tiny_model_dir
