@@ -170,7 +170,9 @@ def test_interrupted_download_resumes_where_it_stopped(online, tmp_path):
         with pytest.raises(DataError) as exc:
             get(hub, out, tmp_path)
         msg = str(exc.value)
-        assert "\n" not in msg and "rerun the same command to resume" in msg
+        assert "\n" not in msg and msg.count("rerun the same command to resume") == 1
+        assert msg.endswith(f"(kept {size // 2} B in {out}/.qponder-data/koniq10k.tgz.part) — "
+                            "rerun the same command to resume")
         part = out / ".qponder-data" / "koniq10k.tgz.part"
         assert part.stat().st_size == size // 2
         assert not (out / "koniq10k").exists()
@@ -220,6 +222,10 @@ def test_not_found_unreachable_and_disk_full_are_one_line(online, tmp_path):
         download_archive(ARCH, "koniq10k.tgz", tmp_path / "x", endpoint=dead)
     msg = str(exc.value)
     assert "\n" not in msg and msg.startswith(f"cannot reach {dead}")
+    # the whole `get` too, at once: huggingface_hub's own retries (24 s) are not waited for
+    with pytest.raises(DataError, match=f"^cannot reach {dead}"):
+        get_set("koniq10k", tmp_path / "d", endpoint=dead, cache_dir=tmp_path / "c",
+                say=quiet, progress=False)
 
 
 def test_hf_token_is_sent_and_disk_full_while_writing_is_one_line(online, tmp_path,

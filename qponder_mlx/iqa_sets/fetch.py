@@ -25,6 +25,7 @@ from qponder_mlx.iqa_sets.catalog import human_bytes
 from qponder_mlx.iqa_sets.extract import is_disk_full
 
 CHUNK = 1 << 20
+_RESUME = " — rerun the same command to resume"
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
 
@@ -56,8 +57,8 @@ def explain(e: BaseException, what: str, endpoint: str | None = None) -> DataErr
     while cause.__cause__ is not None and isinstance(cause, LocalEntryNotFoundError):
         cause = cause.__cause__  # hf wraps the real reason (offline, no connection) in this
     if is_disk_full(e):
-        return DataError(f"disk full while writing {what} ({e.filename or ''}) — free space or "
-                         "pass --out on a bigger disk, then rerun to resume")
+        return DataError(f"disk full while writing {what} — free space or pass --out on a "
+                         f"bigger disk{_RESUME}")
     if isinstance(cause, OfflineModeIsEnabled) or (
             isinstance(e, LocalEntryNotFoundError) and _offline()):
         return DataError(f"offline (HF_HUB_OFFLINE is set) and {what} is not in the Hugging "
@@ -83,8 +84,7 @@ def explain(e: BaseException, what: str, endpoint: str | None = None) -> DataErr
                          "or HF_ENDPOINT")
     if isinstance(cause, httpx2.TransportError):
         reason = " ".join(str(cause).split()) or type(cause).__name__
-        return DataError(f"download of {what} interrupted ({reason[:120]}) — rerun the same "
-                         "command to resume")
+        return DataError(f"download of {what} interrupted ({reason[:120]}){_RESUME}")
     return DataError(f"{what}: {type(e).__name__}: {' '.join(str(e).split())[:200]}")
 
 
@@ -96,18 +96,42 @@ def _offline() -> bool:
 
 def fetch_small(repo: str, filename: str, *, endpoint: str | None = None,
                 cache_dir: Path | None = None) -> Path:
-    """A label file through the HF cache (downloaded once, then served from the cache)."""
-    from huggingface_hub import hf_hub_download
+    """A label file through the HF cache: the Hub's current version when it answers, the cached
+    one when it does not (offline, unreachable), else a one-line error.
 
+    One HEAD without retries comes first: `hf_hub_download` alone retries a refused connection
+    five times with backoff (1+2+4+8+8 s, measured 24 s against a closed port) and logs a
+    warning line per try, where a user should get one line at once.
+    """
+    from huggingface_hub import get_hf_file_metadata, hf_hub_download, hf_hub_url
+
+    what = f"{repo}/{filename}"
+    try:
+        get_hf_file_metadata(hf_hub_url(repo, filename, repo_type="dataset", endpoint=endpoint),
+                             endpoint=endpoint)
+    except Exception as e:  # every hub/network failure becomes one line
+        cached = cached_archive(repo, filename, cache_dir)
+        if cached is not None and not _is_missing(e):
+            return cached
+        raise explain(e, what, endpoint) from e
     try:
         return Path(hf_hub_download(repo, filename, repo_type="dataset", endpoint=endpoint,
                                     cache_dir=cache_dir))
     except Exception as e:  # every hub/network failure becomes one line
-        raise explain(e, f"{repo}/{filename}", endpoint) from e
+        raise explain(e, what, endpoint) from e
+
+
+def _is_missing(e: BaseException) -> bool:
+    """The Hub answered that the file or repo is gone (not: could not be asked)."""
+    from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError
+
+    if isinstance(e, EntryNotFoundError):
+        return True
+    return isinstance(e, HfHubHTTPError) and getattr(e.response, "status_code", 0) == 404
 
 
 def cached_archive(repo: str, filename: str, cache_dir: Path | None = None) -> Path | None:
-    """The archive's path in the HF cache if a previous `hf_hub_download` left it there."""
+    """The file's path in the HF cache if a previous `hf_hub_download` left it there."""
     from huggingface_hub import hf_hub_download
     from huggingface_hub.errors import LocalEntryNotFoundError
 
@@ -116,6 +140,17 @@ def cached_archive(repo: str, filename: str, cache_dir: Path | None = None) -> P
                                     local_files_only=True))
     except (LocalEntryNotFoundError, OSError, ValueError):
         return None
+
+
+def remote_size(repo: str, filename: str, *, endpoint: str | None = None) -> int | None:
+    """The file's size on the Hub (None if the Hub does not say), or a one-line DataError."""
+    from huggingface_hub import get_hf_file_metadata, hf_hub_url
+
+    try:
+        url = hf_hub_url(repo, filename, repo_type="dataset", endpoint=endpoint)
+        return get_hf_file_metadata(url, endpoint=endpoint).size
+    except Exception as e:  # every hub/network failure becomes one line
+        raise explain(e, f"{repo}/{filename}", endpoint) from e
 
 
 def download_archive(repo: str, filename: str, dest: Path, *, endpoint: str | None = None,
@@ -180,8 +215,8 @@ def download_archive(repo: str, filename: str, dest: Path, *, endpoint: str | No
         err = explain(e, what, endpoint)
         if part.exists() and part.stat().st_size:
             kept = human_bytes(part.stat().st_size)
-            raise DataError(f"{err} (kept {kept} in {part}; rerun the same command to "
-                            "resume)") from e
+            base = str(err).removesuffix(_RESUME)
+            raise DataError(f"{base} (kept {kept} in {part}){_RESUME}") from e
         raise err from e
     size = part.stat().st_size if part.exists() else 0
     if total is not None and size != total:

@@ -26,7 +26,13 @@ from pathlib import Path
 from qponder_mlx.io import atomic_write_bytes, atomic_write_json, atomic_write_text
 from qponder_mlx.iqa_sets.catalog import SETS, IQASet, find_set, human_bytes
 from qponder_mlx.iqa_sets.extract import Limits, UnsafeArchive, is_disk_full, safe_extract
-from qponder_mlx.iqa_sets.fetch import DataError, cached_archive, download_archive, fetch_small
+from qponder_mlx.iqa_sets.fetch import (
+    DataError,
+    cached_archive,
+    download_archive,
+    fetch_small,
+    remote_size,
+)
 
 STATE = ".qponder-data"
 # Photo archives barely compress (JPEG/PNG) or compress ~3x (BMP: LIVE-C's 0.33 GB .tgz holds
@@ -149,7 +155,9 @@ def _download_and_unpack(s: IQASet, out: Path, endpoint, cache_dir, keep_archive
             if have:
                 say(f"{s.name}: resuming {s.archive_file} from {human_bytes(have)}")
             mb = 1e6
-            with progress_bar(max(1, round(s.download_bytes / mb)), f"download {s.archive_file}",
+            total = remote_size(s.archive_repo, s.archive_file, endpoint=endpoint) \
+                or s.download_bytes
+            with progress_bar(max(1, round(total / mb)), f"download {s.archive_file}",
                               unit="MB", enabled=progress, completed=round(have / mb)) as adv:
                 last = [round(have / mb)]
 
@@ -210,6 +218,8 @@ def _download_and_unpack(s: IQASet, out: Path, endpoint, cache_dir, keep_archive
 def _label_names(s: IQASet, labels: Path, k: int = 5) -> list[str]:
     from qponder_mlx.labels import read_labels
 
+    # Only the names are wanted here: no image checks, and a range wide enough that no score is
+    # rejected (the real range is applied when the labels are verified).
     samples, _ = read_labels(labels, format=s.label_format, images_root=labels.parent,
                              check_images=False, mos_range=(-1e300, 1e300))
     rels = [x.image.relative_to(labels.parent).as_posix() for x in samples
