@@ -81,37 +81,42 @@ def test_a_signal_stops_at_the_step_and_resume_gives_the_same_adapter_bytes(
         assert not problems.exists() or problems.read_text() == ""
 
 
-def test_cli_prints_progress_to_a_file_and_stops_on_sigterm_with_the_resume_line(
-        tmp_path, tiny_model_dir):
+@pytest.mark.parametrize("stage, signum", [("sft", signal.SIGTERM), ("grpo", signal.SIGINT)])
+def test_cli_prints_progress_to_a_file_and_stops_with_the_resume_line(
+        stage, signum, tmp_path, tiny_model_dir, cc0_labels):
     """`qponder train ... > log`: stdout is a file, so plain progress lines appear during the
-    run; SIGTERM ends it at a step boundary with the stop line, exit 143, and the command it
-    prints resumes the run to the end."""
-    data = write_jsonl(tmp_path / "d.jsonl", cc0_sft_rows(4))
+    run; a signal ends it at a step boundary with the stop line and exit 128 + signal, and the
+    command it prints resumes the run."""
+    data = (write_jsonl(tmp_path / "d.jsonl", cc0_sft_rows(4)) if stage == "sft"
+            else cc0_labels)
     out = tmp_path / "run"
     log = tmp_path / "log.txt"
-    argv = [sys.executable, "-m", "qponder_mlx.cli.main", "train", "--stage", "sft",
+    argv = [sys.executable, "-m", "qponder_mlx.cli.main", "train", "--stage", stage,
             "--model", str(tiny_model_dir), "--data", str(data), "--out", str(out),
             "--iters", "400", "--batch-size", "2", "--warmup", "0",
             "--min-pixels", str(SMALL["min_pixels"]), "--max-pixels", str(SMALL["max_pixels"])]
+    if stage == "grpo":
+        argv += ["--set", "group_size=2", "--set", "max_completion_length=4"]
     with log.open("w") as f:
         proc = subprocess.Popen(argv, stdout=f, stderr=subprocess.PIPE, text=True)
         deadline = time.monotonic() + 240
-        # the first progress line arrives after step 1; wait for one more (every 10 steps)
-        while time.monotonic() < deadline and log.read_text().count("sft ") < 2:
+        # the first progress line arrives after step 1 (its cadence: test_plain_progress_...)
+        while time.monotonic() < deadline and f"{stage} " not in log.read_text():
             assert proc.poll() is None, proc.stderr.read()
             time.sleep(0.2)
-        proc.send_signal(signal.SIGTERM)
+        proc.send_signal(signum)
         _, err = proc.communicate(timeout=120)
     text = log.read_text()
-    assert proc.returncode == 143, err
-    progress = [line for line in text.splitlines() if line.startswith("sft ")]
-    assert len(progress) >= 2 and "/400 (" in progress[0] and "loss=" in progress[-1]
+    assert proc.returncode == 128 + signum, err
+    progress = [line for line in text.splitlines() if line.startswith(f"{stage} ")]
+    assert len(progress) >= 1 and "/400 (" in progress[0]
+    assert ("loss=" if stage == "sft" else "reward=") in progress[-1]
     stop = [line for line in text.splitlines() if line.startswith("stopped at step")]
     assert len(stop) == 1 and "checkpoint saved" in stop[0]
     step = int(stop[0].split()[3].rstrip(";"))
     assert [p.name for p in list_checkpoints(out)] == [f"step_{step:07d}"]
     resume = stop[0].split("resume with: ", 1)[1]
-    assert resume == f"qponder train --stage sft --out {out} --resume"
+    assert resume == f"qponder train --stage {stage} --out {out} --resume"
     # the printed command continues the run (a short one: --iters on top of the saved config)
     res = CliRunner().invoke(app, resume.split()[1:] + ["--iters", str(step + 1)])
     assert res.exit_code == 0, res.output
@@ -130,3 +135,22 @@ def test_a_fresh_run_refuses_a_folder_that_is_not_a_run(tmp_path, tiny_model_dir
     assert "not empty and not a qponder run folder" in res.output
     assert "model.safetensors" in res.output
     assert (model_copy / "config.json").read_text() == '{"model_type": "qwen2_5_vl"}'
+
+
+def test_plain_progress_prints_the_first_step_then_every_10_steps_or_30_s(monkeypatch):
+    import io
+
+    from qponder_mlx import progress as P
+
+    now = [0.0]
+    monkeypatch.setattr(P.time, "monotonic", lambda: now[0])
+    out = io.StringIO()
+    bar = P.PlainProgress(100, "sft", "step", every=10, out=out, completed=20)
+    for step in range(21, 45):
+        now[0] += 0.5
+        bar.advance(1, loss=f"{step}")
+    now[0] += 31  # a slow step: a line although only 3 steps passed since the last one
+    bar.advance(1, loss="45")
+    lines = out.getvalue().splitlines()
+    assert [line.split()[1] for line in lines] == ["21/100", "31/100", "41/100", "45/100"]
+    assert lines[1] == "sft 31/100 (31%) 2.00 step/s ETA 34s elapsed 6s loss=31"
