@@ -242,10 +242,11 @@ def _images_root(s: IQASet, labels: Path, roots: list[Path], out: Path) -> Path:
         if holds(r):
             return r
     first = Path(names[0]).name
-    for dirpath, _dirs, files in os.walk(out):
-        if STATE in Path(dirpath).parts:
-            continue
-        if first in files:
+    own = out / Path(s.resolutions[0].images_dir).parts[0]
+    for base in (own, out):  # the set's own folder first: <out> may hold other large sets
+        for dirpath, _dirs, files in os.walk(base):
+            if STATE in Path(dirpath).parts or first not in files:
+                continue
             d = Path(dirpath)
             # names may carry subfolders (a/b.jpg): climb until every name resolves
             for cand in (d, *d.parents):
