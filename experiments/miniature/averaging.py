@@ -15,13 +15,8 @@ adapter that every loader reads.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import mlx.core as mx
-
-from qponder_mlx.train.checkpoint import CheckpointError
-
-AVERAGE_FILE = "average.safetensors"  # in a checkpoint folder; its count is in state.json
 
 
 @dataclass
@@ -49,20 +44,3 @@ class WeightAverage:
     def weights(self) -> dict[str, mx.array] | None:
         """The averaged weights, or None before the first point (use the model's own)."""
         return self.mean if self.count else None
-
-    def state(self) -> dict[str, int]:
-        return {"average_count": self.count, "average_every": self.every}
-
-    def restore(self, checkpoint_dir: Path, state: dict) -> None:
-        """Pick up the mean a checkpoint saved; a checkpoint without one restarts it empty."""
-        count = int(state.get("average_count", 0))
-        saved_every = int(state.get("average_every", self.every))
-        if count and saved_every != self.every:
-            raise CheckpointError(f"{checkpoint_dir}: saved with average_every = {saved_every}, "
-                                  f"this run has {self.every} — resume with the same setting")
-        path = Path(checkpoint_dir) / AVERAGE_FILE
-        if count and not path.exists():
-            raise CheckpointError(f"{path}: missing, but state.json counts {count} averaged "
-                                  "steps — restore it or resume from an earlier checkpoint")
-        self.count = count
-        self.mean = dict(mx.load(str(path))) if count else {}

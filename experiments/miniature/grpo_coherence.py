@@ -1,7 +1,7 @@
 """How much of one GRPO step's gradient is signal: the coherence of independent batches' gradients.
 
     source scripts/blas_env.sh
-    .venv/bin/python bench/grpo_coherence.py runs/ship_s0 --batches 12
+    .venv/bin/python experiments/miniature/grpo_coherence.py runs/ship_s0 --batches 12
 
 From RUN's SFT adapter (the policy GRPO starts from), with RUN's own GRPO settings
 (grpo/config.json), this draws `--batches` independent batches of RUN's training images, rolls
@@ -107,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     from reproduce import shuffled_mos_rows
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("run", type=Path, help="a bench/reproduce.py --out folder")
+    ap.add_argument("run", type=Path, help="a reproduce.py --out folder")
     ap.add_argument("--batches", type=int, default=12)
     ap.add_argument("--batch-size", type=int, default=None,
                     help="images per batch (default: the run's GRPO batch_size)")

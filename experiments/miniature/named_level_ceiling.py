@@ -1,9 +1,9 @@
 """How far can GRPO lift a reproduction student without naming levels better than it does?
 
-    .venv/bin/python bench/named_level_ceiling.py runs/bias_s0 runs/bias_s1 ...
+    .venv/bin/python experiments/miniature/named_level_ceiling.py runs/bias_s0 runs/bias_s1 ...
 
-The students of `bench/reproduce.py` write the synthetic teacher's phrases and their answer is,
-to a few hundredths, a function of the level phrase they pick (bench/level_reads.py). GRPO was
+The students of `reproduce.py` write the synthetic teacher's phrases and their answer is,
+to a few hundredths, a function of the level phrase they pick (bench/level_reads.py, git). GRPO was
 measured to leave the phrases where the cold start put them (docs/reproduction.md, History AQ,
 AU) and to move the numbers after them. So this asks what the best such re-mapping gives: each
 held-out answer is replaced by a number that depends only on the (distortion, level) its
@@ -98,7 +98,7 @@ def report(run: Path, student: str, suffix: str) -> dict | None:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("runs", nargs="+", type=Path, help="bench/reproduce.py --out folders")
+    ap.add_argument("runs", nargs="+", type=Path, help="reproduce.py --out folders")
     args = ap.parse_args(argv)
     print("| run | held-out set | student | SRCC written | named MOS | hindsight | names the "
           "right level | named − own level's MOS |")
@@ -108,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
         for name, suffix in SETS.items():
             got = {st: report(run, st, suffix) for st in ("sft", "grpo")}
             if got["sft"] is None:
-                print(f"{run}: no eval/sft_reason{suffix}.json — run bench/reproduce.py first",
+                print(f"{run}: no eval/sft_reason{suffix}.json — run reproduce.py first",
                       file=sys.stderr)
                 continue
             for st, r in got.items():

@@ -1,8 +1,8 @@
-"""Summarise `bench/reproduce.py` runs made with different `--seed`s: the goals per seed, mean,
+"""Summarise `reproduce.py` runs made with different `--seed`s: the goals per seed, mean,
 SD and worst case — one run's SRCC moves by a few hundredths with the seed, so a goal is read off
 the mean and the spread, not off one run.
 
-    .venv/bin/python bench/repro_seeds.py runs/repro_s0 runs/repro_s1 runs/repro_s2 \
+    .venv/bin/python experiments/miniature/repro_seeds.py runs/repro_s0 runs/repro_s1 \
         --out docs/repro_seeds.md
 
 Prints a markdown table (and writes it with --out), then one RESULT line per goal and held-out
@@ -50,7 +50,7 @@ STUDENTS = [("SFT", "Q-Ponder-CI (SFT), reason"), ("GRPO", "Q-Ponder (GRPO), rea
 def load(run: Path) -> dict:
     path = run / "results.json"
     if not path.exists():
-        raise SystemExit(f"error: {path} is missing — run bench/reproduce.py --out {run} first")
+        raise SystemExit(f"error: {path} is missing — run reproduce.py --out {run} first")
     results = json.loads(path.read_text())
     results["seed"] = results["config"]["student"]["seed"]
     results["dir"] = run
@@ -139,13 +139,13 @@ def answers_table(answers: list, photos: list[str]) -> str:
 
 
 def level_of(sample_id: str) -> tuple[str, int] | None:
-    """(distortion, level) from a synth-iqa image id `<view>_<type>_<level>`."""
+    """(distortion, level) from a synth_iqa.py image id `<view>_<type>_<level>`."""
     parts = sample_id.rsplit("_", 2)
     return (parts[1], int(parts[2])) if len(parts) == 3 and parts[2].isdigit() else None
 
 
 def answers_by_level(report: dict, written: dict) -> list[tuple[tuple[str, int], float, float]]:
-    """((distortion, level), MOS, written answer) for every answered synth-iqa row."""
+    """((distortion, level), MOS, written answer) for every answered synth_iqa.py row."""
     out = []
     for x in report["samples"]:
         level = level_of(x["id"])

@@ -4,8 +4,8 @@ Why: the DCT stem's image-level features reach the language model as a few stron
 (the overall texture level: the first singular value of the merger output over the training
 images is 2.4x the second and 20x the tenth) while what tells neighbouring distortion levels
 apart lies in weak ones. A linear softmax probe on *standardised* tower features tells the 15
-(type, level) classes of the held-out views apart well enough for SRCC 0.948 (bench/stem_probe.py,
-`classes`), yet the student's
+(type, level) classes of the held-out views apart well enough for SRCC 0.948
+(bench/stem_probe.py, `classes`, in git), yet the student's
 language model, reading the raw tokens through LoRA on a random base, confused JPEG 4 with 5 and
 noise 4 with 5 even on its training photos (train-photo SRCC 0.88). Gradient descent learns weak
 input directions slowly; whitening makes every direction the data varies in equally strong.
@@ -91,10 +91,10 @@ def whiten_merger(model_dir: str | Path, images: Sequence[str | Path],
     weights_file = model_dir / "model.safetensors"
     if (model_dir / RECORD).exists():
         raise WhiteningError(f"{model_dir / RECORD}: this model is already whitened — whiten a "
-                             "freshly built model (qponder dev tiny-model), not this one")
+                             "freshly built model (vision_stem.build_student), not this one")
     if not weights_file.exists():
         raise WhiteningError(f"{weights_file} is missing — pass a model folder written by "
-                             "qponder dev tiny-model")
+                             "vision_stem.build_student")
     if len(images) < 2:
         raise WhiteningError(f"whitening needs at least 2 images, got {len(images)}")
     t, mu, k = whitening(image_token_means(model_dir, images), rel)

@@ -156,7 +156,7 @@ def describe(distortion: str, level: int, rng: random.Random) -> str:
 
 def read_level(text: str) -> tuple[str, int] | None:
     """The (distortion, level) a reasoning text describes in this teacher's words — the inverse
-    of `describe`, for reading what a student trained on them chose (bench/level_reads.py).
+    of `describe`, for reading what a student trained on them chose (bench/level_reads.py, git).
 
     A noise or JPEG phrase names that distortion; otherwise the focus phrase names the blur level
     (level 1 reads as the clean wording, as `describe` writes it). None when no phrase is found.

@@ -3,9 +3,7 @@
 import mlx.core as mx
 import numpy as np
 import pytest
-from averaging import AVERAGE_FILE, WeightAverage
-
-from qponder_mlx.train.checkpoint import CheckpointError
+from averaging import WeightAverage
 
 
 def _points(n, seed=0):
@@ -36,24 +34,3 @@ def test_mismatched_tensors_are_refused():
     avg.add({"a": mx.zeros(2)})
     with pytest.raises(ValueError, match="do not match"):
         avg.add({"b": mx.zeros(2)})
-
-
-def test_restore_picks_up_the_saved_mean_and_refuses_a_changed_schedule(tmp_path):
-    avg = WeightAverage(5)
-    for p in _points(2):
-        avg.add({k: mx.array(v) for k, v in p.items()})
-    mx.save_safetensors(str(tmp_path / AVERAGE_FILE), avg.mean)
-    back = WeightAverage(5)
-    back.restore(tmp_path, avg.state())
-    assert back.count == 2
-    for k in avg.mean:
-        np.testing.assert_array_equal(np.array(back.mean[k]), np.array(avg.mean[k]))
-    with pytest.raises(CheckpointError, match="average_every = 5"):
-        WeightAverage(10).restore(tmp_path, avg.state())
-    (tmp_path / AVERAGE_FILE).unlink()
-    with pytest.raises(CheckpointError, match="missing"):
-        WeightAverage(5).restore(tmp_path, avg.state())
-    fresh = WeightAverage(5)  # a checkpoint saved without averaging: start the mean empty
-    fresh.restore(tmp_path, {})
-    assert fresh.count == 0 and fresh.weights() is None
-
