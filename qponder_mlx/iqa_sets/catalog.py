@@ -57,6 +57,9 @@ class IQASet:
     # native range does not hold
     note: str = ""
     aliases: tuple[str, ...] = field(default=())
+    # Where an archive whose tree we could not read goes as a whole (None: its top-level folders
+    # go straight into --out, as pyiqa unpacks them).
+    unpack_into: str | None = None
 
     @property
     def source(self) -> str:
@@ -69,8 +72,12 @@ class IQASet:
         return 4 * self.images + 1000
 
 
-_LIVE_TERMS = ("UT Austin LIVE copyright notice: use, copy and distribute for research and "
-               "education with the notice kept and the source acknowledged")
+# The LIVE notice shipped with the database (Copyright (c) 2015 The University of Texas at
+# Austin): "to use, copy, modify, and distribute this database ... for any purpose, provided
+# that the copyright notice in its entirety appear in all copies ... and the original source
+# ... is acknowledged in any publication that reports research using this database".
+_LIVE_TERMS = ("UT Austin LIVE copyright notice: use, copy, modify and distribute for any "
+               "purpose, keeping the notice in all copies and acknowledging LIVE in publications")
 
 SETS: tuple[IQASet, ...] = (
     IQASet(
@@ -92,7 +99,7 @@ SETS: tuple[IQASet, ...] = (
         archive_repo=PYIQA_ARCHIVES, archive_file="spaq.tgz",
         label_repo=PYIQA_META, label_file="meta_info_SPAQDataset.csv", label_dir="meta_info",
         label_format="pyiqa", eval_split="val", train_split="train",
-        terms="non-commercial research use (SPAQ's release terms)",
+        terms="non-commercial research and education use (SPAQ's release terms)",
         cite="Fang et al., Perceptual Quality Assessment of Smartphone Photography, CVPR 2020",
         note=("full-size phone photos (most ~4000x3000); pyiqa resizes them to 448 px when "
               "loading. No official split: pyiqa's 80/20 split 1 (seed 123)"),
@@ -137,6 +144,7 @@ SETS: tuple[IQASet, ...] = (
         note=("AI-generated images from 6 text-to-image models; perception MOS only. No train "
               "split is published: DeQA-Score evaluates on all 2,982"),
         aliases=("agiqa", "agiqa-3k"),
+        unpack_into="AGIQA-3K",
     ),
 )
 

@@ -107,7 +107,8 @@ def get_set(name: str, out: Path, *, endpoint: str | None = None,
 
     labels = _fetch_labels(s, out, endpoint, cache_dir)
     roots = [out / r.images_dir for r in s.resolutions]
-    top = {Path(r.images_dir).parts[0] for r in s.resolutions}
+    top = {s.unpack_into} if s.unpack_into else {Path(r.images_dir).parts[0]
+                                                  for r in s.resolutions}
     if any((out / t).exists() for t in top):
         say(f"{s.name}: {', '.join(sorted(top))} already in {out} — using it, not downloading")
     else:
@@ -197,10 +198,12 @@ def _download_and_unpack(s: IQASet, out: Path, endpoint, cache_dir, keep_archive
         raise
     # Folders at the top (koniq10k/, LIVEC/) move into <out> as they are; loose files at the
     # top would scatter over <out>, so then the whole tree goes into the set's own folder.
-    if all((staging / n).is_dir() and not (staging / n).is_symlink() for n in got.top_level):
+    own = s.unpack_into or Path(s.resolutions[0].images_dir).parts[0]
+    if s.unpack_into is None and all((staging / n).is_dir() and not (staging / n).is_symlink()
+                                     for n in got.top_level):
         moves = [(staging / n, out / n) for n in got.top_level]
     else:
-        moves = [(staging, out / Path(s.resolutions[0].images_dir).parts[0])]
+        moves = [(staging, out / own)]
     for _, dest in moves:
         if dest.exists():
             shutil.rmtree(staging, ignore_errors=True)
@@ -242,7 +245,7 @@ def _images_root(s: IQASet, labels: Path, roots: list[Path], out: Path) -> Path:
         if holds(r):
             return r
     first = Path(names[0]).name
-    own = out / Path(s.resolutions[0].images_dir).parts[0]
+    own = out / (s.unpack_into or Path(s.resolutions[0].images_dir).parts[0])
     for base in (own, out):  # the set's own folder first: <out> may hold other large sets
         for dirpath, _dirs, files in os.walk(base):
             if STATE in Path(dirpath).parts or first not in files:
