@@ -209,8 +209,6 @@ def download_archive(repo: str, filename: str, dest: Path, *, endpoint: str | No
                             done += len(chunk)
                             if progress is not None:
                                 progress(done, total or done)
-    except KeyboardInterrupt:
-        raise
     except Exception as e:  # network drop, disk full, HTTP errors: one line, .part kept
         err = explain(e, what, endpoint)
         if part.exists() and part.stat().st_size:

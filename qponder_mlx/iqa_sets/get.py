@@ -94,10 +94,12 @@ def load_done(out: Path, name: str) -> Prepared | None:
 def get_set(name: str, out: Path, *, endpoint: str | None = None,
             cache_dir: Path | None = None, keep_archive: bool = False,
             say: Callable[[str], None] = print, progress: bool = True,
-            free_bytes: Callable[[Path], int] | None = None,
-            catalogue: tuple[IQASet, ...] | None = None) -> Prepared:
+            free_bytes: Callable[[Path], int] | None = None) -> Prepared:
     """Fetch set `name` into `out`; raises DataError / UnsafeArchive with one-line messages."""
-    s = _find(name, catalogue)
+    s = find_set(name)
+    if s is None:
+        raise DataError(f"unknown data set {name!r} — one of: "
+                        f"{', '.join(x.name for x in SETS)} (`qponder data list`)")
     out = Path(os.path.abspath(out))
     done = load_done(out, s.name)
     if done is not None:
@@ -117,17 +119,6 @@ def get_set(name: str, out: Path, *, endpoint: str | None = None,
     root = _images_root(s, labels, roots, out)
     eval_labels, train_labels = _split_views(s, labels, say)
     return _verify_and_record(s, out, eval_labels, train_labels, root, roots)
-
-
-def _find(name: str, catalogue: tuple[IQASet, ...] | None) -> IQASet:
-    sets = catalogue or SETS
-    key = name.strip().lower()
-    s = next((x for x in sets if key in (x.name, *x.aliases)), None) if catalogue \
-        else find_set(key)
-    if s is None:
-        raise DataError(f"unknown data set {name!r} — one of: "
-                        f"{', '.join(x.name for x in sets)} (`qponder data list`)")
-    return s
 
 
 def _fetch_labels(s: IQASet, out: Path, endpoint, cache_dir) -> Path:
