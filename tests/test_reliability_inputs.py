@@ -44,7 +44,7 @@ def run_cli(*args) -> tuple[int, str]:
 @pytest.fixture
 def refuse_unreadable(monkeypatch):
     """Make the OS refuse to open `no_permission.jpg` even for root (chmod 000 does that only for
-    other users). Pillow and hashlib both go through builtins.open."""
+    other users). Pillow goes through builtins.open, hashing and scoring through open_regular."""
     real_open = builtins.open
 
     def guarded(file, mode="r", *args, **kwargs):
@@ -56,6 +56,19 @@ def refuse_unreadable(monkeypatch):
 
     if is_root():
         monkeypatch.setattr(builtins, "open", guarded)
+        # The store hashes and the scorer reads through open_regular (os.open, not open).
+        from qponder_mlx import io as io_mod
+        from qponder_mlx.library import store as store_mod
+
+        real_regular = io_mod.open_regular
+
+        def guarded_regular(file):
+            if os.path.basename(os.fspath(file)) == "no_permission.jpg":
+                raise PermissionError(13, "Permission denied", os.fspath(file))
+            return real_regular(file)
+
+        monkeypatch.setattr(io_mod, "open_regular", guarded_regular)
+        monkeypatch.setattr(store_mod, "open_regular", guarded_regular)
 
 
 def one_line_errors(output: str) -> list[str]:
