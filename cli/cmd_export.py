@@ -166,3 +166,43 @@ def info_cmd(
     for line in summary_lines(manifest):
         typer.echo(line)
     typer.echo("manifest checksum OK; run `qponder bundle verify` to check the weights")
+
+
+@bundle_app.command("resize-parity")
+def resize_parity_cmd(
+    model: str = typer.Option(..., help="Model or bundle folder (or repo id) to score with."),
+    adapter: Path | None = typer.Option(None, help="LoRA adapter folder."),
+    calibration: Path | None = typer.Option(None, help="Label file (default: the 36 CC0 images "
+                                            "qponder ships)."),
+    calibration_limit: int | None = typer.Option(None, help="Only the first N images."),
+    min_pixels: int = typer.Option(128 * 28 * 28, help="Pixel policy's smallest pixel count."),
+    max_pixels: int = typer.Option(512 * 28 * 28, help="Pixel policy's largest pixel count."),
+    batch_size: int = typer.Option(8, help="Images per model call."),
+    out: Path | None = typer.Option(None, help="Also write the report as JSON here."),
+) -> None:
+    """Score the calibration set with the photo resized four ways (qponder's Pillow bicubic,
+    bicubic in linear light, Lanczos, bilinear); print |Δscore| and SRCC against qponder's."""
+    from qponder_mlx.export.agreement import load_calibration
+    from qponder_mlx.export.config import ExportConfigError
+    from qponder_mlx.export.resize_parity import measure, table_lines
+
+    from qponder_mlx.images import PixelPolicy
+    from qponder_mlx.io import atomic_write_json
+    from qponder_mlx.model import ModelLoadError, load_model
+
+    try:
+        pixels = PixelPolicy(min_pixels=min_pixels, max_pixels=max_pixels)
+    except ValueError as e:
+        fail(f"--min-pixels/--max-pixels: {e}")
+    try:
+        calib = load_calibration(calibration, calibration_limit)
+        loaded = load_model(model, adapter)
+    except (ExportConfigError, ModelLoadError) as e:
+        fail(str(e))
+    report = measure(loaded, calib.images, pixels, calib.mos, batch_size)
+    report["calibration"] = calib.file.name
+    report["model"] = {"model": Path(model).name, "adapter": adapter.name if adapter else None}
+    for line in table_lines(report):
+        typer.echo(line)
+    if out is not None:
+        atomic_write_json(out, report)

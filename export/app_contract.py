@@ -16,6 +16,7 @@ from qponder_mlx.prompts import FAST_ANSWER_PREFIX
 from qponder_mlx.readout import score_token_ids
 
 from .golden import rendered_prompt
+from .pillow_bicubic import ALGORITHM
 
 
 class ContractError(ValueError):
@@ -95,9 +96,10 @@ def preprocessing_section(policy: PixelPolicy, preprocessor: dict) -> dict:
             ],
             "arithmetic": "IEEE double precision",
             "filter": "Pillow Image.resize(BICUBIC): separable cubic convolution (Keys, a = "
-                      "-0.5), support 2 x max(1, scale) input pixels (widened when shrinking, "
-                      "i.e. antialiased), weights normalised to sum 1; horizontal pass first, "
-                      "then vertical, each in fixed point and rounded and clipped to 8 bits",
+                      "-0.5), antialiased when shrinking, in fixed point with 8-bit rounding "
+                      "after each pass; `algorithm` states it exactly (qponder's reference port: "
+                      "qponder_mlx/export/pillow_bicubic.py)",
+            "algorithm": ALGORITHM,
             "filter_space": "on the 8-bit gamma-encoded (sRGB) values, not in linear light",
             "pillow": _pillow(),
         },

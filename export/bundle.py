@@ -30,7 +30,7 @@ from qponder_mlx.prompts import PROMPT_VERSION
 
 from . import agreement as agree
 from . import golden as gold
-from . import swift_compat
+from . import resize_parity, swift_compat
 from .app_contract import preprocessing_section, tokens_section
 from .config import ExportConfig
 from .fuse import fuse_lora
@@ -260,6 +260,15 @@ def export_bundle(cfg: ExportConfig, *, progress: bool = True,
             bundle_run = agree.run_model(bundled, calib, cfg, "bundle", progress=progress)
             agreement = agree.compare(ref_run, bundle_run, calib, cfg)
             agreement["peak_memory_bytes_bundle"] = mx.get_peak_memory()
+            resize_tolerance = {
+                **resize_parity.measure(bundled, calib.images, pixels, calib.mos,
+                                        cfg.batch_size),
+                "meaning": "fast scores of this bundle on the calibration set with the photo "
+                           "resized other ways than qponder's (the reference) to the same size; "
+                           "an app that resizes otherwise should expect differences this size",
+                "calibration": calib.file.name}
+        else:
+            resize_tolerance = None
         tokens = tokens_section(bundled)
         golden = _write_golden(bundled, tmp, pixels)
         log(f"golden vectors: {len(golden['images'])} images in {gold.GOLDEN_FILE}")
@@ -283,6 +292,7 @@ def export_bundle(cfg: ExportConfig, *, progress: bool = True,
             "pixels": {**pixels_section(pixels), "preprocessing": preprocessing_section(
                 pixels, json.loads((tmp / "preprocessor_config.json").read_text()))},
             "golden": _golden_section(golden),
+            "resize_tolerance": resize_tolerance,
             "mlx_swift": _swift_section(cfg, qreport.to_dict()),
             "base_model": {**base_identity(base),
                            "quantization": base_config.get("quantization")},

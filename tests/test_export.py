@@ -242,6 +242,13 @@ def test_manifest_gives_the_app_prompt_parse_rule_pixels_and_checksums(q4_bundle
     assert not any(n.endswith((".bin", ".pt", ".pth", ".pkl", ".py")) for n in files)
     assert m["adapter"]["layers_fused"] == 14 and len(m["adapter"]["sha256"]) == 64
     assert m["base_model"]["revision"] is None
+    tol = m["resize_tolerance"]
+    assert tol["reference"] == "pil_bicubic_gamma" and tol["images"] == 5
+    assert tol["methods"]["pil_bicubic_gamma"]["max_abs_delta"] == 0.0
+    assert set(tol["methods"]) == {"pil_bicubic_gamma", "bicubic_linear_light", "lanczos",
+                                   "bilinear"}
+    assert all(r["mean_abs_pixel_delta"] > 0 for k, r in tol["methods"].items()
+               if k != "pil_bicubic_gamma")
 
 
 def test_base_identity_reads_hf_cache_snapshots(tmp_path):
@@ -273,6 +280,8 @@ def test_mxfp4_export_loads_and_scores(tiny_model_dir, exports, images):
                                agreement=False, **SMALL), progress=False)
     assert json.loads((out / "config.json").read_text())["quantization"] == {
         "group_size": 32, "bits": 4, "mode": "mxfp4"}
+    swift = json.loads((out / MANIFEST).read_text())["mlx_swift"]
+    assert swift["check"] == "passed" and swift["not_verified_in_mlx_swift"] == ["q_mode mxfp4"]
     (r,) = Scorer(load_bundle(out), ScoreConfig(mode="fast", pixels=PixelPolicy(**SMALL))).score(
         images[:1])
     assert r.error is None and 1.0 <= r.score <= 5.0
@@ -327,6 +336,7 @@ def test_quantize_vision_quantizes_the_tower(tiny_model_dir, exports, images):
     t = _tensors(out)
     assert "vision_tower.blocks.0.attn.qkv.scales" in t
     assert res.manifest["quantization"]["quantize_vision"] is True
+    assert res.manifest["mlx_swift"]["not_verified_in_mlx_swift"] == ["quantize_vision"]
     (r,) = Scorer(load_bundle(out), ScoreConfig(mode="fast", pixels=PixelPolicy(**SMALL))).score(
         images[:1])
     assert r.error is None and 1.0 <= r.score <= 5.0
