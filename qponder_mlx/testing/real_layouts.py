@@ -342,6 +342,11 @@ def _random_weights(config: dict, seed: int) -> dict:
     model = arch.Model(model_config)
     weights = {}
     for key, value in tree_flatten(model.parameters()):
+        if key.endswith(("embed_tokens.weight", "lm_head.weight")):
+            # N(0, initializer_range) as transformers initializes them. MLX's N(0, 1) embedding
+            # dominates the residual stream, and with a tied head the random model then only
+            # repeats its last input token: greedy parity tests would compare "\n\n\n...".
+            value = config["initializer_range"] * mx.random.normal(value.shape)
         value = value.astype(mx.bfloat16)
         if key.endswith("patch_embed.proj.weight"):  # MLX (O, T, H, W, C) -> torch (O, C, T, H, W)
             value = value.transpose(0, 4, 1, 2, 3)
