@@ -14,6 +14,7 @@ def register(app: typer.Typer) -> None:
                        help="Public IQA data sets: list them, download one ready for eval.")
     data.command("list")(list_sets)
     data.command("get")(get)
+    data.command("sample")(sample)
     app.add_typer(data, name="data")
 
 
@@ -71,3 +72,19 @@ def get(
     typer.echo("next:")
     for line in p.commands(s):
         typer.echo(f"  {line}")
+
+
+def sample(out: Path = typer.Argument(..., help="Folder to write the sample set into.")) -> None:
+    """The packaged 36-image CC0 set (labels.jsonl, a canned sft.jsonl, images/), offline: try
+    eval, train and score on the tiny model without a download."""
+    from qponder_mlx.iqa_sets.sample import write_sample
+
+    try:
+        paths = write_sample(out)
+    except OSError as e:
+        fail(f"{out}: cannot write the sample set ({e.strerror or e}) — choose a writable folder")
+    typer.echo(f"36 CC0 images in {paths['images']}; labels {paths['labels']}; "
+               f"cold-start rows {paths['sft']}")
+    typer.echo("next (no download):")
+    typer.echo("  qponder dev tiny-model tiny")
+    typer.echo(f"  qponder eval --model tiny --data {paths['labels']} --out report.json")
