@@ -395,3 +395,21 @@ def test_a_250_character_report_name_is_written(tmp_path):
     atomic_write_text(tmp_path / name, "<!DOCTYPE html>")
     assert (tmp_path / name).read_text() == "<!DOCTYPE html>"
     assert [p.name for p in tmp_path.iterdir()] == [name]
+
+
+def test_distill_onto_a_full_disk_fails_in_one_line(tiny_disk, tmp_path):
+    from reliability.fault_servers import Behaviour, chat_body, serve
+
+    imgs = photos(tmp_path / "g")
+    labels = tmp_path / "g" / "labels.jsonl"
+    labels.write_text("".join(json.dumps({"image": p.name, "mos": 3.0}) + "\n" for p in imgs))
+    fill(tiny_disk)
+    good = ("<think>The photo is sharp with little noise and balanced exposure.</think>"
+            "<answer>3.00</answer>")
+    with serve(Behaviour("fixed", body=chat_body(good))) as srv:
+        code, out = cli("distill", "--data", labels, "--out", tiny_disk / "d.jsonl",
+                        "--teacher-url", srv.url, "--teacher-model", "m")
+    assert code == 2 and "Traceback" not in out, out
+    (line,) = errors(out)
+    assert f"--out {tiny_disk / 'd.jsonl'}: cannot write (disk full)" in line
+    assert "rerun the same command to resume" in line
