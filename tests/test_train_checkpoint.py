@@ -5,8 +5,8 @@ import math
 import random
 
 import mlx.core as mx
-import mlx.optimizers as optim
 import mlx.nn as nn
+import mlx.optimizers as optim
 import numpy as np
 import pytest
 from mlx.utils import tree_flatten
