@@ -93,13 +93,18 @@ def _head(path: Path, n: int = 4096) -> bytes:
         return b""
 
 
-def _first_json_line(path: Path) -> dict | None:
-    line = _head(path, 1 << 16).split(b"\n", 1)[0]
-    try:
-        obj = json.loads(line)
-    except ValueError:
-        return None
-    return obj if isinstance(obj, dict) else None
+def _first_json_line(path: Path, keys: set[str]) -> bool:
+    """Does the first line of `path` look like a JSON object with `keys`? A line longer than
+    the 1 MiB read (a row with many long attempts) is judged by its opening: `{` and the keys."""
+    head = _head(path, 1 << 20)
+    line, newline, _ = head.partition(b"\n")
+    if newline:
+        try:
+            obj = json.loads(line)
+        except ValueError:
+            return False
+        return isinstance(obj, dict) and keys <= set(obj)
+    return line.lstrip().startswith(b"{") and all(b'"%s":' % k.encode() in line for k in keys)
 
 
 def _is_csv_export(path: Path) -> bool:
@@ -108,9 +113,7 @@ def _is_csv_export(path: Path) -> bool:
 
 
 def _is_jsonl_export(path: Path) -> bool:
-    row = _first_json_line(path)
-    return path.stat().st_size == 0 or (row is not None
-                                        and {"path", "sha256", "identity"} <= set(row))
+    return path.stat().st_size == 0 or _first_json_line(path, {"path", "sha256", "identity"})
 
 
 def _is_report(path: Path) -> bool:
@@ -130,9 +133,7 @@ def _is_json_object_with(keys: set[str]) -> Callable[[Path], bool]:
 
 
 def _is_distill_rows(path: Path) -> bool:
-    row = _first_json_line(path)
-    return path.stat().st_size == 0 or (row is not None and "teacher_model" in row
-                                        and "prompt_version" in row)
+    return path.stat().st_size == 0 or _first_json_line(path, {"teacher_model", "prompt_version"})
 
 
 # kind -> (what it is, in a message; how to recognise a file we wrote)
