@@ -51,6 +51,12 @@ def _pixel_samples(rgb: np.ndarray) -> list[dict]:
     return [{"x": x, "y": y, "rgb": [int(v) for v in rgb[y, x]]} for x, y in spots]
 
 
+def _spread(n: int, k: int = 16) -> list[int]:
+    # An odd stride (n / k rounded, made odd) walks through patches, channels and rows alike.
+    step = max(1, n // k) | 1
+    return [(i * step) % n for i in range(k)]
+
+
 def compute_one(loaded, image: Path, pixels: PixelPolicy, n_tokens: int = REASON_TOKENS) -> dict:
     """The golden entry of one image (no prefix cache: the plain computation an app does)."""
     model, proc, tok = loaded.model, loaded.processor, loaded.tokenizer
@@ -74,6 +80,8 @@ def compute_one(loaded, image: Path, pixels: PixelPolicy, n_tokens: int = REASON
                     "samples": _pixel_samples(rgb)},
         "pixel_values": {"shape": list(inputs["pixel_values"].shape),
                          "first": [round(float(v), 6) for v in pv[:8]],
+                         # spread over every patch and channel: checks the patch order too
+                         "at": {str(i): round(float(pv[i]), 6) for i in _spread(pv.size)},
                          "mean": round(float(pv.mean()), 6)},
         "grid_thw": [int(v) for v in np.array(inputs["image_grid_thw"]).reshape(-1)],
         "input_ids": [int(v) for v in np.array(inputs["input_ids"]).reshape(-1)],
@@ -120,8 +128,11 @@ def compare(want: dict, got: dict) -> list[str]:
             if w.get(key) != g[key]:
                 out.append(f"{GOLDEN_FILE}: {name} {key} differs from the recomputation")
         wp, gp = w.get("pixel_values", {}), g["pixel_values"]
-        if wp.get("shape") != gp["shape"] or not _close(wp.get("first"), gp["first"],
-                                                        PIXEL_VALUE_TOL):
+        keys = sorted(gp["at"])
+        if wp.get("shape") != gp["shape"] or not _close(
+                wp.get("first"), gp["first"], PIXEL_VALUE_TOL) or not _close(
+                [wp.get("at", {}).get(k) for k in keys], [gp["at"][k] for k in keys],
+                PIXEL_VALUE_TOL):
             out.append(f"{GOLDEN_FILE}: {name} pixel_values differ from the recomputation")
         wf, gf = w.get("fast", {}), g["fast"]
         if not _close([wf.get("score")], [gf["score"]], SCORE_TOL):

@@ -127,3 +127,34 @@ def test_an_edited_golden_value_fails_verify(bundle, tmp_path, edit, says):
     res = CliRunner().invoke(app, ["bundle", "verify", str(folder), "--no-progress"])
     assert res.exit_code == 1
     assert f"{GOLDEN_IMAGES[1]} {says}" in res.output
+
+
+def test_documented_resize_normalise_and_patchify_rebuild_the_pixel_values(bundle, golden):
+    # What docs/export.md tells an app to do, in numpy: the bicubic port, /255, (x - mean) / std,
+    # the image twice (temporal patch 2), Qwen2-VL's 14 px patches merged 2 x 2.
+    from qponder_mlx.export.pillow_bicubic import resize
+
+    pp = json.loads((bundle.out / "preprocessor_config.json").read_text())
+    mean, std = np.float32(pp["image_mean"]), np.float32(pp["image_std"])
+    for e in golden["images"]:
+        w, h = e["resized"]["width"], e["resized"]["height"]
+        rgb = resize(np.asarray(Image.open(bundle.out / e["image"]).convert("RGB")), w, h)
+        assert hashlib.sha256(rgb.tobytes()).hexdigest() == e["resized"]["rgb_sha256"]
+        x = (rgb.astype(np.float32) / np.float32(255) - mean) / std
+        x = np.stack([x.transpose(2, 0, 1)] * 2)  # (T=2, C, H, W)
+        gh, gw = h // 14, w // 14
+        x = x.reshape(1, 2, 3, gh // 2, 2, 14, gw // 2, 2, 14).transpose(
+            0, 3, 6, 4, 7, 2, 1, 5, 8).reshape(gh * gw, 3 * 2 * 14 * 14)
+        pv = e["pixel_values"]
+        assert list(x.shape) == pv["shape"]
+        flat = x.reshape(-1)
+        np.testing.assert_allclose(flat[:8], pv["first"], atol=1e-4)
+        np.testing.assert_allclose([flat[int(i)] for i in pv["at"]], list(pv["at"].values()),
+                                   atol=1e-4)
+
+
+def test_fast_prompt_is_the_reason_prompt_plus_the_answer_prefix(bundle):
+    t = bundle.manifest["tokens"]
+    assert t["fast_prompt"]["before_image"] == t["reason_prompt"]["before_image"]
+    assert t["fast_prompt"]["after_image"] == \
+        t["reason_prompt"]["after_image"] + t["answer_prefix_ids"]

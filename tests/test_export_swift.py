@@ -196,3 +196,5 @@ def test_a_real_3b_layout_bundle_passes_with_the_real_token_ids(tmp_path):
     assert [d["id"] for d in t["digits"]] == [16, 17, 18, 19, 20]
     assert t["reason_prompt"]["before_image"][-1] == 151652  # <|vision_start|>
     assert t["reason_prompt"]["after_image"][0] == 151653  # <|vision_end|>
+    assert t["fast_prompt"]["after_image"] == \
+        t["reason_prompt"]["after_image"] + t["answer_prefix_ids"]
