@@ -13,8 +13,8 @@ import pytest
 from fixtures_labels import png_with_header
 from PIL import Image
 
-from qponder_mlx.library import ResultStore, StopFlag, StoreError, score_library, write_csv
 from qponder_mlx import io as io_mod
+from qponder_mlx.library import ResultStore, StopFlag, StoreError, score_library, write_csv
 from qponder_mlx.library import store as store_mod
 from qponder_mlx.library.score_job import error_reason, model_size, plan_batches
 from qponder_mlx.library.tables import write_jsonl
