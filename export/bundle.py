@@ -366,6 +366,15 @@ def summary_lines(manifest: dict) -> list[str]:
         f"prompt      {manifest.get('prompt', {}).get('version')}; pixels "
         f"{px.get('min_pixels')}..{px.get('max_pixels')}",
     ]
+    swift = manifest.get("mlx_swift")
+    if swift:
+        extra = ", not verified there: " + ", ".join(swift["not_verified_in_mlx_swift"]) \
+            if swift.get("not_verified_in_mlx_swift") else ""
+        lines.append(f"mlx swift   {swift.get('check')}"
+                     + (f" ({swift['requires']}){extra}" if swift.get("requires") else ""))
+    g = manifest.get("golden")
+    lines.append(f"golden      {len(g['images'])} images, {g['reason_tokens']} greedy tokens "
+                 f"each ({g['file']})" if g else "golden      none (made before golden vectors)")
     a = manifest.get("agreement")
     if a:
         f, r = a["fast"], a["reason"]
