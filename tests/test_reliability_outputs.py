@@ -323,6 +323,36 @@ def tiny_disk(tmp_path):
         subprocess.run(["umount", "-l", str(mnt)], check=False)
 
 
+@pytest.fixture
+def ro_disk(tmp_path):
+    """A read-only tmpfs (root ignores chmod, not a read-only mount), or a skip saying why."""
+    mnt = tmp_path / f"ro-{uuid.uuid4().hex[:6]}"
+    mnt.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=64k", "tmpfs", str(mnt)],
+                       capture_output=True, text=True)
+    if r.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here ({r.stderr.strip() or r.returncode})")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def test_a_read_only_output_folder_is_one_line(ro_disk, tmp_path, tiny_model_dir):
+    photos(tmp_path / "g")
+    base = ["score", tmp_path / "g", "--model", tiny_model_dir, "--mode", "fast", *SMALL,
+            "--no-progress"]
+    code, out = cli(*base, "--db", ro_disk / "s.sqlite")
+    assert code == 2 and "Traceback" not in out, out
+    (line,) = errors(out)
+    assert f"{ro_disk / 's.sqlite'}: cannot open the results database" in line
+    assert "writable" in line
+    db = tmp_path / "s.sqlite"
+    code, out = cli(*base, "--db", db, "--report", ro_disk / "r.html")
+    assert code == 2 and "cannot write (read-only file system)" in errors(out)[0], out
+    assert ResultStore(db).result_count() == 2  # the scores were saved before the export
+
+
 def fill(folder: Path) -> None:
     fd = os.open(folder / "ballast", os.O_WRONLY | os.O_CREAT)
     try:
