@@ -17,9 +17,10 @@ from qponder_mlx.readout import score_token_ids
 
 from .golden import rendered_prompt
 from .pillow_bicubic import ALGORITHM
+from .verify import BundleError
 
 
-class ContractError(ValueError):
+class ContractError(BundleError):
     """The bundle's tokenizer cannot express the prompt as the app contract needs (one line)."""
 
 

@@ -23,7 +23,7 @@ import numpy as np
 from PIL import Image
 
 from qponder_mlx import metrics
-from qponder_mlx.images import PixelPolicy, load_image
+from qponder_mlx.images import ImageError, PixelPolicy, load_image
 from qponder_mlx.model import LoadedModel
 from qponder_mlx.scoring import ScoreConfig, Scorer
 
@@ -66,28 +66,48 @@ def _r(x: float | None, nd: int = 4) -> float | None:
 
 def measure(loaded: LoadedModel, images: list[Path], pixels: PixelPolicy,
             mos: list[float] | None = None, batch_size: int = 8) -> dict:
-    """Fast scores of `images` resized each way; every way against the reference."""
-    originals = [load_image(p) for p in images]
-    sizes = [pixels.target_size(im.size) for im in originals]
+    """Fast scores of `images` resized each way; every way against the reference.
+
+    An image that does not load, or that any way fails to score, is left out of every row
+    (counted in `skipped`), so all rows compare the same images.
+    """
+    originals, sizes, kept = [], [], []
+    for i, p in enumerate(images):
+        try:
+            im = load_image(p)
+            sizes.append(pixels.target_size(im.size, name=str(p)))
+        except ImageError:
+            continue
+        originals.append(im)
+        kept.append(i)
     scorer = Scorer(loaded, ScoreConfig(mode="fast", batch_size=batch_size, pixels=pixels))
     resized = {name: [fn(im, s) for im, s in zip(originals, sizes)]
                for name, fn in METHODS.items()}
     scores = {name: [r.score for r in scorer.score(imgs)] for name, imgs in resized.items()}
-    ref, ref_px = scores[REFERENCE], resized[REFERENCE]
+    ok = [j for j in range(len(kept)) if all(scores[n][j] is not None for n in METHODS)]
+    ref = [scores[REFERENCE][j] for j in ok]
     out = {}
     for name in METHODS:
-        d = np.abs(np.subtract(scores[name], ref))
-        px = np.mean([np.abs(np.asarray(a, np.int16) - np.asarray(b, np.int16)).mean()
-                      for a, b in zip(resized[name], ref_px)])
+        got = [scores[name][j] for j in ok]
+        d = np.abs(np.subtract(got, ref)) if ok else np.full(1, np.nan)
+        px = np.mean([np.abs(np.asarray(resized[name][j], np.int16)
+                             - np.asarray(resized[REFERENCE][j], np.int16)).mean() for j in ok]
+                     ) if ok else np.nan
         row = {"mean_abs_delta": _r(d.mean()), "max_abs_delta": _r(d.max()),
-               "srcc_vs_reference": _r(metrics.srcc(scores[name], ref)),
-               "mean_abs_pixel_delta": _r(px, 3)}
+               "srcc_vs_reference": _srcc(got, ref), "mean_abs_pixel_delta": _r(px, 3)}
         if mos is not None:
-            row["srcc_vs_mos"] = _r(metrics.srcc(scores[name], mos))
+            row["srcc_vs_mos"] = _srcc(got, [mos[kept[j]] for j in ok])
         out[name] = row
-    return {"reference": REFERENCE, "images": len(images),
+    return {"reference": REFERENCE, "images": len(ok), "skipped": len(images) - len(ok),
             "pixels": {"min_pixels": pixels.min_pixels, "max_pixels": pixels.max_pixels},
             "methods": out}
+
+
+def _srcc(a: list[float], b: list[float]) -> float | None:
+    try:
+        return _r(metrics.srcc(a, b))
+    except ValueError:  # fewer than two images
+        return None
 
 
 def table_lines(report: dict) -> list[str]:

@@ -68,3 +68,14 @@ def test_measure_compares_every_way_with_the_reference(tiny_loaded, cc0_labels):
         r = rep["methods"][name]
         assert r["mean_abs_pixel_delta"] > 0 and r["max_abs_delta"] >= r["mean_abs_delta"]
     assert len(resize_parity.table_lines(rep)) == 2 + 4
+
+
+def test_measure_leaves_out_an_image_that_does_not_load(tiny_loaded, cc0_labels, tmp_path):
+    bad = tmp_path / "broken.jpg"
+    bad.write_bytes(b"\xff\xd8 not a jpeg")
+    images = sorted((cc0_labels.parent / "images").iterdir())[:2]
+    rep = resize_parity.measure(tiny_loaded, [images[0], bad, images[1]],
+                                PixelPolicy(min_pixels=56 * 56, max_pixels=56 * 56),
+                                mos=[4.0, 3.0, 2.0])
+    assert (rep["images"], rep["skipped"]) == (2, 1)
+    assert rep["methods"]["pil_bicubic_gamma"]["srcc_vs_mos"] in (-1.0, 1.0)

