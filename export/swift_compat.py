@@ -10,7 +10,8 @@ passes has the keys, types, tensor names and shapes its loader asks for (not pro
   times: `TextConfiguration` and `BaseConfiguration` from the root, `VisionConfiguration` from
   `vision_config`. A non-optional property is a required key; an optional one may be absent but
   must have the right type when present. `Qwen25VLProcessorConfiguration` decodes
-  preprocessor_config.json the same way.
+  preprocessor_config.json the same way. Libraries/MLXVLM/Models/Qwen2VL.swift does the same
+  for `qwen2_vl` (`Qwen2VLConfiguration`, `Qwen2VLProcessorConfiguration`).
 * Libraries/MLXVLM/VLMModelFactory.swift — `model_type` picks the model (`qwen2_5_vl`), the
   preprocessor_config.json's `processor_class` picks the processor; the tokenizer loads from the
   bundle folder.
@@ -35,7 +36,8 @@ SWIFT_SOURCE = {
     "library": "MLXVLM",
     "min_version": "3.31.4",
     "commit": "bd4b7434e6bdb588c7ef55706ff8904cb7fd4c57",
-    "files": ["Libraries/MLXVLM/Models/Qwen25VL.swift", "Libraries/MLXVLM/Models/QwenVL.swift",
+    "files": ["Libraries/MLXVLM/Models/Qwen25VL.swift", "Libraries/MLXVLM/Models/Qwen2VL.swift",
+              "Libraries/MLXVLM/Models/QwenVL.swift",
               "Libraries/MLXVLM/VLMModelFactory.swift",
               "Libraries/MLXLMCommon/BaseConfiguration.swift",
               "Libraries/MLXLMCommon/Load.swift"],
@@ -66,14 +68,41 @@ VISION_REQUIRED = {
 }
 VISION_OPTIONAL = {"in_chans": INT, "layer_norm_eps": FLOAT, "skip_vision": BOOL,
                    "hidden_act": STR}
-# Qwen25VLProcessorConfiguration + BaseProcessorConfiguration (VLMModelFactory.swift).
-PROCESSOR_REQUIRED = {
-    "processor_class": STR, "image_mean": FLOATS, "image_std": FLOATS, "min_pixels": INT,
-    "max_pixels": INT, "merge_size": INT, "patch_size": INT, "temporal_patch_size": INT,
-    "image_processor_type": STR,
+# Qwen2VL.swift, Qwen2VLConfiguration: fewer root keys, another vision tower (embed_dim,
+# mlp_ratio; hidden_size there is the language model's width).
+QWEN2VL_ROOT_REQUIRED = {
+    "model_type": STR, "hidden_size": INT, "num_hidden_layers": INT, "intermediate_size": INT,
+    "num_attention_heads": INT, "vocab_size": INT, "num_key_value_heads": INT,
+    "image_token_id": INT, "video_token_id": INT, "vision_config": OBJ,
 }
-PROCESSOR_CLASSES = ("Qwen2_5_VLProcessor",)  # the processor Qwen25VL pairs with
-MODEL_TYPES = ("qwen2_5_vl",)
+QWEN2VL_VISION_REQUIRED = {
+    "depth": INT, "embed_dim": INT, "hidden_size": INT, "num_heads": INT, "patch_size": INT,
+    "mlp_ratio": FLOAT, "spatial_patch_size": INT, "spatial_merge_size": INT,
+    "temporal_patch_size": INT,
+}
+QWEN2VL_VISION_OPTIONAL = {"in_channels": INT, "layer_norm_eps": FLOAT}
+# model_type -> (root required, vision required, vision optional)
+MODEL_TABLES = {
+    "qwen2_5_vl": (ROOT_REQUIRED, VISION_REQUIRED, VISION_OPTIONAL),
+    "qwen2_vl": (QWEN2VL_ROOT_REQUIRED, QWEN2VL_VISION_REQUIRED, QWEN2VL_VISION_OPTIONAL),
+}
+MODEL_TYPES = tuple(MODEL_TABLES)
+
+# BaseProcessorConfiguration (VLMModelFactory.swift) + the processor `processor_class` names:
+# Qwen25VLProcessorConfiguration requires every key; Qwen2VLProcessorConfiguration falls back to
+# `size` and to Qwen's defaults for min_pixels / max_pixels.
+PROCESSOR_TABLES = {
+    "Qwen2_5_VLProcessor": ({
+        "processor_class": STR, "image_mean": FLOATS, "image_std": FLOATS, "min_pixels": INT,
+        "max_pixels": INT, "merge_size": INT, "patch_size": INT, "temporal_patch_size": INT,
+        "image_processor_type": STR}, {}),
+    "Qwen2VLProcessor": ({
+        "processor_class": STR, "image_mean": FLOATS, "image_std": FLOATS, "merge_size": INT,
+        "patch_size": INT, "temporal_patch_size": INT},
+        {"min_pixels": INT, "max_pixels": INT, "size": OBJ}),
+}
+PROCESSOR_REQUIRED = PROCESSOR_TABLES["Qwen2_5_VLProcessor"][0]
+PROCESSOR_CLASSES = tuple(PROCESSOR_TABLES)
 
 # MLX's quantizer (mlx-swift wraps the same core): affine packs these bits at these group sizes.
 # Affine at 4 bits is what mlx-community's Qwen2.5-VL checkpoints use, the tested path; mxfp4
@@ -131,14 +160,17 @@ def _check_keys(cfg: dict, required: dict, optional: dict, where: str) -> list[s
 
 
 def check_config(config: dict, where: str = "config.json") -> list[str]:
-    """Problems MLX Swift's Qwen25VLConfiguration would have decoding `config`."""
-    out = _check_keys(config, ROOT_REQUIRED, ROOT_OPTIONAL, where)
-    if config.get("model_type") is not None and config.get("model_type") not in MODEL_TYPES:
-        out.append(f"{where}: model_type {config['model_type']!r} — the check knows "
-                   f"{', '.join(MODEL_TYPES)} only")
+    """Problems MLX Swift's Qwen25VLConfiguration (Qwen2VLConfiguration for qwen2_vl) would
+    have decoding `config`."""
+    model_type = config.get("model_type")
+    if model_type not in MODEL_TABLES:
+        return [f"{where}: model_type {model_type!r} — MLX Swift's check here knows "
+                f"{', '.join(MODEL_TYPES)}"]
+    root, vision_required, vision_optional = MODEL_TABLES[model_type]
+    out = _check_keys(config, root, ROOT_OPTIONAL, where)
     vision = config.get("vision_config")
     if isinstance(vision, dict):
-        out += _check_keys(vision, VISION_REQUIRED, VISION_OPTIONAL, f"{where} vision_config")
+        out += _check_keys(vision, vision_required, vision_optional, f"{where} vision_config")
     rope = config.get("rope_scaling")
     # validateMROPESection (RoPEUtils.swift): three positive ints; without it Attention's init
     # stops the app (fatalError), so it is required in practice.
@@ -187,11 +219,11 @@ def check_quantization(q, where: str = "config.json") -> list[str]:
 
 
 def check_preprocessor(pp: dict, where: str = "preprocessor_config.json") -> list[str]:
-    out = _check_keys(pp, PROCESSOR_REQUIRED, {}, where)
     cls = pp.get("processor_class")
-    if isinstance(cls, str) and cls not in PROCESSOR_CLASSES:
-        out.append(f"{where}: processor_class {cls!r} — MLX Swift pairs qwen2_5_vl with "
-                   f"{PROCESSOR_CLASSES[0]}")
+    if cls is not None and cls not in PROCESSOR_TABLES:
+        return [f"{where}: processor_class {cls!r} — MLX Swift's Qwen processors are "
+                f"{', '.join(PROCESSOR_CLASSES)}"]
+    out = _check_keys(pp, *PROCESSOR_TABLES[cls or "Qwen2_5_VLProcessor"], where)
     for key in ("image_mean", "image_std"):
         if _type_ok(pp.get(key), FLOATS) and len(pp[key]) != 3:
             out.append(f"{where}: {key} needs 3 values (RGB), has {len(pp[key])}")
@@ -226,6 +258,8 @@ def expected_weights(config: dict) -> dict[str, tuple[int, ...]]:
     if config.get("tie_word_embeddings") is False:
         w["language_model.lm_head.weight"] = (vocab, h)
     v = config["vision_config"]
+    if config["model_type"] == "qwen2_vl":
+        return w | _qwen2vl_vision(v)
     d, vi = v["hidden_size"], v["intermediate_size"]
     merged = d * v["spatial_merge_size"] ** 2
     w["vision_tower.patch_embed.proj.weight"] = (d, v["temporal_patch_size"], v["patch_size"],
@@ -244,6 +278,29 @@ def expected_weights(config: dict) -> dict[str, tuple[int, ...]]:
           "vision_tower.merger.mlp.2.weight": (v["out_hidden_size"], merged),
           "vision_tower.merger.mlp.2.bias": (v["out_hidden_size"],)}
     return w
+
+
+def _qwen2vl_vision(v: dict) -> dict[str, tuple[int, ...]]:
+    """Qwen2VL.swift's vision tower: LayerNorms with bias, an fc1/fc2 MLP of embed_dim x
+    mlp_ratio, a merger into the language width (`hidden_size`); `in_channels`, default 3."""
+    d, out_dim = v["embed_dim"], v["hidden_size"]
+    hidden = int(d * float(v["mlp_ratio"]))
+    merged = d * v["spatial_merge_size"] ** 2
+    w = {"vision_tower.patch_embed.proj.weight": (d, v["temporal_patch_size"], v["patch_size"],
+                                                  v["patch_size"], v.get("in_channels") or 3)}
+    for i in range(v["depth"]):
+        p = f"vision_tower.blocks.{i}"
+        w |= {f"{p}.norm1.weight": (d,), f"{p}.norm1.bias": (d,), f"{p}.norm2.weight": (d,),
+              f"{p}.norm2.bias": (d,), f"{p}.attn.qkv.weight": (3 * d, d),
+              f"{p}.attn.qkv.bias": (3 * d,), f"{p}.attn.proj.weight": (d, d),
+              f"{p}.attn.proj.bias": (d,), f"{p}.mlp.fc1.weight": (hidden, d),
+              f"{p}.mlp.fc1.bias": (hidden,), f"{p}.mlp.fc2.weight": (d, hidden),
+              f"{p}.mlp.fc2.bias": (d,)}
+    return w | {"vision_tower.merger.ln_q.weight": (d,), "vision_tower.merger.ln_q.bias": (d,),
+                "vision_tower.merger.mlp.0.weight": (merged, merged),
+                "vision_tower.merger.mlp.0.bias": (merged,),
+                "vision_tower.merger.mlp.2.weight": (out_dim, merged),
+                "vision_tower.merger.mlp.2.bias": (out_dim,)}
 
 
 def swift_sanitized_name(name: str) -> str | None:

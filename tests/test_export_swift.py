@@ -48,14 +48,15 @@ def _mlx_vlm_layout(config: dict, bits: int | None):
 
     MLX arrays are lazy: the 3B's 3.75 B parameters are never materialised, only their shapes.
     """
-    from mlx_vlm.models import qwen2_5_vl
+    import importlib
+
     from mlx_vlm.quant_utils import quantize_model
     from mlx_vlm.utils import skip_multimodal_module, update_module_configs
 
+    arch = importlib.import_module(f"mlx_vlm.models.{config['model_type']}")
     c = json.loads(json.dumps(config))
-    mc = update_module_configs(qwen2_5_vl.ModelConfig.from_dict(c), qwen2_5_vl, c,
-                               ["text", "vision"])
-    model = qwen2_5_vl.Model(mc)
+    mc = update_module_configs(arch.ModelConfig.from_dict(c), arch, c, ["text", "vision"])
+    model = arch.Model(mc)
     if bits is not None:
         with contextlib.redirect_stdout(io.StringIO()):
             model, config = quantize_model(
@@ -90,6 +91,17 @@ def test_the_3b_layout_passes_float_and_4bit():
     assert sc.check_weights(shapes, config) == [
         "tensor language_model.lm_head.weight: MLX Swift's Qwen25VL has no such parameter (its "
         "loader refuses unused keys)"]
+
+
+@pytest.mark.parametrize("flavour", ["qwen2.5-vl-7b", "qwen2-vl-2b"])
+def test_the_7b_and_qwen2_vl_2b_layouts_pass(flavour):
+    from qponder_mlx.testing.real_layouts import REAL_CONFIGS, preprocessor_config
+
+    config = REAL_CONFIGS[flavour]
+    assert sc.check_config(config) == []
+    assert sc.check_preprocessor(preprocessor_config(flavour)) == []
+    shapes, qconfig = _mlx_vlm_layout(config, 4)
+    assert sc.check_weights(shapes, qconfig) == []
 
 
 def test_weight_problems_name_the_tensor(tiny_model_dir):
