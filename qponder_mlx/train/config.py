@@ -94,6 +94,9 @@ class SFTConfig:
     # image x hidden x 2-4 bytes each (a 3B student at 448 px: ~1 MB per image).
     vision_cache: int = 4096
     max_seq_len: int = 2048  # longer rows (prompt + image + answer) are skipped
+    # Share of rows also trained as a fast-mode answer, `<think></think><answer>X.XX</answer>`
+    # (train/fast_answers.py), so fast mode's prompt is one the model learned; 0 = off.
+    fast_share: float = 0.0
     min_pixels: int = 128 * 28 * 28
     max_pixels: int = 512 * 28 * 28
     seed: int = 0
@@ -121,6 +124,8 @@ class SFTConfig:
             raise ConfigError(f"vision_cache must be >= 0 (0 = off), got {self.vision_cache}")
         if self.val_samples < 0:
             raise ConfigError(f"val_samples must be >= 0, got {self.val_samples}")
+        if not 0 <= self.fast_share <= 1:
+            raise ConfigError(f"fast_share must be in [0, 1], got {self.fast_share}")
 
 
 def warmup_steps(cfg) -> int:

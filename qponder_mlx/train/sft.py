@@ -33,6 +33,7 @@ from qponder_mlx.train import checkpoint as ckpt_mod
 from qponder_mlx.train.config import SFTConfig
 from qponder_mlx.train.data_order import DataOrder
 from qponder_mlx.train.distributed import World, init_world
+from qponder_mlx.train.fast_answers import with_fast_answers
 from qponder_mlx.train.image_features import TowerFeatures, tower_features
 from qponder_mlx.train.loop import (
     Window,
@@ -61,7 +62,7 @@ from qponder_mlx.train.sft_rows import (
 # different model or read different rows.
 RESUME_MUST_MATCH = ("model", "data", "lora", "quantize_base", "quantize_group_size",
                      "batch_size", "grad_accum", "seed", "max_seq_len", "min_pixels",
-                     "max_pixels")
+                     "max_pixels", "fast_share")
 
 
 # ---------------------------------------------------------------- the loss
@@ -230,6 +231,7 @@ def run_sft(cfg: SFTConfig, *, resume: bool = False, loaded: LoadedModel | None 
     model_type = model.config.model_type  # where an mlx-vlm dataset row's image goes
     rows, problems = read_sft_rows(cfg.data, tok, pixels, cfg.max_seq_len,
                                    model_type=model_type)
+    rows = with_fast_answers(rows, tok, cfg.fast_share, cfg.seed)
     # The seeded shuffle permutes row positions: put the rows in a canonical order first, so that
     # the same rows give the same run whatever order a concurrent writer (distill) left them in.
     rows.sort(key=lambda r: (r.id, r.answer_ids, str(r.image)))
