@@ -372,7 +372,9 @@ def _tokenizer_problems(folder: Path, names: set[str]) -> list[str]:
     out = [f"{folder / f}: missing — MLX Swift's tokenizer loader (swift-transformers) reads it"
            for f in TOKENIZER_FILES if f not in names]
     if "tokenizer_config.json" in names:
-        tok = json.loads((folder / "tokenizer_config.json").read_text())
+        tok = _read_json(folder / "tokenizer_config.json", out)
+        if tok is None:
+            return out
         if not isinstance(tok.get("tokenizer_class"), str):
             out.append(f"{folder / 'tokenizer_config.json'}: no tokenizer_class — "
                        "swift-transformers picks the tokenizer by it")
@@ -380,6 +382,19 @@ def _tokenizer_problems(folder: Path, names: set[str]) -> list[str]:
             out.append(f"{folder}: no chat template (chat_template.jinja, chat_template.json or "
                        "tokenizer_config.json's chat_template)")
     return out
+
+
+def _read_json(path: Path, out: list[str]) -> dict | None:
+    """The JSON object in `path`, or None with a problem line (Swift's decoder would throw)."""
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        out.append(f"{path}: not readable JSON ({type(e).__name__}) — MLX Swift cannot decode it")
+        return None
+    if not isinstance(value, dict):
+        out.append(f"{path}: not a JSON object — MLX Swift cannot decode it")
+        return None
+    return value
 
 
 def _weight_files(folder: Path) -> list[Path]:
@@ -396,9 +411,12 @@ def check_folder(folder: str | Path) -> list[str]:
             out.append(f"{folder / name}: missing — MLX Swift's VLM loader reads it")
     if out:
         return out
-    config = json.loads((folder / "config.json").read_text())
+    config = _read_json(folder / "config.json", out)
+    pp = _read_json(folder / "preprocessor_config.json", out)
+    if config is None or pp is None:
+        return out
     out += check_config(config)
-    out += check_preprocessor(json.loads((folder / "preprocessor_config.json").read_text()))
+    out += check_preprocessor(pp)
     out += _tokenizer_problems(folder, names)
     files = _weight_files(folder)
     for f in files:

@@ -184,6 +184,15 @@ def test_a_weight_file_below_the_top_level_is_refused(tiny_bundle, tmp_path):
     assert "extra.safetensors: a weight file below the bundle's top level" in problem
 
 
+def test_an_unreadable_config_is_one_problem_not_a_crash(tiny_bundle, tmp_path):
+    folder = tmp_path / "b"
+    shutil.copytree(tiny_bundle.out, folder)
+    (folder / "preprocessor_config.json").write_text("{")
+    assert sc.check_folder(folder) == [
+        f"{folder / 'preprocessor_config.json'}: not readable JSON (JSONDecodeError) — MLX "
+        "Swift cannot decode it"]
+
+
 def test_unverified_settings_are_marked():
     assert sc.unverified({"mode": "mxfp4", "bits": 4, "group_size": 32}, True) == [
         "q_mode mxfp4", "quantize_vision"]
