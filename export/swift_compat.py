@@ -3,8 +3,10 @@
 Read from ml-explore/mlx-swift-lm at tag 3.31.4 (commit bd4b7434e6bdb588c7ef55706ff8904cb7fd4c57;
 the configuration structs are unchanged at 14414441, 2026-12): the files are named beside each
 table below, and docs/export.md has them as a requirement table. Nothing here runs Swift; it
-applies the rules those sources encode, so a bundle that fails here fails there, and one that
-passes has the keys, types, tensor names and shapes its loader asks for (not proven to run).
+applies the rules those sources encode, so a bundle that fails here fails there (or uses what
+the check does not vouch for: a quantization mode other than affine and mxfp4, a model type
+other than qwen2_5_vl and qwen2_vl), and one that passes has the keys, types, tensor names and
+shapes its loader asks for — not proven to run.
 
 * Libraries/MLXVLM/Models/Qwen25VL.swift — `Qwen25VLConfiguration` decodes config.json three
   times: `TextConfiguration` and `BaseConfiguration` from the root, `VisionConfiguration` from
