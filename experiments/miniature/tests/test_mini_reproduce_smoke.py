@@ -266,9 +266,13 @@ def test_pipeline_base_fills_what_the_variant_leaves_out(reproduce, tmp_path):
                                    grpo_set=main.grpo_set) == main
     assert [x for x in b128_30.grpo_set if x != "iters=30"] == \
         [x for x in b128.grpo_set if x != "iters=20"] and "iters=30" in b128_30.grpo_set
+    # CF: the shipped recipe with fast-mode answers in its cold start, nothing else changed
+    fast = reproduce.load_pipeline(conf / "fast_answers.toml")
+    assert fast.sft_set == ["iters=1500", "fast_share=0.25"]
+    assert dataclasses.replace(fast, base="", sft_set=main.sft_set) == main
     assert sorted(p.name for p in conf.glob("*.toml")) == [
         "biased_teacher.toml", "biased_teacher_b128.toml", "biased_teacher_b128_30steps.toml",
-        "grpo.toml", "pipeline.toml", "sft.toml"]
+        "fast_answers.toml", "grpo.toml", "pipeline.toml", "sft.toml"]
     # every recipe's --set flags are settings the trainers know, over the train TOMLs they name
     from train_grpo import MiniatureGRPOConfig
 
