@@ -24,8 +24,9 @@ import re
 import signal
 import threading
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,7 +34,7 @@ from typing import TYPE_CHECKING
 
 from PIL import Image
 
-from qponder_mlx.images import ImageError, PixelPolicy, ensure_heif_support, load_image_bytes
+from qponder_mlx.images import ImageError, PixelPolicy, ensure_heif_support, load_for_model
 from qponder_mlx.io import read_regular
 from qponder_mlx.library.store import UNREADABLE_PREFIX, FileState, ResultStore, file_sha256
 from qponder_mlx.progress import progress_bar
@@ -43,6 +44,15 @@ if TYPE_CHECKING:
 
 # How many freshly hashed files to commit at once during step 1 (a kill there loses hashes only).
 HASH_COMMIT_EVERY = 256
+
+# Step 4's reading, hashing and decoding run in threads ahead of the model: Pillow's decoders and
+# resamplers and hashlib release the GIL, so threads overlap each other and the model (MLX
+# releases it while it evaluates), and images reach the model without being pickled. Processes
+# measured no faster for JPEG decode+resize on 2 cores (bench/library_speed.py prints both).
+DECODE_WORKERS = min(4, os.cpu_count() or 1)
+# Batches read ahead of the one the model runs: memory holds at most (this + 1) batches of
+# model-sized images plus one full-size decode per worker, however large the library.
+READ_AHEAD_BATCHES = 2
 
 
 @dataclass
@@ -225,8 +235,14 @@ def _result_row(scorer: Scorer, sha: str, path: str, r: ScoreResult) -> dict:
 
 
 def score_library(scorer: Scorer, files: Sequence[str | os.PathLike], store: ResultStore, *,
-                  stop: StopFlag | None = None, progress: bool = True) -> RunSummary:
-    """Score `files` (from `discover`) into `store`; see the module docstring for the steps."""
+                  stop: StopFlag | None = None, progress: bool = True,
+                  decode_workers: int | None = None) -> RunSummary:
+    """Score `files` (from `discover`) into `store`; see the module docstring for the steps.
+
+    `decode_workers`: threads that read, hash and decode the next batches while the model runs
+    the current one (default `DECODE_WORKERS`; 0 reads each batch in this thread when its turn
+    comes). Results, their order and the store's writes are the same either way.
+    """
     t0 = time.perf_counter()
     stop = stop if stop is not None else StopFlag()
     paths = [Path(os.path.abspath(f)) for f in files]
@@ -240,12 +256,14 @@ def score_library(scorer: Scorer, files: Sequence[str | os.PathLike], store: Res
     batches = plan_batches(list(todo.values()), scorer.config.pixels, scorer.config.batch_size)
     n_err = sum(1 for s in status.values() if s.startswith("error:"))
     summary.interrupted = bool(stop)
-    with progress_bar(len(todo), f"scoring ({scorer.config.mode})", enabled=progress) as advance:
+    workers = DECODE_WORKERS if decode_workers is None else decode_workers
+    with progress_bar(len(todo), f"scoring ({scorer.config.mode})", enabled=progress) as advance, \
+            read_ahead(batches, scorer.config.pixels, workers) as reads:
         for batch in batches:
             if stop:
                 summary.interrupted = True
                 break
-            rows, files = _score_batch(scorer, batch, sha_of, hashes)
+            rows, files = _score_batch(scorer, batch, next(reads), sha_of, hashes)
             with store.transaction():
                 store.put_results(rows)
                 store.put_files(files)
@@ -290,20 +308,48 @@ def _read_for_scoring(path: str, policy: PixelPolicy) -> _Read:
     r = _Read(sha, FileState(sha, st.st_size, st.st_mtime_ns))
     try:
         # Resized here, one photo at a time: a batch holds model-sized images, never 8 decoded
-        # full-resolution ones.
-        r.image = policy.resize(load_image_bytes(data, path), name=path)
+        # full-resolution ones (and JPEG/HEIC decode reduced: images.load_for_model).
+        r.image = load_for_model(data, path, policy)
         r.image.info["path"] = path  # for whoever inspects a batch (tests, debugging)
     except ImageError as e:
         r.error = str(e)
     return r
 
 
-def _score_batch(scorer: Scorer, batch: Sequence[str], sha_of: dict[str, str],
-                 hashes: dict[str, str]) -> tuple[list[dict], list[tuple[str, FileState]]]:
+@contextmanager
+def read_ahead(batches: Sequence[Sequence[str]], policy: PixelPolicy, workers: int,
+               ahead: int = READ_AHEAD_BATCHES) -> Iterator[Iterator[list[_Read]]]:
+    """Each batch's reads, in batch order, with up to `ahead` later batches read meanwhile by
+    `workers` threads (0: each batch read in the caller's thread when asked for). Leaving the
+    block cancels reads not started and waits for the ones running."""
+    if workers <= 0:
+        yield ([_read_for_scoring(p, policy) for p in b] for b in batches)
+        return
+    ensure_heif_support()  # registered once here, not raced by the workers
+    pool = ThreadPoolExecutor(workers, thread_name_prefix="qponder-read")
+    queued: deque[list[Future[_Read]]] = deque()
+    rest = iter(batches)
+
+    def reads() -> Iterator[list[_Read]]:
+        while True:
+            while len(queued) <= ahead and (b := next(rest, None)) is not None:
+                queued.append([pool.submit(_read_for_scoring, p, policy) for p in b])
+            if not queued:
+                return
+            yield [f.result() for f in queued.popleft()]
+
+    try:
+        yield reads()
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _score_batch(scorer: Scorer, batch: Sequence[str], reads: Sequence[_Read],
+                 sha_of: dict[str, str], hashes: dict[str, str]
+                 ) -> tuple[list[dict], list[tuple[str, FileState]]]:
     """Result rows for one batch, and the files whose content changed since it was hashed."""
     from qponder_mlx.scoring import ScoreResult
 
-    reads = [_read_for_scoring(p, scorer.config.pixels) for p in batch]
     images = [r.image for r in reads if r.image is not None]
     answers = iter(scorer.score(images) if images else [])
     rows: list[dict] = []
