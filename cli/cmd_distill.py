@@ -118,5 +118,8 @@ def distill(
     typer.echo(f"this run: kept {new['kept']}, rejected {new['rejected']}, failed "
                f"{new['failed']}")
     typer.echo(headline(result.summary))
-    typer.echo(f"kept: {shown(result.out)}\nrejected/failed: {shown(result.rejected)}\n"
-               f"summary: {shown(result.summary_path)}")
+    # Name only files that exist: `kept: FILE` for a file never written would make the next
+    # command's "no such file" a surprise.
+    for label, path in (("kept", result.out), ("rejected/failed", result.rejected)):
+        typer.echo(f"{label}: {shown(path)}" if path.exists() else f"{label}: 0 — nothing written")
+    typer.echo(f"summary: {shown(result.summary_path)}")

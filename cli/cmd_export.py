@@ -106,8 +106,26 @@ def export_cmd(
         raise typer.Exit(EXIT_INTERRUPTED) from None
     for line in summary_lines(result.manifest):
         typer.echo(line)
+    _warn_no_format(result.manifest)
     typer.echo(f"bundle: {result.out} ({result.seconds:.1f} s); check it any time with "
                f"`qponder bundle verify {result.out}`")
+
+
+def _warn_no_format(manifest: dict) -> None:
+    """A bundle whose reasoning answers never parse scores nothing in reason mode: say so
+    loudly instead of leaving `format rate 0.0` in the middle of the summary."""
+    rate = ((manifest.get("agreement") or {}).get("reason") or {}).get("format_rate") or {}
+    if rate.get("bundle") != 0:  # None: not measured
+        return
+    ref = rate.get("reference")
+    why = ("the model it was made from fails too (reference 0.0): an adapter not trained to "
+           "answer in format, or answers longer than --reason-max-tokens" if ref == 0 else
+           f"the model it was made from answers in format ({ref}): quantization broke it — "
+           "try --bits 8 or --no-quantize")
+    typer.secho("warning: format rate 0.0 — none of the bundle's reasoning answers has the "
+                f"<think>…</think><answer>X.XX</answer> form, so `--mode reason` will score "
+                f"nothing; {why}. `--mode fast` still scores.", err=True,
+                fg=typer.colors.YELLOW, bold=True)
 
 
 @bundle_app.command("verify")

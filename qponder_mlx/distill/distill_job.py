@@ -28,7 +28,7 @@ from qponder_mlx.distill.teacher_prompts import (
     leaks_reference,
     teacher_prompt,
 )
-from qponder_mlx.distill.teachers import FatalTeacherError, Teacher, TeacherError
+from qponder_mlx.distill.teachers import UNREACHABLE, FatalTeacherError, Teacher, TeacherError
 from qponder_mlx.images import ImageError
 from qponder_mlx.io import (
     append_jsonl,
@@ -55,6 +55,11 @@ TEXT_KEEP = 4000  # characters of a rejected answer kept for inspection
 # budget (the longest tokens of Qwen2's BPE vocabulary are runs of ~16 characters); it is
 # rejected, never kept as a training row.
 TEXT_CHARS_PER_TOKEN = 16
+# When this many samples in a row fail to connect before the teacher has answered anything in
+# this run, the server is down (or the URL wrong): stop with one line instead of spending the
+# whole back-off schedule on every sample. Those samples are not written, so the next run asks
+# them again. A run whose teacher has answered once keeps the back-off (a later outage).
+UNREACHABLE_STOP_AFTER = 4
 
 
 class DistillError(ValueError):
@@ -256,6 +261,29 @@ def _drop_failed(path: Path) -> int:
     return len(rows) - len(keep)
 
 
+class _UnreachableGuard:
+    """Holds back the rows of a run's first samples while each failed only to connect; after
+    `limit` of them the teacher is `down`. Any other row (an answer, an HTTP error) shows a
+    reachable server: the held rows are released and the guard retires."""
+
+    def __init__(self, limit: int):
+        self.limit, self.held, self.active, self.down = limit, [], limit > 0, False
+        self.first_reason = ""
+
+    def check(self, row: dict) -> list[dict]:
+        """The rows to write now."""
+        if not self.active:
+            return [row]
+        if row.get("status") == "failed" and row.get("code") == UNREACHABLE:
+            self.held.append(row)
+            self.first_reason = self.first_reason or str(row.get("reason", ""))
+            self.down = len(self.held) >= self.limit
+            return []
+        self.active = False
+        held, self.held = self.held, []
+        return [*held, row]
+
+
 def run_distill(samples: Sequence[Sample], teacher: Teacher, cfg: DistillConfig,
                 out: str | Path, *, retry_failed: bool = False, progress: bool = True,
                 seed: int | None = None) -> RunResult:
@@ -283,10 +311,18 @@ def run_distill(samples: Sequence[Sample], teacher: Teacher, cfg: DistillConfig,
     result = RunResult(out, rejected, summary_path, {}, skipped=len(samples) - len(todo))
 
     workers = min(cfg.concurrency, teacher.max_concurrency or cfg.concurrency, max(1, len(todo)))
+    unreachable = _UnreachableGuard(min(UNREACHABLE_STOP_AFTER, len(todo)))
     rng, stop = random.Random(seed), threading.Event()
     pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="distill")
     queue = iter(todo)
     inflight: set[Future] = set()
+
+    def write(rows: list[dict]) -> None:
+        for row in rows:
+            status = row.get("status", "kept")
+            append_jsonl(out if status == "kept" else rejected, row)
+            result.new[status] += 1
+
     try:
         with progress_bar(len(todo), f"distill ({cfg.mode}, {teacher.model})",
                           enabled=progress) as advance:
@@ -302,11 +338,16 @@ def run_distill(samples: Sequence[Sample], teacher: Teacher, cfg: DistillConfig,
                     row = fut.result()  # re-raises FatalTeacherError
                     if row is None:
                         continue
-                    status = row.get("status", "kept")
-                    append_jsonl(out if status == "kept" else rejected, row)
-                    result.new[status] += 1
+                    write(unreachable.check(row))
+                    if unreachable.down:
+                        where = getattr(teacher, "shown_endpoint", None) or teacher.model
+                        raise DistillError(
+                            f"teacher at {where} is not reachable — is the server running? "
+                            f"Last error: {unreachable.first_reason}. No sample was marked "
+                            "failed; rerun the same command once it is up")
                     advance(kept=result.new["kept"], rejected=result.new["rejected"],
                             failed=result.new["failed"])
+            write(unreachable.held)  # a run that ended (or stopped) before the guard decided
     except FatalTeacherError as e:
         raise DistillError(e.reason) from None
     finally:

@@ -29,6 +29,7 @@ from PIL import Image
 from qponder_mlx.distill.retry import parse_retry_after
 from qponder_mlx.distill.teacher_prompts import TeacherPrompt
 from qponder_mlx.distill.teachers import (
+    UNREACHABLE,
     FatalTeacherError,
     TeacherError,
     TeacherReply,
@@ -151,6 +152,10 @@ class OpenAITeacher:
         try:
             with self._client.stream("POST", self.endpoint, json=body) as resp:
                 content = self._read_body(resp, deadline)
+        except (httpx.ConnectError, httpx.ConnectTimeout) as e:  # nothing answers at the URL
+            raise TransientTeacherError(
+                self._scrub(f"cannot connect ({type(e).__name__}: {e})"), UNREACHABLE
+            ) from None
         except httpx.TimeoutException as e:
             raise TransientTeacherError(
                 f"timeout after {self.config.timeout_s:g} s ({type(e).__name__})", "timeout"

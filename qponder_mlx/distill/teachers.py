@@ -29,6 +29,11 @@ class TeacherReply:
     finish_reason: str | None = None  # "stop" | "length" | None (unknown)
 
 
+# The code of a call that found nothing listening at the teacher's address (connection refused,
+# connect timeout): when every sample of a run's start fails this way the run stops early.
+UNREACHABLE = "unreachable"
+
+
 class TeacherError(RuntimeError):
     """One call failed and retrying it would not help. `code` groups reasons in the summary."""
 

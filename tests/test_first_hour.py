@@ -1,0 +1,109 @@
+"""A new user's first hour: errors that name the cause, honest summaries, the flags people type
+from mlx-lm habit, and progress lines in a log. Tiny model, small images, a few seconds each."""
+
+from __future__ import annotations
+
+import json
+import socket
+import time
+from pathlib import Path
+
+from distill_server import Reply, ScriptedServer, answer, write_index_image
+from qponder_mlx.cli.main import app
+from typer.testing import CliRunner
+
+from qponder_mlx.distill.distill_job import UNREACHABLE_STOP_AFTER, _UnreachableGuard
+from qponder_mlx.distill.teachers import UNREACHABLE
+
+
+def run_cli(*args) -> tuple[int, str]:
+    res = CliRunner().invoke(app, [str(a) for a in args])
+    if res.exception and not isinstance(res.exception, SystemExit):
+        raise res.exception
+    return res.exit_code, res.output  # stdout and stderr, interleaved (click 8.2+)
+
+
+def label_set(root: Path, n: int, mos: float = 3.0) -> Path:
+    root.mkdir(parents=True, exist_ok=True)
+    with (root / "labels.jsonl").open("w") as f:
+        for i in range(n):
+            write_index_image(root / f"img_{i:02d}.png", i)
+            f.write(json.dumps({"image": f"img_{i:02d}.png", "mos": mos, "id": f"s{i:02d}"})
+                    + "\n")
+    return root / "labels.jsonl"
+
+
+def free_port() -> int:
+    with socket.socket() as s:  # bound, then closed: nothing listens there afterwards
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# --------------------------------------------------------------------------------------------
+# distill: a teacher that is down, a run that keeps nothing
+
+
+def test_distill_stops_after_a_handful_when_the_teacher_is_down(tmp_path):
+    labels = label_set(tmp_path / "data", 24)
+    out = tmp_path / "d.jsonl"
+    url = f"http://127.0.0.1:{free_port()}/v1"
+    t0 = time.monotonic()
+    code, log = run_cli("distill", "--data", labels, "--out", out, "--teacher-url", url,
+                        "--teacher-model", "t", "--max-retries", "1", "--concurrency", "2")
+    took = time.monotonic() - t0
+    errors = [x for x in log.splitlines() if x.startswith("error:")]
+    assert code == 2 and len(errors) == 1, log
+    assert f"teacher at {url}/chat/completions is not reachable — is the server running?" \
+        in errors[0]
+    # 24 samples x (1 try + a 0.5-1 s back-off + 1 try) at concurrency 2 would take >= 6 s; the
+    # run stops after UNREACHABLE_STOP_AFTER samples (2 rounds of back-off, < 2 s).
+    assert took < 5.0, took
+    # None of them is marked failed: the next run asks them all again.
+    rejected = out.with_name("d.rejected.jsonl")
+    assert not out.exists() and (not rejected.exists() or rejected.read_text() == "")
+
+
+def test_unreachable_guard_releases_rows_once_the_teacher_answers():
+    down = {"id": "a", "status": "failed", "code": UNREACHABLE, "reason": "cannot connect"}
+    other = {"id": "b", "status": "rejected", "code": "score_error"}
+    g = _UnreachableGuard(UNREACHABLE_STOP_AFTER)
+    assert g.check(down) == [] and not g.down
+    assert g.check(other) == [down, other]  # the server answered: a later outage is retried
+    assert g.check(down) == [down] and not g.down  # ... and written as failed, never held
+    g = _UnreachableGuard(2)
+    g.check(down)
+    g.check(down)
+    assert g.down
+
+
+def test_distill_that_keeps_nothing_says_so(tmp_path):
+    labels = label_set(tmp_path / "data", 3, mos=1.0)
+    out = tmp_path / "d.jsonl"
+    with ScriptedServer(default=Reply(answer(4.5))) as srv:  # always 3.5 from the MOS
+        code, log = run_cli("distill", "--data", labels, "--out", out, "--teacher-url",
+                            srv.url, "--teacher-model", "t")
+    assert code == 0, log
+    assert "kept: 0 — nothing written" in log and not out.exists()
+    assert f"rejected/failed: {out.with_name('d.rejected.jsonl')}" in log
+
+
+# --------------------------------------------------------------------------------------------
+# export: a format rate of 0 is a warning, not a number in the middle of the summary
+
+
+def test_export_warns_loudly_when_the_format_rate_is_zero(capsys):
+    from qponder_mlx.cli.cmd_export import _warn_no_format
+
+    def manifest(bundle, reference):
+        return {"agreement": {"reason": {"format_rate": {"bundle": bundle,
+                                                         "reference": reference}}}}
+
+    _warn_no_format(manifest(0.0, 0.0))
+    err = capsys.readouterr().err
+    assert err.startswith("warning: format rate 0.0") and "--mode fast" in err
+    assert "reference 0.0" in err and len(err.splitlines()) == 1
+    _warn_no_format(manifest(0.0, 0.75))
+    assert "quantization" in capsys.readouterr().err
+    for quiet in (manifest(0.5, 0.5), manifest(None, None), {}):  # fine, or not measured
+        _warn_no_format(quiet)
+        assert capsys.readouterr().err == ""
