@@ -75,6 +75,10 @@ def train(
                                           "(repeatable; dotted keys for nested fields)."),
     progress: bool | None = typer.Option(None, "--progress/--no-progress",
                                          help="Show the progress bar."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Print the predicted peak memory "
+                                 "(weights, LoRA + AdamW, activations, KV caches; with and "
+                                 "without --grad-checkpoint) and the Mac memory sizes it fits, "
+                                 "then exit. Reads config.json and the tokenizer, no weights."),
 ) -> None:
     """Train a LoRA/QLoRA adapter; the run folder gets config.json, metrics.jsonl, curves.html,
     checkpoints/ and adapters/ (load it with `--adapter RUN/adapters`)."""
@@ -117,6 +121,16 @@ def train(
         cfg.validate()
     except ConfigError as e:
         fail(str(e))
+
+    if dry_run:
+        from qponder_mlx.train.memory_plan import PlanError, plan_for_config, render
+
+        try:
+            p, title = plan_for_config(cfg, stage)
+        except PlanError as e:
+            fail(str(e))
+        typer.echo(render(p, title))
+        return
 
     run = _runner(stage)
     try:

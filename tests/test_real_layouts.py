@@ -25,7 +25,7 @@ from qponder_mlx.testing.real_layouts import (
     REAL_CONFIGS,
     build_real_layout,
     layout_config,
-    quantize_real_layout,
+    shared_layout,
 )
 from qponder_mlx.testing.sft_sets import CC0_IMAGES, write_jsonl
 
@@ -44,18 +44,24 @@ def root(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def bf16_3b(root) -> Path:
-    return build_real_layout(root / "qwen2.5-vl-3b", "qwen2.5-vl-3b")
+def shared(tmp_path_factory) -> Path:
+    """Built once per session (tests/test_memory_plan.py uses the same folders)."""
+    return tmp_path_factory.getbasetemp() / "real_layouts_shared"
 
 
 @pytest.fixture(scope="module")
-def q4_hub(root, bf16_3b) -> Path:
-    return quantize_real_layout(bf16_3b, root / "3b-4bit-hub", layout="hub")
+def bf16_3b(shared) -> Path:
+    return shared_layout(shared)
 
 
 @pytest.fixture(scope="module")
-def q4_convert(root, bf16_3b) -> Path:
-    return quantize_real_layout(bf16_3b, root / "3b-4bit-convert", layout="convert")
+def q4_hub(shared) -> Path:
+    return shared_layout(shared, quantized="hub")
+
+
+@pytest.fixture(scope="module")
+def q4_convert(shared) -> Path:
+    return shared_layout(shared, quantized="convert")
 
 
 @pytest.fixture(scope="module")
