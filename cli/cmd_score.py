@@ -51,6 +51,9 @@ def score_cmd(
     force: bool = typer.Option(False, "--force", help="Overwrite an existing --csv/--jsonl/"
                                "--report file even if it is not a qponder export (never the "
                                "store or an input image)."),
+    explain: str | None = typer.Option(
+        None, help="With --mode fast: then reason about the photos picked by fast score, e.g. "
+                   "worst:50,best:20 (both results kept in --db and shown in --report)."),
 ) -> None:
     """Score every photo under PATHS; results go to --db and rerunning skips what is done."""
     from qponder_mlx.library import (
@@ -70,6 +73,16 @@ def score_cmd(
     if bundle is not None and (model is not None or adapter is not None):
         fail("--bundle already holds the model and adapter — pass --bundle or --model/--adapter")
     check_scoring_flags(mode, readout)
+    spec = None
+    if explain is not None:
+        from qponder_mlx.library.fast_first import parse_explain
+
+        if mode != "fast":
+            fail("--explain picks photos by their fast scores — add --mode fast")
+        try:
+            spec = parse_explain(explain)
+        except ValueError as e:
+            fail(str(e))
     check_at_least(batch_size=(batch_size, 1), max_tokens=(max_tokens, 1),
                    min_pixels=(min_pixels, 1), max_pixels=(max_pixels, 1))
     # A bundle carries the pixel policy it was exported (and checked) with: use it unless told.
@@ -108,9 +121,15 @@ def score_cmd(
     store = store or open_store()
     with store:
         stop = StopFlag()
+        explained = None  # --explain: (reason scorer, picked paths, its summary)
         try:
             with stop_on_sigint(stop):
                 summary = score_library(scorer, found.files, store, stop=stop, progress=progress)
+                if spec is not None and not summary.interrupted:
+                    from qponder_mlx.library.fast_first import explain_library
+
+                    explained = explain_library(scorer, found.files, store, spec, stop=stop,
+                                                progress=progress)
         except KeyboardInterrupt:
             typer.echo(f"aborted (second Ctrl-C): the batch in flight was not saved; every "
                        f"earlier batch is in {shown(db)}. Run the same command again to resume.",
@@ -121,13 +140,21 @@ def score_cmd(
         for line in summary.lines():
             typer.echo(line)
 
-        rows = store.rows(scorer.identity, map(str, found.files))
+        report_rows = rows = store.rows(scorer.identity, map(str, found.files))
+        if explained is not None:
+            from qponder_mlx.library.fast_first import with_explanations
+
+            reasoner, picked, why = explained
+            typer.echo(f"explain: {len(picked)} photos picked by fast score, in reason mode:")
+            for line in why.lines():
+                typer.echo(f"  {line}")
+            report_rows = with_explanations(rows, store.rows(reasoner.identity, picked))
         safe = f"nothing was lost: every score is in {shown(db)}"
         resume = "fix that and rerun the same command (scored files are skipped)"
         for option, path, write in (("--csv", csv, lambda p: write_csv(rows, p)),
                                     ("--jsonl", jsonl, lambda p: write_jsonl(rows, p)),
                                     ("--report", report, lambda p: write_report(
-                                        store, rows, p, pending=summary.pending,
+                                        store, report_rows, p, pending=summary.pending,
                                         progress=progress))):
             if path is None:
                 continue
@@ -138,6 +165,10 @@ def score_cmd(
                 fail(str(e))
             typer.echo(f"{option.lstrip('-')}: {shown(path)}")
     typer.echo(f"store: {shown(db)}")
+    if explained is not None and explained[2].interrupted:
+        typer.echo(f"interrupted: every photo has its fast score; {explained[2].pending} picked "
+                   "photos not explained yet. Run the same command again to resume.", err=True)
+        raise typer.Exit(EXIT_INTERRUPTED)
     if summary.interrupted:
         typer.echo(f"interrupted: stopped after the current batch; {summary.pending} files not "
                    f"scored yet. Run the same command again to resume (scored files are "

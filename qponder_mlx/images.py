@@ -101,11 +101,11 @@ def load_for_model(data: bytes, name: str | os.PathLike, policy: PixelPolicy, *,
                    max_image_pixels: int = MAX_IMAGE_PIXELS) -> Image.Image:
     """`policy.resize(load_image_bytes(data, name))`, decoding no more pixels than it needs.
 
-    A JPEG is decoded at 1/2, 1/4 or 1/8 scale in the DCT domain (libjpeg's scaled IDCT) and a
-    HEIC from an embedded scaled copy when it has one (pillow-heif's `draft`), each only down to
-    `DRAFT_MARGIN` times the model's size per side; the exact bicubic resize follows. Every other
-    format, and a JPEG too small to shrink, decodes as `load_image_bytes` does. Errors are the
-    same one-line `ImageError`s as `load_image_bytes` followed by `policy.resize`.
+    A JPEG is decoded at 1/2, 1/4 or 1/8 scale in the DCT domain (libjpeg's scaled IDCT), only
+    down to `DRAFT_MARGIN` times the model's size per side; the exact bicubic resize follows.
+    Every other format (HEIC included, see `_draft`), and a JPEG too small to shrink, decodes as
+    `load_image_bytes` does, bit for bit. Errors are the same one-line `ImageError`s as
+    `load_image_bytes` followed by `policy.resize`.
     """
     ensure_heif_support()
     if not data:
@@ -113,17 +113,27 @@ def load_for_model(data: bytes, name: str | os.PathLike, policy: PixelPolicy, *,
     return _decode(io.BytesIO(data), name, max_image_pixels, fit=policy)
 
 
-# A draft is asked for at twice the model's size per side, so Pillow's antialiased bicubic still
-# does at least a 2x reduction after the DCT-domain one. Measured on a 4032x3024 JPEG (q92) tiled
-# with the CC0 photos at their native scale, default policy (-> 728x532): against the full
-# decode the model's input differs by 0.40 grey levels mean absolute (max 6) at margin 2, by 1.43
-# (max 30) at margin 1 (a draft merely >= the target); the decode+resize takes ~0.09 s against
-# ~0.3 s (tests/test_decode.py checks the <= 1 level bound; bench/library_speed.py the time).
-DRAFT_MARGIN = 2
+# A draft is asked for at 2.5x the model's size per side, so Pillow's antialiased bicubic still
+# does at least a 2.5x reduction after the DCT-domain one. Measured on JPEGs (q92) tiled with the
+# CC0 photos at their native scale (photo detail everywhere), mean absolute difference from the
+# full decode + resize, in grey levels: 4032x3024 at the default policy (-> 728x532, 1/2 scale)
+# 0.40, against 1.43 with a draft merely >= the target; 2016x1344 at 56-112 px (1/8 scale)
+# 0.29, against 1.05 at a margin of 2; 6000x4000 at the default policy 0.26. The decode+resize
+# of the 12-MP photo takes ~0.09 s against ~0.3 s in full (tests/test_decode.py checks the
+# <= 1 level bound; bench/library_speed.py times it).
+DRAFT_MARGIN = 2.5
 
 
 def _draft(im: Image.Image, policy: PixelPolicy, path: str | os.PathLike) -> None:
-    """Ask the decoder for a reduced image (a no-op for formats that cannot draft)."""
+    """Ask a JPEG decoder for a reduced image (libjpeg scales by 1/2, 1/4 or 1/8).
+
+    HEIC is decoded in full: libheif has no reduced decode, and pillow-heif's `draft` picks an
+    embedded thumbnail, an image encoded on its own; one 1000 px thumbnail of a 1344x1008 HEIC
+    (q90, made by pillow-heif) gave the model's input 2.18 grey levels away from the full decode,
+    over the 1-level bound. Phones embed thumbnails of ~320 px, below 2.5x any useful target.
+    """
+    if im.format not in ("JPEG", "MPO"):
+        return
     try:
         orientation = im.getexif().get(0x0112, 1)
     except Exception:  # noqa: BLE001 — broken EXIF: _upright keeps the stored orientation too
@@ -136,7 +146,7 @@ def _draft(im: Image.Image, policy: PixelPolicy, path: str | os.PathLike) -> Non
         return  # the resize after the full decode reports it, exactly as load_image does
     if sideways:
         tw, th = th, tw
-    im.draft(im.mode, (tw * DRAFT_MARGIN, th * DRAFT_MARGIN))
+    im.draft(im.mode, (math.ceil(tw * DRAFT_MARGIN), math.ceil(th * DRAFT_MARGIN)))
 
 
 def _decode(source, path: str | os.PathLike, max_image_pixels: int,

@@ -150,6 +150,7 @@ margin-top:14px}
 .dir{color:#777;font-size:12px;word-break:break-all}
 .reasoning{white-space:pre-wrap;font-size:13px;color:#333;max-height:12em;overflow:auto}
 .raw{white-space:pre-wrap;font-size:12px;color:#555}
+.explained{border-top:1px solid #ddd;margin-top:6px;padding-top:4px}.rscore{font-weight:600}
 table{border-collapse:collapse}td,th{border:1px solid #ddd;padding:4px 8px;text-align:left}
 [hidden]{display:none!important}
 """
@@ -235,6 +236,7 @@ def _card(r: dict, thumb: bytes | None) -> str:
     body = ""
     if r.get("reasoning"):
         body = f'<p class="reasoning">{esc(r["reasoning"])}</p>'
+    body += _explained(r.get("explained"))
     if score is None:
         body += ('<details><summary>no valid score in the answer</summary>'
                  f'<p class="raw">{esc(r.get("text") or "")}</p></details>')
@@ -244,6 +246,18 @@ def _card(r: dict, thumb: bytes | None) -> str:
             f'<figcaption><span class="score">{shown}</span><span class="name">{esc(name)}'
             f'</span><div class="dir">{esc(os.path.dirname(r["path"]))}</div>{body}'
             '</figcaption></figure>')
+
+
+def _explained(x: dict | None) -> str:
+    """A fast-mode card's reason-mode result (`--explain`), when the photo was picked."""
+    if not x:
+        return ""
+    if x["error"]:
+        return f'<div class="explained">reasoning failed: {esc(x["error"])}</div>'
+    score = "—" if x["score"] is None else f"{x['score']:.2f}"
+    text = x.get("reasoning") or x.get("text") or ""
+    return (f'<div class="explained"><span class="rscore">reasoning score {score}</span>'
+            f'<p class="reasoning">{esc(text)}</p></div>')
 
 
 def render_report(rows: Sequence[dict], thumbs: dict[str, bytes | None], *,
@@ -256,6 +270,9 @@ def render_report(rows: Sequence[dict], thumbs: dict[str, bytes | None], *,
     meta = [f"{len(rows)} files", f"{len(scores)} scored", f"{len(failed)} failed"]
     if len(ok) > len(scores):
         meta.append(f"{len(ok) - len(scores)} without a valid score")
+    n_explained = sum(1 for r in ok if r.get("explained"))
+    if n_explained:
+        meta.append(f"{n_explained} explained in reason mode")
     if pending:
         meta.append(f"{pending} not scored yet")
     if scores:
