@@ -355,6 +355,21 @@ class ResultStore:
         return self.db.execute("SELECT COUNT(*) FROM results WHERE identity=?",
                                (identity,)).fetchone()[0]
 
+    def identities(self) -> list[dict]:
+        """One entry per scorer identity in the store, most recently scored first: identity,
+        mode, model, adapter, results (count), last_scored_at."""
+        rows = self.db.execute(
+            "SELECT identity, MAX(mode) AS mode, MAX(model) AS model, MAX(adapter) AS adapter, "
+            "COUNT(*) AS results, MAX(scored_at) AS last_scored_at FROM results "
+            "GROUP BY identity ORDER BY last_scored_at DESC")
+        return [dict(r) for r in rows]
+
+    def drop_identity_results(self, identity: str, sha256s: Iterable[str]) -> None:
+        """Delete `identity`'s results for these contents, other scorers' untouched (call
+        inside a transaction): `qponder score --rescore`."""
+        self.db.executemany("DELETE FROM results WHERE sha256=? AND identity=?",
+                            [(s, identity) for s in sha256s])
+
     def rows(self, identity: str, paths: Iterable[str] | None = None) -> list[dict]:
         """One row per file path with a stored result for `identity`, sorted by path.
 
