@@ -124,8 +124,7 @@ def test_grpo_peak_within_20_percent(tmp_path, bf16_3b, q4_hub, labels, model, i
 
 def test_activation_terms_on_long_rows(tmp_path):
     """Where activations, not weights, dominate (tiny float32 model, 379-token rows, batch
-    4): the prediction stays within 25 % with and without gradient checkpointing, and
-    checkpointing is predicted to save memory only when it does."""
+    4): the prediction stays within 25 % with and without gradient checkpointing."""
     from transformers import AutoTokenizer
 
     from qponder_mlx.testing import build_tiny_model
