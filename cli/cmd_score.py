@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 
 import typer
@@ -16,6 +18,7 @@ from qponder_mlx.cli.common import (
     writing,
 )
 
+from qponder_mlx.model import DEFAULT_MODEL
 from qponder_mlx.safe_paths import shown
 
 # PixelPolicy's defaults, repeated here so `--help` shows them without importing the model stack.
@@ -26,8 +29,9 @@ EXIT_INTERRUPTED = 130  # the shell convention for "stopped by Ctrl-C"
 
 def score_cmd(
     paths: list[Path] = typer.Argument(..., help="Image files and/or folders."),
-    model: str | None = typer.Option(None, help="Repo id or folder (default: the 3B 4-bit)."),
-    adapter: Path | None = typer.Option(None, help="LoRA adapter folder (mlx-vlm format)."),
+    model: str | None = typer.Option(None, help="Repo id or folder.", show_default=DEFAULT_MODEL),
+    adapter: Path | None = typer.Option(None, "--adapter", "--adapter-path",
+                                        help="LoRA adapter folder (mlx-vlm format)."),
     bundle: Path | None = typer.Option(
         None, help="A verified qponder bundle instead of --model."),
     db: Path = typer.Option(Path("results.sqlite"), help="Results store (SQLite); reruns resume."),
@@ -39,13 +43,21 @@ def score_cmd(
         "text", help="reason mode: text (the number written) or expected (its expected value "
                      "under the model's digit probabilities: fewer tied scores)."),
     batch_size: int = typer.Option(8, help="Images per model call."),
-    max_tokens: int = typer.Option(512, help="Token budget of a reasoning answer."),
+    max_tokens: int = typer.Option(512, help="Token budget of a reasoning answer (part of the "
+                                   "store key: a new value scores again)."),
+    temperature: float = typer.Option(0.0, help="Sampling temperature of a reasoning answer; 0 "
+                                      "is greedy (part of the store key)."),
+    seed: int | None = typer.Option(None, help="Seed for sampling (--temperature above 0), so "
+                                    "a sampled run can be repeated; not part of the store key.",
+                                    show_default="random"),
+    rescore: bool = typer.Option(False, "--rescore", help="Score these files again even if the "
+                                 "store has their scores for these settings (replaces them)."),
     min_pixels: int | None = typer.Option(
-        None, help=f"Smallest pixel count the model sees [default: the bundle's, else "
-                   f"{DEFAULT_MIN_PIXELS}]."),
+        None, help="Smallest pixel count the model sees (part of the store key).",
+        show_default=f"the bundle's, else {DEFAULT_MIN_PIXELS}"),
     max_pixels: int | None = typer.Option(
-        None, help=f"Largest pixel count the model sees [default: the bundle's, else "
-                   f"{DEFAULT_MAX_PIXELS}]."),
+        None, help="Largest pixel count the model sees (part of the store key).",
+        show_default=f"the bundle's, else {DEFAULT_MAX_PIXELS}"),
     recursive: bool = typer.Option(True, "--recursive/--no-recursive", help="Walk sub-folders."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show progress bars."),
     force: bool = typer.Option(False, "--force", help="Overwrite an existing --csv/--jsonl/"
@@ -55,7 +67,10 @@ def score_cmd(
         None, help="With --mode fast: then reason about the photos picked by fast score, e.g. "
                    "worst:50,best:20 (both results kept in --db and shown in --report)."),
 ) -> None:
-    """Score every photo under PATHS; results go to --db and rerunning skips what is done."""
+    """Score every photo under PATHS; results go to --db and rerunning skips what is done.
+
+    Example: qponder score ~/Pictures --mode fast --db photos.sqlite --report photos.html
+    """
     from qponder_mlx.library import (
         IMAGE_SUFFIXES,
         ResultStore,
@@ -68,7 +83,6 @@ def score_cmd(
         write_jsonl,
         write_report,
     )
-    from qponder_mlx.model import DEFAULT_MODEL
 
     if bundle is not None and (model is not None or adapter is not None):
         fail("--bundle already holds the model and adapter — pass --bundle or --model/--adapter")
@@ -93,10 +107,12 @@ def score_cmd(
         skipped(p)
     if len(found.problems) > 20:
         typer.echo(f"... and {len(found.problems) - 20} more paths skipped", err=True)
-    if not found.files:
+    if not found.files and not found.errors:
         fail(f"no image files found in {', '.join(map(shown, paths))} — looked for "
              f"{' '.join(sorted(IMAGE_SUFFIXES))}")
     typer.echo(f"{len(found.files)} images found" + (
+        f", {len(found.errors)} that cannot be read (error rows: broken links, names not "
+        "UTF-8)" if found.errors else "") + (
         f" ({found.skipped} other files ignored)" if found.skipped else ""), err=True)
     # Before the store opens and the model loads: a refused path must cost nothing.
     check_outputs({"--csv": (csv, "csv"), "--jsonl": (jsonl, "jsonl"),
@@ -114,12 +130,17 @@ def score_cmd(
     store = open_store() if Path(db).exists() else None
     try:
         scorer = load_scorer(model or DEFAULT_MODEL, adapter, bundle, mode=mode, readout=readout,
-                             batch_size=batch_size, max_tokens=max_tokens, pixels=pixels)
+                             batch_size=batch_size, max_tokens=max_tokens, pixels=pixels,
+                             temperature=temperature, seed=seed)
     except KeyboardInterrupt:
         typer.echo("interrupted while loading the model; nothing was scored.", err=True)
         raise typer.Exit(EXIT_INTERRUPTED) from None
     store = store or open_store()
     with store:
+        try:
+            earlier = _before_run(store, scorer, found, rescore)
+        except StoreError as e:
+            fail(str(e))
         stop = StopFlag()
         explained = None  # --explain: (reason scorer, picked paths, its summary)
         try:
@@ -137,10 +158,15 @@ def score_cmd(
             raise typer.Exit(EXIT_INTERRUPTED) from None
         except StoreError as e:  # disk full, read-only, locked by another process too long
             fail(str(e))
+        summary.files += len(found.errors)
+        summary.errors.update(earlier.path_errors)
         for line in summary.lines():
             typer.echo(line)
 
-        report_rows = rows = store.rows(scorer.identity, map(str, found.files))
+        report_rows = rows = store.rows(scorer.identity,
+                                           [*map(str, found.files), *dict(found.errors)])
+        for line in _after_run(rows, scorer.identity, earlier):
+            typer.echo(line)
         if explained is not None:
             from qponder_mlx.library.fast_first import with_explanations
 
@@ -176,6 +202,41 @@ def score_cmd(
         raise typer.Exit(EXIT_INTERRUPTED)
     if summary.files and not (summary.scored + summary.cached + summary.no_score):
         fail(f"none of the {summary.files} files could be scored (reasons above)", code=1)
+
+
+@dataclass
+class _Before:
+    results: int  # this scorer's results in the store before the run
+    others: list[dict]  # the other scorers' (ResultStore.identities)
+    path_errors: Counter  # reason -> error rows stored for discovery's unreadable entries
+
+
+def _before_run(store, scorer, found, rescore: bool) -> _Before:
+    """--rescore drops this scorer's results for these files; broken links and names that are
+    not UTF-8 become error rows; what the store held before is kept for the summary."""
+    from qponder_mlx.library.path_errors import record_path_errors
+
+    identity = scorer.identity
+    if rescore:
+        old = store.rows(identity, map(str, found.files))
+        with store.transaction():
+            store.drop_identity_results(identity, {r["sha256"] for r in old})
+        if old:
+            typer.echo(f"--rescore: {len(old)} stored results of these files are scored again",
+                       err=True)
+    before = _Before(store.result_count(identity),
+                     [i for i in store.identities() if i["identity"] != identity], Counter())
+    before.path_errors = record_path_errors(scorer, found.errors, store)
+    return before
+
+
+def _after_run(rows: list[dict], identity: str, before: _Before) -> list[str]:
+    """Mean/median/min/max and the five lowest files; a note when these settings are new."""
+    from qponder_mlx.library.score_stats import listing, settings_note, stats_line
+
+    out = [line for line in (settings_note(identity, before.results, before.others),
+                             stats_line(rows)) if line]
+    return out + listing(rows, worst=5)
 
 
 def register(app: typer.Typer) -> None:

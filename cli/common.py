@@ -135,15 +135,24 @@ def pixel_policy(min_pixels: int | None, max_pixels: int | None, bundle: Path | 
 
 def load_scorer(model: str, adapter: Path | None, bundle: Path | None, *,
                 verify: bool = True, min_pixels: int | None = None,
-                max_pixels: int | None = None, max_tokens: int = 512, **config):
-    """Scorer for --model/--adapter or --bundle; load errors become one-line failures."""
+                max_pixels: int | None = None, max_tokens: int = 512, temperature: float = 0.0,
+                seed: int | None = None, **config):
+    """Scorer for --model/--adapter or --bundle; load errors become one-line failures.
+
+    `seed` seeds MLX's generator, which mlx-lm's sampler draws from (temperature above 0)."""
     from qponder_mlx.generate import SamplingConfig
     from qponder_mlx.model import ModelLoadError
     from qponder_mlx.scoring import Scorer
 
     if bundle is not None and adapter is not None:
         fail("--adapter and --bundle: a bundle already holds its fused adapter — pass one")
-    config["sampling"] = SamplingConfig(max_tokens=max_tokens)
+    if not temperature >= 0:
+        fail(f"--temperature {temperature}: must be at least 0 (0 is greedy)")
+    config["sampling"] = SamplingConfig(max_tokens=max_tokens, temperature=temperature)
+    if seed is not None:
+        import mlx.core as mx
+
+        mx.random.seed(seed)
     if "pixels" not in config:  # a caller may pass a ready PixelPolicy
         config["pixels"] = pixel_policy(min_pixels, max_pixels, bundle)
     try:

@@ -146,28 +146,36 @@ def test_image_corpus_through_eval(tiny_model_dir, tmp_path, refuse_unreadable):
             "images)") in log
 
 
-def test_broken_symlink_gets_one_line(tiny_model_dir, tmp_path):
+def test_broken_symlink_is_an_error_row(tiny_model_dir, tmp_path):
     photos = tmp_path / "photos"
     good_image(photos / "ok.png")
     link = build_images(photos, [KIND["broken_symlink"]])["broken_symlink"]
+    out = tmp_path / "r.jsonl"
     code, log = run_cli("score", photos, "--model", tiny_model_dir, "--mode", "fast", *SMALL,
-                        "--db", tmp_path / "r.sqlite", "--no-progress")
+                        "--db", tmp_path / "r.sqlite", "--no-progress", "--jsonl", out)
     assert code == 0, log
-    assert any(x.startswith("skipped:") and str(link) in x for x in log.splitlines()), log
+    assert "2 files: 1 scored, 0 cached (skipped), 1 errors" in log and "broken link 1" in log
+    assert not any(x.startswith("skipped:") for x in log.splitlines()), log
+    rows = {r["path"]: r for r in map(json.loads, out.read_text().splitlines())}
+    assert rows[str(link)]["error"].startswith("broken link (its target is gone) — fix")
 
 
 def test_non_utf8_file_name_does_not_stop_the_job(tiny_model_dir, tmp_path):
     photos = tmp_path / "photos"
     good_image(photos / "ok.png")
     build_images(photos, [KIND["non_utf8_name"]])
+    out = tmp_path / "r.jsonl"
     code, log = run_cli("score", photos, "--model", tiny_model_dir, "--mode", "fast", *SMALL,
-                        "--db", tmp_path / "r.sqlite", "--no-progress")
-    # Either fix keeps the promise: score it, or skip it with one line saying to rename it.
+                        "--db", tmp_path / "r.sqlite", "--no-progress", "--jsonl", out)
+    # Scored, or an error row saying to rename it; the export stays valid UTF-8 JSON lines.
     assert code == 0, log
-    scored = "2 files: 2 scored" in log
-    skipped = "1 files: 1 scored" in log and sum(
-        x.startswith("skipped:") and "caf" in x and "UTF-8" in x for x in log.splitlines()) == 1
-    assert scored or skipped, log
+    rows = [json.loads(x) for x in out.read_bytes().decode("utf-8").splitlines()]
+    bad = [r for r in rows if "caf" in r["path"]]
+    assert len(rows) == 2 and len(bad) == 1, rows
+    if "2 files: 2 scored" not in log:
+        assert "2 files: 1 scored, 0 cached (skipped), 1 errors" in log, log
+        assert bad[0]["path"].endswith("caf\\udce9_latin1.jpg")  # the byte, escaped
+        assert "not valid UTF-8 — rename it" in bad[0]["error"]
 
 
 def test_score_exits_nonzero_when_nothing_could_be_scored(tiny_model_dir, tmp_path):

@@ -5,6 +5,11 @@ macOS `._IMG_0001.jpg` resource forks) are skipped because they hold caches and 
 photos. Symlinked folders are followed, but each real folder is entered once, so a link that
 points back up the tree cannot loop. A file reached twice (two links, two overlapping arguments)
 is listed once.
+
+Two kinds of entry look like photos but cannot be scored: a link whose target is gone, and a
+name that is not valid UTF-8 (the store, the exports and the terminal all need UTF-8 text).
+They are not dropped: `Discovery.errors` lists them (the name shown with its bad bytes escaped,
+and the reason), and `qponder score` stores each as an error row with a fix.
 """
 
 from __future__ import annotations
@@ -29,6 +34,13 @@ class Discovery:
     files: list[Path] = field(default_factory=list)  # absolute, sorted by path components
     problems: list[str] = field(default_factory=list)  # one line each: missing/locked paths
     skipped: int = 0  # files seen whose suffix is not an image suffix
+    # Image entries that cannot be scored (broken links, non-UTF-8 names): (name as UTF-8 text,
+    # reason — fix); each becomes an error row of the store.
+    errors: list[tuple[str, str]] = field(default_factory=list)
+
+
+BROKEN_LINK = "broken link (its target is gone) — fix or remove the link"
+NOT_UTF8 = "file name is not valid UTF-8 — rename it (e.g. convmv -f latin1 -t utf8)"
 
 
 def _utf8(path: str) -> bool:
@@ -76,13 +88,13 @@ def discover(paths: Iterable[str | os.PathLike], *, recursive: bool = True) -> D
         elif not stat.S_ISREG(st.st_mode):  # a FIFO or a device would hang or never end
             out.problems.append(_not_regular(str(p), st.st_mode))
         elif is_image_name(p.name) and not _utf8(str(p)):
-            out.problems.append(f"{_shown(str(p))}: file name is not valid UTF-8 — rename it "
-                                "(e.g. convmv -f latin1 -t utf8)")
+            out.errors.append((_shown(str(p)), NOT_UTF8))
         elif is_image_name(p.name):
             found.setdefault((st.st_dev, st.st_ino), p)
         else:
             out.skipped += 1
     out.files = sorted(found.values(), key=lambda f: f.parts)
+    out.errors = sorted(dict(out.errors).items())  # a name reached twice is one row
     return out
 
 
@@ -120,8 +132,7 @@ def _walk(root: Path, recursive: bool, found: dict, out: Discovery,
                         try:
                             target = os.stat(entry.path)
                         except FileNotFoundError:
-                            out.problems.append(f"{_shown(entry.path)}: broken link (its target "
-                                                "is gone) — fix or remove the link")
+                            out.errors.append((_shown(entry.path), BROKEN_LINK))
                         else:  # a link to a FIFO or a device (/dev/zero) is not broken
                             out.problems.append(_not_regular(entry.path, target.st_mode))
                     continue  # sockets, fifos, devices
@@ -131,8 +142,7 @@ def _walk(root: Path, recursive: bool, found: dict, out: Discovery,
                                     f"({e.strerror or e}) — check the file")
                 continue
             if is_image_name(entry.name) and not _utf8(entry.path):
-                out.problems.append(f"{_shown(entry.path)}: file name is not valid UTF-8 — "
-                                    "rename it (e.g. convmv -f latin1 -t utf8)")
+                out.errors.append((_shown(entry.path), NOT_UTF8))
             elif is_image_name(entry.name):
                 found.setdefault((est.st_dev, est.st_ino), Path(entry.path))
             else:

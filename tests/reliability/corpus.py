@@ -223,8 +223,8 @@ def _folder_named_jpg(d: Path) -> Path:
     return p
 
 
-# Reported at discovery with one line each and checked by their own tests
-# (test_broken_symlink_gets_one_line, test_non_utf8_file_name_does_not_stop_the_job), so the
+# Error rows made at discovery (never handed to the scorer), checked by their own tests
+# (test_broken_symlink_is_an_error_row, test_non_utf8_file_name_does_not_stop_the_job), so the
 # whole-corpus runs leave them out.
 _OWN_TEST = "checked by its own test in test_reliability_inputs.py"
 
@@ -250,12 +250,12 @@ IMAGE_KINDS: list[Kind] = [
     Kind("corrupt_exif", "JPEG with a garbage EXIF block", "scored"),
     Kind("unreadable", "file without read permission (simulated when running as root)",
          "error", "permission denied"),
-    Kind("broken_symlink", "dangling symlink named .jpg", "skipped", "broken_link.jpg",
+    Kind("broken_symlink", "dangling symlink named .jpg", "error", "broken link",
          xfail=_OWN_TEST),
     Kind("symlink_loop", "two .jpg links pointing at each other", "skipped",
          "Too many levels of symbolic links"),
     Kind("non_utf8_name", "valid JPEG whose file name is not UTF-8 (Latin-1 byte 0xE9)",
-         "skipped", "not valid UTF-8", xfail=_OWN_TEST),
+         "error", "file name is not valid UTF-8", xfail=_OWN_TEST),
     Kind("folder_named_jpg", "a folder named album.jpg", "ignored"),
 ]
 
