@@ -184,6 +184,9 @@ class _Prompt:
 # The HTML report renders all text as text
 
 
+_FILE_URL = re.compile(r"file:///[A-Za-z0-9_.~/%-]*")
+
+
 class _Audit(HTMLParser):
     def __init__(self):
         super().__init__(convert_charrefs=True)
@@ -200,8 +203,11 @@ class _Audit(HTMLParser):
         for k, v in attrs:
             if k.startswith("on"):
                 self.problems.append(f"<{tag} {k}=...>")
-            if k in ("src", "href", "action", "formaction") and not (v or "").startswith(
-                    "data:image/jpeg;base64,"):
+            # The thumbnails' data: images, and each card's link to its photo: a file: URL
+            # with every character that could mean something percent-encoded.
+            if k in ("src", "href", "action", "formaction") and not (
+                    (v or "").startswith("data:image/jpeg;base64,")
+                    or (tag, k) == ("a", "href") and _FILE_URL.fullmatch(v or "")):
                 self.problems.append(f"<{tag} {k}={v!r}>")
 
     def handle_endtag(self, tag):
@@ -220,7 +226,7 @@ PAYLOADS = {
 }
 FILE_NAMES = ["<svg onload=alert(4)>.png", '"><img src=x onerror=alert(5)>.png']
 # The only tags the report itself writes; an injected one shows up as a new tag.
-REPORT_TAGS = {"html", "head", "meta", "title", "style", "body", "h1", "h2", "p", "svg", "rect",
+REPORT_TAGS = {"a", "html", "head", "meta", "title", "style", "body", "h1", "h2", "p", "svg", "rect",
                "line", "text", "div", "label", "input", "select", "option", "span", "figure",
                "img", "figcaption", "details", "summary", "section", "table", "tr", "th", "td",
                "script"}

@@ -18,6 +18,7 @@ import io
 import os
 import re
 import time
+import urllib.parse
 from collections.abc import Sequence
 
 from PIL import Image, ImageOps
@@ -223,6 +224,12 @@ def sort_rows(rows: Sequence[dict]) -> list[dict]:
     return sorted(rows, key=key)
 
 
+def file_url(path: str) -> str:
+    """`file:` URL of an absolute path (RFC 8089), every byte outside [A-Za-z0-9_.-~/]
+    percent-encoded (a name that is not UTF-8 keeps its own bytes)."""
+    return "file://" + urllib.parse.quote(os.fsencode(path), safe="/")
+
+
 def _card(r: dict, thumb: bytes | None) -> str:
     name = os.path.basename(r["path"])
     score = r["score"]
@@ -231,6 +238,9 @@ def _card(r: dict, thumb: bytes | None) -> str:
             w, h = im.size
         img = (f'<img src="data:image/jpeg;base64,{base64.b64encode(thumb).decode()}" '
                f'width="{w}" height="{h}" alt="{esc(name)}">')
+        # The thumbnail opens the photo itself (a file: URL, percent-encoded, so no character
+        # of the name can end the attribute or change the scheme).
+        img = f'<a class="orig" href="{esc(file_url(r["path"]))}">{img}</a>'
     else:
         img = '<div class="noimg">no preview</div>'
     body = ""
@@ -298,7 +308,7 @@ def render_report(rows: Sequence[dict], thumbs: dict[str, bytes | None], *,
 <h1>{esc(title)}</h1>
 <p class="meta" id="counts">{esc(" · ".join(meta))}</p>
 <p class="meta">{esc(about)}</p>
-{histogram_svg(scores)}
+{histogram_svg(scores) if scores else ""}
 <div class="controls">
 <label>search <input id="q" type="search" placeholder="name, folder or reasoning"></label>
 <label>min <input id="min" type="number" min="1" max="5" step="0.1"></label>
