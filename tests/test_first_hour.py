@@ -4,11 +4,16 @@ from mlx-lm habit, and progress lines in a log. Tiny model, small images, a few 
 from __future__ import annotations
 
 import json
+import re
 import socket
+import statistics
 import time
 from pathlib import Path
+from urllib.parse import unquote, urlsplit
 
+import numpy as np
 from distill_server import Reply, ScriptedServer, answer, write_index_image
+from PIL import Image
 from qponder_mlx.cli.main import app
 from typer.testing import CliRunner
 
@@ -107,3 +112,83 @@ def test_export_warns_loudly_when_the_format_rate_is_zero(capsys):
     for quiet in (manifest(0.5, 0.5), manifest(None, None), {}):  # fine, or not measured
         _warn_no_format(quiet)
         assert capsys.readouterr().err == ""
+
+
+# --------------------------------------------------------------------------------------------
+# score: the summary, the store key, --rescore, `qponder top`, the report
+
+SMALL = ["--min-pixels", "3136", "--max-pixels", "12544"]
+
+
+def photos(folder: Path, n: int) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        Image.fromarray(rng.integers(0, 255, (48, 64, 3), dtype=np.uint8)).save(
+            folder / f"p{i}.png")
+    return folder
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(x) for x in path.read_text().splitlines()]
+
+
+def test_score_summary_stats_new_settings_and_rescore(tiny_model_dir, tmp_path):
+    lib, db, out = photos(tmp_path / "lib", 7), tmp_path / "r.sqlite", tmp_path / "r.jsonl"
+    base = ["score", lib, "--model", tiny_model_dir, "--mode", "fast", "--db", db,
+            "--no-progress", "--jsonl", out]
+    code, log = run_cli(*base, *SMALL)
+    assert code == 0, log
+    rows = read_jsonl(out)
+    s = sorted((r["score"], r["path"]) for r in rows)
+    v = [x for x, _ in s]
+    assert (f"scores: mean {statistics.fmean(v):.2f}, median {statistics.median(v):.2f}, "
+            f"min {min(v):.2f}, max {max(v):.2f} over 7 photos") in log
+    lines = log.splitlines()
+    i = lines.index("worst 5:")
+    assert lines[i + 1:i + 6] == [f"  {x:.2f}  {p}" for x, p in s[:5]]
+
+    # Pixels are part of the store key: new settings score again, and the summary says why.
+    code, log = run_cli(*base, "--min-pixels", "3136", "--max-pixels", "6272")
+    assert "7 files: 7 scored, 0 cached" in log
+    assert "new scorer settings for this store (--min/--max-pixels 3136-12544 -> 3136-6272)" \
+        in log and "7 earlier results are kept" in log
+    code, log = run_cli(*base, *SMALL)  # the first settings: all still there
+    assert "7 files: 0 scored, 7 cached" in log and "new scorer" not in log
+    first = {r["path"]: r["scored_at"] for r in read_jsonl(out)}
+    code, log = run_cli(*base, *SMALL, "--rescore")
+    assert "7 files: 7 scored, 0 cached" in log, log
+    again = {r["path"]: r["scored_at"] for r in read_jsonl(out)}
+    assert all(again[p] > first[p] for p in first)
+
+    # `qponder top` reads the same store without a model, the most recent scorer by default.
+    code, log = run_cli("top", "--db", db, "--worst", "2", "--best", "1", "--scorer",
+                        "px3136-12544")
+    assert code == 0, log
+    lines = log.splitlines()
+    assert lines[lines.index("worst 2:") + 1:][:2] == [f"  {x:.2f}  {p}" for x, p in s[:2]]
+    assert lines[lines.index("best 1:") + 1] == f"  {s[-1][0]:.2f}  {s[-1][1]}"
+    code, log = run_cli("top", "--db", tmp_path / "none.sqlite")
+    assert code == 2 and "no such results store" in log and not (tmp_path / "none.sqlite").exists()
+
+
+def test_report_links_thumbnails_and_skips_an_empty_histogram(tiny_model_dir, tmp_path):
+    lib = photos(tmp_path / "my lib", 2)
+    (lib / "bad.png").write_text("not a png")
+    report = tmp_path / "r.html"
+    code, log = run_cli("score", lib, "--model", tiny_model_dir, "--mode", "fast", *SMALL,
+                        "--db", tmp_path / "r.sqlite", "--no-progress", "--report", report)
+    page = report.read_text()
+    links = re.findall(r'<a class="orig" href="([^"]+)"><img ', page)
+    assert sorted(unquote(urlsplit(u).path) for u in links) == [str(lib / "p0.png"),
+                                                                str(lib / "p1.png")]
+    assert all(u.startswith("file:///") and " " not in u for u in links)
+    assert 'id="histogram"' in page
+    # Nothing scored: the report lists the failure and draws no empty histogram.
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "x.jpg").write_bytes(b"")
+    code, log = run_cli("score", bad, "--model", tiny_model_dir, "--mode", "fast", *SMALL,
+                        "--db", tmp_path / "r.sqlite", "--no-progress", "--report", report)
+    page = report.read_text()
+    assert code == 1 and 'id="histogram"' not in page and "empty file" in page
