@@ -19,7 +19,10 @@ def register(app: typer.Typer) -> None:
 
 
 def list_sets() -> None:
-    """Each set: images, download size, resolutions, where it comes from and its terms."""
+    """Each set: images, download size, resolutions, where it comes from and its terms.
+
+    Example: qponder data list
+    """
     from qponder_mlx.iqa_sets.catalog import SETS, human_bytes
 
     for s in SETS:
@@ -43,7 +46,10 @@ def get(
     """Download NAME from the Hugging Face Hub (HF_ENDPOINT, HF_TOKEN, HF_HUB_OFFLINE apply),
     unpack it safely, check its labels, and print the commands to evaluate and distill on it.
 
-    Rerunning resumes an interrupted download; after a finished run it does nothing."""
+    Rerunning resumes an interrupted download; after a finished run it does nothing.
+
+    Example: qponder data get koniq10k --out datasets
+    """
     from qponder_mlx.iqa_sets import DataError, UnsafeArchive, find_set, get_set
     from qponder_mlx.progress import say
 
@@ -76,7 +82,10 @@ def get(
 
 def sample(out: Path = typer.Argument(..., help="Folder to write the sample set into.")) -> None:
     """The packaged 36-image CC0 set (labels.jsonl, a canned sft.jsonl, images/), offline: try
-    eval, train and score on the tiny model without a download."""
+    eval, train and score on the tiny model without a download.
+
+    Example: qponder data sample sample
+    """
     from qponder_mlx.iqa_sets.sample import write_sample
 
     try:

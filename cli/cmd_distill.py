@@ -19,31 +19,34 @@ def distill(
     out: Path = typer.Option(..., help="Kept rows (SFT JSONL); rejected/failed rows go to "
                              "<out>.rejected.jsonl, the summary to <out>.summary.json."),
     teacher: str | None = typer.Option(None, help="openai (any OpenAI-compatible server), "
-                                       "or local (an MLX model in this process). Default: "
-                                       "openai."),
+                                       "or local (an MLX model in this process).",
+                                       show_default="openai"),
     teacher_url: str | None = typer.Option(None, help="Base URL, e.g. http://127.0.0.1:8000/v1 "
                                            "(openai)."),
     teacher_model: str | None = typer.Option(None, help="Model name the server serves (openai), "
                                              "or repo id / folder (local)."),
     api_key_env: str | None = typer.Option(None, help="NAME of the environment variable that "
                                            "holds the API key (the key is never a flag)."),
-    adapter: str | None = typer.Option(None, help="LoRA adapter folder (local)."),
+    adapter: str | None = typer.Option(None, "--adapter", "--adapter-path",
+                                       help="LoRA adapter folder (local)."),
     mode: str | None = typer.Option(None, help="blind (teacher never sees the MOS) or guided "
-                                    "(teacher is told the MOS and explains it). Default: blind."),
+                                    "(teacher is told the MOS and explains it).",
+                                    show_default="blind"),
     max_score_error: float | None = typer.Option(None, help="Keep iff |teacher - MOS| <= this "
-                                                 "(1-5 scale). Default: 0.5."),
+                                                 "(1-5 scale).", show_default="0.5"),
     samples_per_image: int | None = typer.Option(None, help="Answers per image; the closest "
-                                                 "agreeing one is kept. Default: 1."),
-    concurrency: int | None = typer.Option(None, help="Requests in flight. Default: 8."),
-    temperature: float | None = typer.Option(None, help="Teacher sampling temperature. "
-                                             "Default: 0.7."),
-    max_tokens: int | None = typer.Option(None, help="Teacher token budget. Default: 1024."),
+                                                 "agreeing one is kept.", show_default="1"),
+    concurrency: int | None = typer.Option(None, help="Requests in flight.", show_default="8"),
+    temperature: float | None = typer.Option(None, help="Teacher sampling temperature.",
+                                             show_default="0.7"),
+    max_tokens: int | None = typer.Option(None, help="Teacher token budget.",
+                                          show_default="1024"),
     max_pixels: int | None = typer.Option(None, help="Downscale images to at most this many "
-                                          "pixels. Default: 1003520."),
-    timeout_s: float | None = typer.Option(None, "--timeout", help="Seconds per request. "
-                                           "Default: 120."),
+                                          "pixels.", show_default="1003520"),
+    timeout_s: float | None = typer.Option(None, "--timeout", help="Seconds per request.",
+                                           show_default="120.0"),
     max_retries: int | None = typer.Option(None, help="Retries per request on timeouts, dropped "
-                                           "connections, 429 and 5xx. Default: 4."),
+                                           "connections, 429 and 5xx.", show_default="4"),
     config: Path | None = typer.Option(None, help="TOML file with these settings (a distill "
                                        "table, or top-level keys); flags override it."),
     images_root: Path | None = typer.Option(None, help="Folder the label paths are relative to."),
@@ -56,6 +59,8 @@ def distill(
     """Ask a teacher VLM to reason about each labelled image; keep answers that agree with MOS.
 
     Rerunning the same command resumes: finished ids are skipped.
+
+    Example: qponder distill --data labels.jsonl --out sft.jsonl --teacher-url http://host:8000/v1
     """
     from qponder_mlx.distill import (
         DistillConfig,

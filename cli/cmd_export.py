@@ -12,6 +12,8 @@ from pathlib import Path
 import typer
 from qponder_mlx.cli.common import fail
 
+from qponder_mlx.model import DEFAULT_MODEL
+
 EXIT_INTERRUPTED = 130
 
 bundle_app = typer.Typer(no_args_is_help=True,
@@ -25,40 +27,53 @@ def register(app: typer.Typer) -> None:
 
 def export_cmd(
     model: str | None = typer.Option(None, help="Base model: repo id or folder, float or "
-                                     "already quantized (default: the 3B 4-bit)."),
-    adapter: Path | None = typer.Option(None, help="LoRA adapter folder to fuse in."),
-    out: Path | None = typer.Option(None, help="Bundle folder to create (default: bundle)."),
-    bits: int | None = typer.Option(None, help="Bits per weight: 2,3,4,5,6,8 (default 4)."),
-    group_size: int | None = typer.Option(None, help="Quantization group (default: 64 affine, "
-                                          "32 mxfp4)."),
-    q_mode: str | None = typer.Option(None, help="affine (default) or mxfp4."),
+                                     "already quantized.", show_default=DEFAULT_MODEL),
+    adapter: Path | None = typer.Option(None, "--adapter", "--adapter-path",
+                                        help="LoRA adapter folder to fuse in."),
+    out: Path | None = typer.Option(None, help="Bundle folder to create.",
+                                    show_default="bundle"),
+    bits: int | None = typer.Option(None, help="Bits per weight: 2,3,4,5,6,8.", show_default="4"),
+    group_size: int | None = typer.Option(None, help="Quantization group.",
+                                          show_default="64 affine, 32 mxfp4"),
+    q_mode: str | None = typer.Option(None, help="affine or mxfp4.", show_default="affine"),
     quantize: bool | None = typer.Option(None, "--quantize/--no-quantize",
-                                         help="--no-quantize: fuse only, keep float weights."),
+                                         help="--no-quantize: fuse only, keep float weights.",
+                                         show_default="quantize"),
     quantize_vision: bool | None = typer.Option(None, "--quantize-vision",
                                                 help="Quantize the vision tower too."),
-    calibration: Path | None = typer.Option(None, help="Label file for the agreement report "
-                                            "(default: the CC0 set qponder ships)."),
+    calibration: Path | None = typer.Option(None, help="Label file for the agreement report.",
+                                            show_default="the CC0 set qponder ships"),
     calibration_limit: int | None = typer.Option(None, help="Only the first N calibration "
                                                  "images."),
     reason_images: int | None = typer.Option(None, help="Images that also get a reasoning "
-                                             "answer, for the format rate (default 4)."),
-    reason_max_tokens: int | None = typer.Option(None, help="Token budget of those answers "
-                                                 "(default 128)."),
+                                             "answer, for the format rate.",
+                                             show_default="4"),
+    reason_max_tokens: int | None = typer.Option(None, help="Token budget of those answers.",
+                                                 show_default="128"),
     agreement: bool | None = typer.Option(None, "--agreement/--no-agreement",
-                                          help="Measure bundle vs unfused model (default on)."),
+                                          help="Measure bundle vs unfused model.",
+                                          show_default="agreement"),
     min_pixels: int | None = typer.Option(None, help="Pixel policy recorded for the app and "
-                                          "used for the agreement runs (default 128*28*28)."),
-    max_pixels: int | None = typer.Option(None, help="Largest pixel count (default 512*28*28)."),
-    batch_size: int | None = typer.Option(None, help="Images per model call (default 8)."),
+                                          "used for the agreement runs.",
+                                          show_default="100352 = 128*28*28"),
+    max_pixels: int | None = typer.Option(None, help="Largest pixel count.",
+                                          show_default="401408 = 512*28*28"),
+    batch_size: int | None = typer.Option(None, help="Images per model call.",
+                                          show_default="8"),
     force: bool | None = typer.Option(None, "--force", help="Replace a non-empty --out."),
-    target: str | None = typer.Option(None, help="Who loads the bundle: mlx-swift (default: "
-                                      "refuse a bundle MLX Swift's loader would not load) or "
-                                      "python (mlx-vlm only, no check)."),
+    target: str | None = typer.Option(None, help="Who loads the bundle: mlx-swift (refuse a "
+                                      "bundle MLX Swift's loader would not load) or python "
+                                      "(mlx-vlm only, no check).", show_default="mlx-swift"),
     config: Path | None = typer.Option(None, help="TOML file with any ExportConfig field."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show progress bars."),
 ) -> None:
-    """Fuse an adapter into its base, quantize with MLX, and write a verified bundle that stock
-    mlx-vlm (and MLX Swift VLM loaders) read, with a qponder.json manifest for the app."""
+    """Fuse an adapter into its base, quantize with MLX and write a verified bundle.
+
+    Stock mlx-vlm (and MLX Swift VLM loaders) read the bundle; its qponder.json manifest is for
+    the app.
+
+    Example: qponder export --adapter runs/grpo/adapters --out bundle
+    """
     from qponder_mlx.export.config import ExportConfig, ExportConfigError
     from qponder_mlx.export.staging import OutputExistsError, check_destination
     from qponder_mlx.export.swift_compat import SwiftCompatError
@@ -133,10 +148,13 @@ def verify_cmd(
     path: Path = typer.Argument(..., help="Bundle folder."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show progress."),
     golden: bool = typer.Option(True, "--golden/--no-golden", help="Also load the model and "
-                                "recompute the golden vectors (default on)."),
+                                "recompute the golden vectors."),
 ) -> None:
     """Recompute every checksum and check every weight header; then load the model and recompute
-    its golden vectors. Exit 1 and name each bad, missing or unexpected file or value."""
+    its golden vectors. Exit 1 and name each bad, missing or unexpected file or value.
+
+    Example: qponder bundle verify bundle
+    """
     from qponder_mlx.export.golden import verify_folder
     from qponder_mlx.export.manifest import MANIFEST
     from qponder_mlx.export.verify import verify_bundle
@@ -170,7 +188,10 @@ def info_cmd(
     path: Path = typer.Argument(..., help="Bundle folder."),
     as_json: bool = typer.Option(False, "--json", help="Print the whole manifest as JSON."),
 ) -> None:
-    """Show what a bundle holds (base, adapter, quantization, agreement); weights not hashed."""
+    """Show what a bundle holds (base, adapter, quantization, agreement); weights not hashed.
+
+    Example: qponder bundle info bundle --json
+    """
     from qponder_mlx.export.bundle import bundle_info, summary_lines
     from qponder_mlx.export.verify import BundleError
 
@@ -189,9 +210,10 @@ def info_cmd(
 @bundle_app.command("resize-parity")
 def resize_parity_cmd(
     model: str = typer.Option(..., help="Model or bundle folder (or repo id) to score with."),
-    adapter: Path | None = typer.Option(None, help="LoRA adapter folder."),
-    calibration: Path | None = typer.Option(None, help="Label file (default: the 36 CC0 images "
-                                            "qponder ships)."),
+    adapter: Path | None = typer.Option(None, "--adapter", "--adapter-path",
+                                        help="LoRA adapter folder."),
+    calibration: Path | None = typer.Option(None, help="Label file.",
+                                            show_default="the 36 CC0 images qponder ships"),
     calibration_limit: int | None = typer.Option(None, help="Only the first N images."),
     min_pixels: int = typer.Option(128 * 28 * 28, help="Pixel policy's smallest pixel count."),
     max_pixels: int = typer.Option(512 * 28 * 28, help="Pixel policy's largest pixel count."),
@@ -199,7 +221,10 @@ def resize_parity_cmd(
     out: Path | None = typer.Option(None, help="Also write the report as JSON here."),
 ) -> None:
     """Score the calibration set with the photo resized four ways (qponder's Pillow bicubic,
-    bicubic in linear light, Lanczos, bilinear); print |Δscore| and SRCC against qponder's."""
+    bicubic in linear light, Lanczos, bilinear); print |Δscore| and SRCC against qponder's.
+
+    Example: qponder bundle resize-parity --model bundle --out parity.json
+    """
     from qponder_mlx.export.agreement import load_calibration
     from qponder_mlx.export.config import ExportConfigError
     from qponder_mlx.export.resize_parity import measure, table_lines

@@ -14,6 +14,8 @@ from pathlib import Path
 import typer
 from qponder_mlx.cli.common import fail
 
+from qponder_mlx.model import DEFAULT_MODEL
+
 STAGES = ("sft", "grpo")
 
 
@@ -47,41 +49,62 @@ def train(
     resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from its "
                                 "latest checkpoint (exactly where it stopped)."),
     model: str | None = typer.Option(None, help="Base model: repo id or folder, float or "
-                                     "already quantized."),
+                                     "already quantized.", show_default=DEFAULT_MODEL),
     data: Path | None = typer.Option(None, help="Training data (sft: `qponder distill` JSONL; "
                                      "grpo: a label file)."),
     val_data: Path | None = typer.Option(None, help="sft: validation JSONL (rows with mos also "
                                          "give SRCC/PLCC)."),
-    out: Path | None = typer.Option(None, help="Run folder (checkpoints, adapters, metrics)."),
+    out: Path | None = typer.Option(None, help="Run folder (checkpoints, adapters, metrics).",
+                                    show_default="runs/sft or runs/grpo"),
     adapter: Path | None = typer.Option(None, help="grpo: the SFT adapter folder to start from."),
-    iters: int | None = typer.Option(None, help="Optimizer steps."),
-    batch_size: int | None = typer.Option(None, help="Rows (sft) or images (grpo) per step."),
-    grad_accum: int | None = typer.Option(None, help="sft: micro-batches per optimizer step."),
-    learning_rate: float | None = typer.Option(None, help="Peak learning rate (AdamW)."),
-    warmup: int | None = typer.Option(None, help="Linear warmup steps."),
-    lora_rank: int | None = typer.Option(None, help="LoRA rank."),
-    lora_alpha: float | None = typer.Option(None, help="LoRA alpha (scale = alpha / rank)."),
-    lora_dropout: float | None = typer.Option(None, help="LoRA dropout."),
+    iters: int | None = typer.Option(None, help="Optimizer steps.",
+                                     show_default="sft 1000, grpo 200"),
+    batch_size: int | None = typer.Option(None, help="Rows (sft) or images (grpo) per step.",
+                                          show_default="sft 4, grpo 2"),
+    grad_accum: int | None = typer.Option(None, "--grad-accum", "--grad-accumulation-steps",
+                                          help="sft: micro-batches per optimizer step.",
+                                          show_default="1"),
+    learning_rate: float | None = typer.Option(None, help="Peak learning rate (AdamW).",
+                                               show_default="sft 1e-4, grpo 1e-5"),
+    warmup: int | None = typer.Option(None, help="Linear warmup steps.",
+                                      show_default="sft 5 % of --iters, at most 50; grpo 0"),
+    lora_rank: int | None = typer.Option(None, help="LoRA rank.", show_default="16"),
+    lora_alpha: float | None = typer.Option(None, help="LoRA alpha (scale = alpha / rank).",
+                                            show_default="32"),
+    lora_dropout: float | None = typer.Option(None, help="LoRA dropout.", show_default="0"),
     quantize_base: int | None = typer.Option(None, help="QLoRA: quantize a float base to 4 "
-                                             "(or 8) bits in memory."),
+                                             "(or 8) bits in memory.",
+                                             show_default="off: train on the base as loaded"),
     grad_checkpoint: bool | None = typer.Option(None, "--grad-checkpoint/--no-grad-checkpoint",
                                                 help="Recompute layers in backward (less "
-                                                "memory, slower)."),
-    max_seq_len: int | None = typer.Option(None, help="sft: skip longer rows."),
-    min_pixels: int | None = typer.Option(None, help="Smallest pixel count the model sees."),
-    max_pixels: int | None = typer.Option(None, help="Largest pixel count the model sees."),
-    seed: int | None = typer.Option(None, help="Seed for LoRA init, data order, dropout."),
+                                                "memory, slower).",
+                                                show_default="no-grad-checkpoint"),
+    max_seq_len: int | None = typer.Option(None, "--max-seq-len", "--max-seq-length",
+                                           help="sft: skip longer rows (tokens).",
+                                           show_default="2048"),
+    min_pixels: int | None = typer.Option(None, help="Smallest pixel count the model sees.",
+                                          show_default="100352"),
+    max_pixels: int | None = typer.Option(None, help="Largest pixel count the model sees.",
+                                          show_default="401408"),
+    seed: int | None = typer.Option(None, help="Seed for LoRA init, data order, dropout.",
+                                    show_default="0"),
     set_: list[str] | None = typer.Option(None, "--set", help="Any config field: key=value "
                                           "(repeatable; dotted keys for nested fields)."),
     progress: bool | None = typer.Option(None, "--progress/--no-progress",
-                                         help="Show the progress bar."),
+                                         help="Show the progress bar.",
+                                         show_default="progress"),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the predicted peak memory "
                                  "(weights, LoRA + AdamW, activations, KV caches; with and "
                                  "without --grad-checkpoint) and the Mac memory sizes it fits, "
                                  "then exit. Reads config.json and the tokenizer, no weights."),
 ) -> None:
-    """Train a LoRA/QLoRA adapter; the run folder gets config.json, metrics.jsonl, curves.html,
-    checkpoints/ and adapters/ (load it with `--adapter RUN/adapters`)."""
+    """Train a LoRA/QLoRA adapter (SFT cold start, then GRPO) into a run folder.
+
+    The run folder gets config.json, metrics.jsonl, curves.html, checkpoints/ and adapters/ (load
+    it with `--adapter RUN/adapters`).
+
+    Example: qponder train --stage sft --data sft.jsonl --out runs/sft --iters 200
+    """
     from qponder_mlx.labels import LabelError
     from qponder_mlx.model import ModelLoadError
     from qponder_mlx.train.checkpoint import CheckpointError

@@ -14,8 +14,11 @@ from qponder_mlx.cli.common import check_scoring_flags, fail, load_scorer, read_
 
 from qponder_mlx.model import DEFAULT_MODEL
 
-app = typer.Typer(add_completion=False, no_args_is_help=True,
-                  help="Train, run and ship reasoning image-quality models with MLX.")
+ROOT_HELP = """Train, run and ship reasoning image-quality models with MLX.
+
+Example: qponder score ~/Pictures --mode fast --db photos.sqlite --report photos.html
+"""
+app = typer.Typer(add_completion=False, no_args_is_help=True, help=ROOT_HELP)
 dev = typer.Typer(no_args_is_help=True, help="Developer tools: an offline tiny model.")
 app.add_typer(dev, name="dev")
 
@@ -52,7 +55,10 @@ def tiny_model(
     vision_hidden: int = typer.Option(64, help="Vision-tower width (multiple of 16)."),
     vision_depth: int = typer.Option(2, help="Vision-tower blocks."),
 ) -> None:
-    """Write a tiny random Qwen2.5-VL that every command accepts, so you can try qponder offline."""
+    """Write a tiny random Qwen2.5-VL that every command accepts, so you can try qponder offline.
+
+    Example: qponder dev tiny-model tiny
+    """
     from qponder_mlx.testing import build_tiny_model
 
     try:
@@ -69,7 +75,8 @@ def tiny_model(
 def eval_cmd(
     data: Path = typer.Option(..., help="Label file (any format `load_labels` reads)."),
     model: str = typer.Option(DEFAULT_MODEL, help="Repo id or folder."),
-    adapter: Path | None = typer.Option(None, help="LoRA adapter folder (mlx-vlm format)."),
+    adapter: Path | None = typer.Option(None, "--adapter", "--adapter-path",
+                                        help="LoRA adapter folder (mlx-vlm format)."),
     bundle: Path | None = typer.Option(None, help="A verified qponder bundle instead of --model."),
     images_root: Path | None = typer.Option(None, help="Folder the label paths are relative to."),
     format: str = typer.Option("auto", help="Label format (auto, koniq, kadid, livec, ...)."),
@@ -80,17 +87,27 @@ def eval_cmd(
                      "under the model's digit probabilities; the report also has the written)."),
     batch_size: int = typer.Option(8, help="Images per batch."),
     max_tokens: int = typer.Option(512, help="Token budget of a reasoning answer."),
+    temperature: float = typer.Option(0.0, help="Sampling temperature of a reasoning answer; 0 "
+                                      "is greedy."),
+    seed: int | None = typer.Option(None, help="Seed for sampling (--temperature above 0), so "
+                                    "a sampled evaluation can be repeated.",
+                                    show_default="random"),
     min_pixels: int | None = typer.Option(
-        None, help="Smallest image area fed to the model [default: the bundle's, else 100352]."),
+        None, help="Smallest image area fed to the model.",
+        show_default="the bundle's, else 100352"),
     max_pixels: int | None = typer.Option(
-        None, help="Largest image area fed to the model [default: the bundle's, else 401408]."),
+        None, help="Largest image area fed to the model.",
+        show_default="the bundle's, else 401408"),
     verify: bool = typer.Option(True, help="Verify a --bundle's checksums before loading."),
     limit: int | None = typer.Option(None, help="Only the first N samples."),
     out: Path | None = typer.Option(None, help="Write the JSON report here."),
     force: bool = typer.Option(False, "--force", help="Overwrite an existing --out file even if "
                                "it is not a qponder eval report (never an input file)."),
 ) -> None:
-    """Score a labelled set; print SRCC/PLCC/n/format-rate; write a JSON report."""
+    """Score a labelled set; print SRCC/PLCC/n/format-rate; write a JSON report.
+
+    Example: qponder eval --data labels.jsonl --adapter runs/grpo/adapters --out report.json
+    """
     from qponder_mlx.cli.common import check_at_least, check_outputs, writing
 
     from qponder_mlx.evaluate import evaluate
@@ -107,7 +124,7 @@ def eval_cmd(
                   force=force)
     scorer = load_scorer(model, adapter, bundle, verify=verify, mode=mode, readout=readout,
                          batch_size=batch_size, max_tokens=max_tokens, min_pixels=min_pixels,
-                         max_pixels=max_pixels)
+                         max_pixels=max_pixels, temperature=temperature, seed=seed)
     report = evaluate(scorer, samples, problems)
     typer.echo(report.headline())
     if out:

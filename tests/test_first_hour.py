@@ -192,3 +192,100 @@ def test_report_links_thumbnails_and_skips_an_empty_histogram(tiny_model_dir, tm
                         "--db", tmp_path / "r.sqlite", "--no-progress", "--report", report)
     page = report.read_text()
     assert code == 1 and 'id="histogram"' not in page and "empty file" in page
+
+
+# --------------------------------------------------------------------------------------------
+# --help: one default style, one example per command, the flags mlx-lm users type
+
+
+def _leaves(cmd, path=()):
+    if hasattr(cmd, "commands"):  # a group (typer may carry its own copy of click)
+        for name, sub in cmd.commands.items():
+            yield from _leaves(sub, (*path, name))
+    else:
+        yield path, cmd
+
+
+def test_every_help_has_an_example_and_one_default_style():
+    import typer.main
+
+    root = typer.main.get_command(app)
+    assert "Example: qponder " in root.help
+    leaves = list(_leaves(root))
+    assert len(leaves) >= 12
+    for path, cmd in leaves:
+        examples = [x for x in cmd.help.splitlines() if x.strip().startswith("Example: ")]
+        assert len(examples) == 1, path
+        assert examples[0].strip().startswith(f"Example: qponder {' '.join(path)}"), path
+        for p in cmd.params:
+            # Defaults appear only as typer's own `[default: ...]`, never in the help prose.
+            assert "default" not in (getattr(p, "help", None) or "").lower(), (path, p.name)
+
+
+def test_shown_defaults_match_the_config_defaults():
+    import typer.main
+    from qponder_mlx.export.config import ExportConfig
+
+    from qponder_mlx.distill.config import DistillConfig
+    from qponder_mlx.grpo.config import GRPOConfig
+    from qponder_mlx.train.config import SFTConfig
+
+    cmds = {path: cmd for path, cmd in _leaves(typer.main.get_command(app))}
+
+    def shown(path, name):
+        return next(p.show_default for p in cmds[path].params if p.name == name)
+
+    d = DistillConfig()
+    for name in ("teacher", "mode", "max_score_error", "samples_per_image", "concurrency",
+                 "temperature", "max_tokens", "max_pixels", "timeout_s", "max_retries"):
+        assert shown(("distill",), name) == str(getattr(d, name)), name
+    e = ExportConfig()
+    for name in ("out", "bits", "q_mode", "reason_max_tokens", "batch_size", "target",
+                 "reason_images"):
+        assert shown(("export",), name) == str(getattr(e, name)), name
+    assert shown(("export",), "min_pixels").startswith(f"{e.min_pixels} ")
+    assert shown(("export",), "max_pixels").startswith(f"{e.max_pixels} ")
+    s, g = SFTConfig(), GRPOConfig()
+    assert shown(("train",), "iters") == f"sft {s.iters}, grpo {g.iters}"
+    assert shown(("train",), "batch_size") == f"sft {s.batch_size}, grpo {g.batch_size}"
+    lr = shown(("train",), "learning_rate").replace(",", "").split()
+    assert (float(lr[1]), float(lr[3])) == (s.learning_rate, g.learning_rate)
+    for name, value in (("grad_accum", s.grad_accum), ("max_seq_len", s.max_seq_len),
+                        ("lora_rank", s.lora.rank), ("lora_alpha", s.lora.alpha),
+                        ("lora_dropout", s.lora.dropout), ("seed", s.seed),
+                        ("min_pixels", s.min_pixels), ("max_pixels", s.max_pixels)):
+        assert float(shown(("train",), name)) == value, name
+    assert (s.min_pixels, s.max_pixels) == (g.min_pixels, g.max_pixels)
+
+
+def test_mlx_lm_flag_names_are_accepted():
+    import typer.main
+
+    cmds = {path: cmd for path, cmd in _leaves(typer.main.get_command(app))}
+
+    def opts(path):
+        return {o for p in cmds[path].params for o in getattr(p, "opts", [])}
+
+    for path in (("score",), ("eval",), ("export",), ("distill",),
+                 ("bundle", "resize-parity")):
+        assert "--adapter-path" in opts(path), path
+    for path in (("score",), ("eval",)):
+        assert {"--max-tokens", "--temperature", "--seed"} <= opts(path), path
+    assert {"--grad-accumulation-steps", "--max-seq-length", "--iters", "--learning-rate",
+            "--batch-size", "--seed"} <= opts(("train",))
+
+
+def test_temperature_and_seed_make_sampled_scores_repeatable(tiny_model_dir, tmp_path):
+    lib, out = photos(tmp_path / "lib", 3), tmp_path / "r.jsonl"
+    base = ["score", lib, "--model", tiny_model_dir, *SMALL, "--max-tokens", "6",
+            "--temperature", "1.0", "--db", tmp_path / "r.sqlite", "--no-progress",
+            "--jsonl", out, "--rescore"]
+
+    def texts(seed):
+        code, log = run_cli(*base, "--seed", seed)
+        assert code in (0, 1) and "3 files: " in log, log  # a random model: maybe no score
+        return [r["text"] for r in read_jsonl(out)]
+
+    a = texts(3)
+    assert texts(3) == a and texts(4) != a
+    assert all(r["identity"].endswith("t6@1") for r in read_jsonl(out))
