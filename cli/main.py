@@ -152,8 +152,30 @@ def _register_commands() -> None:
 _register_commands()
 
 
+# The rank variables of the launchers `init_world` (qponder_mlx/train/distributed.py) accepts.
+RANK_VARIABLES = ("MLX_RANK", "JACCL_RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK")
+
+
+def quiet_unless_rank_zero(environ=os.environ) -> bool:
+    """Under `mlx.launch` every rank runs this same command: only rank 0 prints its progress,
+    messages and summary (N copies of every line would bury them). The other ranks keep stderr
+    for `error:` lines and tracebacks. Returns True when this process was silenced."""
+    import sys
+
+    rank = next((environ[k] for k in RANK_VARIABLES if environ.get(k)), "0")
+    if rank.strip() in ("", "0"):
+        return False
+    from qponder_mlx.progress import console
+
+    console.quiet = True  # `say()` and rich bars
+    sys.stdout = open(os.devnull, "w")  # noqa: SIM115 — for the life of the process
+    return True
+
+
 def main() -> None:  # pragma: no cover - console entry point wrapper
     import warnings
+
+    quiet_unless_rank_zero()
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     # Pillow warns in two lines about a corrupt EXIF block of an image we then score fine.

@@ -4,9 +4,12 @@ from mlx-lm habit, and progress lines in a log. Tiny model, small images, a few 
 from __future__ import annotations
 
 import json
+import os
 import re
 import socket
 import statistics
+import subprocess
+import sys
 import time
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
@@ -289,3 +292,63 @@ def test_temperature_and_seed_make_sampled_scores_repeatable(tiny_model_dir, tmp
     a = texts(3)
     assert texts(3) == a and texts(4) != a
     assert all(r["identity"].endswith("t6@1") for r in read_jsonl(out))
+
+
+# --------------------------------------------------------------------------------------------
+# Progress in a log (stdout not a terminal: CliRunner's is not), and only rank 0 under mlx.launch
+
+PLAIN = re.compile(r"^(?P<what>.+?) (?P<done>\d+)/(?P<total>\d+) \(\d+%\) .*elapsed \S+")
+
+
+def progress_lines(log: str) -> dict[str, list[tuple[int, int]]]:
+    out: dict[str, list[tuple[int, int]]] = {}
+    for line in log.splitlines():
+        if m := PLAIN.match(line):
+            out.setdefault(m["what"], []).append((int(m["done"]), int(m["total"])))
+    return out
+
+
+def test_score_eval_distill_print_plain_progress_lines_in_a_log(tiny_model_dir, tmp_path):
+    lib = photos(tmp_path / "lib", 12)
+    code, log = run_cli("score", lib, "--model", tiny_model_dir, "--mode", "fast", *SMALL,
+                        "--db", tmp_path / "r.sqlite", "--report", tmp_path / "r.html")
+    seen = progress_lines(log)
+    # The first item, then every 10 (1 % of the total, at least 10), and the end.
+    assert seen["hashing"] == [(1, 12), (11, 12), (12, 12)], log
+    assert seen["scoring (fast)"][-1] == (12, 12) and seen["thumbnails"][-1] == (12, 12)
+
+    labels = tmp_path / "lib" / "labels.jsonl"
+    labels.write_text("".join(json.dumps({"image": f"p{i}.png", "mos": 1 + i / 3}) + "\n"
+                              for i in range(12)))
+    code, log = run_cli("eval", "--data", labels, "--model", tiny_model_dir, "--mode", "fast",
+                        *SMALL, "--batch-size", "4")
+    assert code == 0 and progress_lines(log)["eval (fast)"] == [(1, 12), (11, 12), (12, 12)]
+
+    data = label_set(tmp_path / "set", 3)
+    with ScriptedServer() as srv:
+        code, log = run_cli("distill", "--data", data, "--out", tmp_path / "d.jsonl",
+                            "--teacher-url", srv.url, "--teacher-model", "t")
+    assert code == 0 and progress_lines(log)["distill (blind, t)"][-1] == (3, 3), log
+    assert "kept=3" in log
+
+
+def test_under_mlx_launch_only_rank_zero_prints(tmp_path):
+    script = (
+        "import os, sys\n"
+        "from qponder_mlx.cli.main import quiet_unless_rank_zero\n"
+        "from qponder_mlx.progress import progress_bar, say\n"
+        "print(quiet_unless_rank_zero(os.environ), file=sys.stderr)\n"
+        "say('a message'); print('a summary')\n"
+        "with progress_bar(2, 'steps') as advance:\n"
+        "    advance(); advance()\n"
+        "print('error: still shown', file=sys.stderr)\n")
+    for rank, shown in (("0", True), ("1", False)):
+        env = {k: v for k, v in os.environ.items() if not k.endswith("_RANK")}
+        res = subprocess.run([sys.executable, "-c", script], env={**env, "MLX_RANK": rank},
+                             capture_output=True, text=True, timeout=60)
+        assert res.returncode == 0, res.stderr
+        assert ("a summary" in res.stdout and "steps 2/2" in res.stdout) == shown, res.stdout
+        assert ("a message" in res.stderr) == shown and "error: still shown" in res.stderr
+        assert res.stderr.startswith(str(not shown))
+        if not shown:
+            assert res.stdout == ""
