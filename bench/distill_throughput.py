@@ -21,6 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 
 from distill_server import Reply, ScriptedServer, answer, write_index_image  # noqa: E402
+from timing import median, result, run_main, sample  # noqa: E402
 
 from qponder_mlx.distill import DistillConfig, build_teacher, run_distill  # noqa: E402
 from qponder_mlx.labels import Sample  # noqa: E402
@@ -46,6 +47,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--delay", type=float, default=0.2, help="server latency per request (s)")
     ap.add_argument("--waves", type=int, default=20, help="samples per run = waves x N")
+    ap.add_argument("--repeats", type=int, default=3, help="runs per level; the median counts")
     args = ap.parse_args()
 
     with tempfile.TemporaryDirectory() as tmp, \
@@ -56,13 +58,17 @@ def main() -> None:
         rates = {}
         for n in LEVELS:
             count = args.waves * n
-            rates[n] = rate(srv.url, images, n, count, tmp / f"c{n}.jsonl")
+            runs = []
+            for r in range(args.repeats):
+                runs.append(rate(srv.url, images, n, count, tmp / f"c{n}-{r}.jsonl"))
+                sample()
+            rates[n] = median(runs)
             ideal = n / args.delay if args.delay else float("inf")
             print(f"concurrency {n:2d}: {count:4d} samples, {rates[n]:7.2f} samples/s "
                   f"(ideal {ideal:.1f}, {rates[n] / ideal:.0%})")
     for n in LEVELS[1:]:
-        print(f"RESULT distill_speedup_at_{n} {rates[n] / rates[1]:.2f} goal {0.8 * n:.1f}")
+        result(f"distill_speedup_at_{n}", rates[n] / rates[1], f"{0.8 * n:.1f}")
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

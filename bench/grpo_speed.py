@@ -74,6 +74,7 @@ import mlx.core as mx  # noqa: E402
 import mlx.optimizers as optim  # noqa: E402
 import numpy as np  # noqa: E402
 from PIL import Image, ImageOps  # noqa: E402
+from timing import result, run_main  # noqa: E402
 
 from qponder_mlx import generate as gen  # noqa: E402
 from qponder_mlx.grpo.config import GRPOConfig  # noqa: E402
@@ -346,7 +347,8 @@ def bench_model(name: str, tmp: Path, setup: Setup, steps: int, verbose: bool):
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--steps", type=int, default=2, help="timed steps per side (after 1 warm-up)")
+    ap.add_argument("--steps", type=int, default=3,
+                    help="timed steps per side (after 1 warm-up); the median counts")
     ap.add_argument("--models", default="tiny,large", help=f"subset of {','.join(MODELS)}")
     ap.add_argument("--verbose", action="store_true", help="show mlx-vlm's own progress output")
     ap.add_argument("--reference-blas", action="store_true",
@@ -368,9 +370,9 @@ def main() -> None:
             results[name] = bench_model(name, Path(tmp), setup, args.steps, args.verbose)
     print(f"total {time.perf_counter() - t0:.0f} s")
     final = results.get("large") or results[names[-1]]
-    print(f"RESULT grpo_step_speedup {final[0]:.2f} goal {GOAL_SPEEDUP}")
-    print(f"RESULT grpo_peak_memory_ratio {final[1]:.3f} goal {GOAL_MEMORY}")
+    result("grpo_step_speedup", final[0], GOAL_SPEEDUP)
+    result("grpo_peak_memory_ratio", final[1], GOAL_MEMORY, ".3f")
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -28,6 +28,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from grpo_speed import MODELS, Setup, _reexec_with_openblas, photos, prompt_text  # noqa: E402
+from timing import result, run_main  # noqa: E402
 
 from qponder_mlx import generate as gen  # noqa: E402
 from qponder_mlx.grpo import step as S  # noqa: E402
@@ -104,9 +105,9 @@ def main() -> None:
     for k, v in times.items():
         print(f"  {k:6s} update {med[k]:.2f} s (runs {' '.join(f'{t:.2f}' for t in v)})")
     print(f"  loss padded {losses['padded']:.6f}, cut {losses['cut']:.6f}")
-    print(f"RESULT grpo_update_cut_speedup {med['padded'] / med['cut']:.2f} goal {GOAL}")
+    result("grpo_update_cut_speedup", med["padded"] / med["cut"], GOAL)
 
 
 if __name__ == "__main__":
     _reexec_with_openblas()
-    main()
+    run_main(main)

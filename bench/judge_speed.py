@@ -27,6 +27,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import numpy as np  # noqa: E402
+from timing import result, run_main  # noqa: E402
 
 from qponder_mlx.grpo.judge import blind_scores_vlm  # noqa: E402
 from qponder_mlx.model import load_model  # noqa: E402
@@ -83,12 +84,12 @@ def main(argv: list[str] | None = None) -> int:
               + f" s (median {med[k]:.3f})")
     diff = float(np.max(np.abs(scores["whole"] - scores["shared"])))
     print(f"max |score difference| between the modes: {diff:.2e}")
-    print(f"RESULT judge_shared_prefix_speedup {med['whole'] / med['shared']:.2f} goal 1.5")
-    print(f"RESULT judge_score_max_abs_diff {diff:.1e} goal 1e-4")
+    result("judge_shared_prefix_speedup", med["whole"] / med["shared"], 1.5)
+    result("judge_score_max_abs_diff", diff, "1e-4", ".1e")
     # The decimal read's price: judge-v2 time over judge-v1 time, both with the shared head.
-    print(f"RESULT judge_decimal_read_cost {med['shared'] / med['lead-only']:.2f} goal 1.3")
+    result("judge_decimal_read_cost", med["shared"] / med["lead-only"], 1.3)
     return 0
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    run_main(main)

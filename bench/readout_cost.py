@@ -24,6 +24,8 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+from timing import result, run_main  # noqa: E402
+
 from qponder_mlx.generate import SamplingConfig  # noqa: E402
 from qponder_mlx.images import PixelPolicy  # noqa: E402
 from qponder_mlx.model import load_model  # noqa: E402
@@ -72,9 +74,9 @@ def main(argv: list[str] | None = None) -> int:
     for r, t in times.items():
         print(f"{r:9s} {len(paths)} images, {tokens} tokens/run: "
               + " ".join(f"{x:.2f}" for x in t) + f" s (median {med[r]:.2f})")
-    print(f"RESULT readout_expected_time_ratio {med['expected'] / med['text']:.3f} goal 1.05")
+    result("readout_expected_time_ratio", med["expected"] / med["text"], 1.05, ".3f")
     return 0
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    run_main(main)

@@ -9,6 +9,9 @@ takes ~12 s of prefill per image and the run goes past 30 minutes.
 
     . scripts/blas_env.sh; .venv/bin/python bench/score_speed.py   # ~10 min on 2 CPU cores
     .venv/bin/python bench/score_speed.py --quick    # 16 images, 16 tokens: smoke test
+
+Each path's row also shows its tokens and FLOPs per image and the speedup that FLOPs alone
+would allow (`flops_per_image`), so a measured ratio can be read against the compute-bound one.
 """
 
 from __future__ import annotations
@@ -26,12 +29,15 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import mlx.core as mx  # noqa: E402
+from mlx.utils import tree_flatten  # noqa: E402
 from PIL import Image, ImageOps  # noqa: E402
+from timing import result, run_main, sample  # noqa: E402
 
+from qponder_mlx import generate as gen  # noqa: E402
 from qponder_mlx.generate import SamplingConfig  # noqa: E402
 from qponder_mlx.images import PixelPolicy, load_image  # noqa: E402
 from qponder_mlx.model import load_model  # noqa: E402
-from qponder_mlx.prompts import chat_messages  # noqa: E402
+from qponder_mlx.prompts import FAST_ANSWER_PREFIX, chat_messages  # noqa: E402
 from qponder_mlx.scoring import ScoreConfig, Scorer  # noqa: E402
 from qponder_mlx.testing import build_tiny_model  # noqa: E402
 
@@ -52,6 +58,42 @@ def make_images(folder: Path, n: int) -> list[Path]:
         img.save(p)
         out.append(p)
     return out
+
+
+def _params(module) -> int:
+    """Parameters of an mlx module (or a list of them)."""
+    mods = module if isinstance(module, list) else [module]
+    return sum(v.size for m in mods for _, v in tree_flatten(m.parameters()))
+
+
+def flops_per_image(loaded, prompt: str, policy, path, decode_tokens: float, *,
+                    shared_prefix: bool, answer_prefix: str = "") -> tuple[int, int, float]:
+    """(prefill tokens run, decode tokens, FLOPs) for one image on one path.
+
+    Matmul FLOPs: 2 x parameters per token for the language layers and the vision tower, plus
+    the language model's attention scores (4 x layers x heads x head_dim x context per token),
+    plus the output projection (2 x hidden x vocab) once per prefill and once per decode step
+    (mlx-vlm's chunked prefill never evaluates the other positions' logits; nor do we). The
+    shared prefix (the text before the image) is run once per run, not per image: not counted.
+    """
+    m = loaded.model
+    lm = m.language_model
+    args = lm.args
+    head_dim = args.hidden_size // args.num_attention_heads
+    attn = 4 * args.num_hidden_layers * args.num_attention_heads * head_dim
+    layers = 2 * _params(lm.model.layers)
+    head = 2 * args.hidden_size * args.vocab_size
+    img = policy.resize(load_image(path))
+    inputs = gen.encode(loaded.processor, [prompt + answer_prefix], [img])
+    ids = inputs["input_ids"]
+    n = ids.shape[1]
+    start = gen.PrefixCache(m.config.image_token_id).length(ids) if shared_prefix else 0
+    patches = inputs["pixel_values"].shape[0]
+    flops = 2 * _params(m.vision_tower) * patches
+    flops += sum(layers + attn * t for t in range(start, n)) + head
+    k = decode_tokens
+    flops += k * (layers + head) + attn * (k * n + k * (k - 1) / 2)
+    return n - start, round(k), flops
 
 
 def baseline(loaded, paths, prompt, policy, max_tokens):
@@ -103,18 +145,33 @@ def bench_model(name, model_dir, paths, args, policy):
             mx.clear_cache()
             dt, tok = fn()
             rows.setdefault(key, []).append((dt, tok))
+        sample()
     out = {}
     for key, runs in rows.items():
         dt = statistics.median(r[0] for r in runs)
         out[key] = (n / dt, dt, runs[0][1])
     base = out["baseline"][0]
+    per = {key: runs[0][1] / n for key, runs in rows.items()}  # generated tokens per image
+    flops = {
+        "baseline": flops_per_image(loaded, prompt, policy, paths[0], per["baseline"],
+                                    shared_prefix=False),
+        "reason": flops_per_image(loaded, prompt, policy, paths[0], per["reason"],
+                                  shared_prefix=True),
+        "fast": flops_per_image(loaded, prompt, policy, paths[0], 0, shared_prefix=True,
+                                answer_prefix=FAST_ANSWER_PREFIX),
+    }
     print(f"\n[{name}] {n} images, {policy.token_count((224, 224))} image tokens each, "
           f"prompt {len(loaded.tokenizer.encode(prompt))} tokens, "
           f"max_tokens {args.max_tokens}, batch {args.batch_size}, "
           f"median of {args.repeats}")
-    print(f"{'':10}{'img/s':>9}{'seconds':>9}{'gen tokens':>12}{'speedup':>9}")
+    print(f"{'':10}{'img/s':>9}{'seconds':>9}{'gen tokens':>12}{'speedup':>9}"
+          f"{'prefill tok':>13}{'decode tok':>12}{'GFLOP/img':>11}{'FLOP limit':>12}")
     for key, (ips, dt, tok) in out.items():
-        print(f"{key:10}{ips:9.2f}{dt:9.2f}{tok:12d}{ips / base:9.2f}x")
+        pre, dec, f = flops[key]
+        print(f"{key:10}{ips:9.2f}{dt:9.2f}{tok:12d}{ips / base:9.2f}x{pre:13d}{dec:12d}"
+              f"{f / 1e9:11.3f}{flops['baseline'][2] / f:11.2f}x")
+    print("(FLOP limit: the speedup if every path ran at the same FLOP/s; GFLOP/img counts "
+          "prefill after any shared prefix and the measured decode tokens)")
     return out["reason"][0] / base, out["fast"][0] / base
 
 
@@ -123,7 +180,7 @@ def main() -> None:
     ap.add_argument("--images", type=int, default=64)
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--batch-size", type=int, default=16)
-    ap.add_argument("--repeats", type=int, default=1)
+    ap.add_argument("--repeats", type=int, default=3, help="median of this many")
     ap.add_argument("--min-pixels", type=int, default=56 * 56)
     ap.add_argument("--max-pixels", type=int, default=112 * 112)
     ap.add_argument("--quick", action="store_true", help="16 images, 16 tokens")
@@ -143,9 +200,9 @@ def main() -> None:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     print(f"\ntiny model: reason {ratios['tiny'][0]:.2f}x, fast {ratios['tiny'][1]:.2f}x")
-    print(f"RESULT score_reason_speedup {ratios['larger'][0]:.2f} goal 4.0")
-    print(f"RESULT score_fast_speedup {ratios['larger'][1]:.2f} goal 20.0")
+    result("score_reason_speedup", ratios["larger"][0], 4.0)
+    result("score_fast_speedup", ratios["larger"][1], 20.0)
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

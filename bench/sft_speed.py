@@ -9,7 +9,8 @@ Steady-state speed comes from the difference of two runs per trainer, `--short` 
 steps: (long - short) steps / (t_long - t_short), so start-up work (dataset preparation, LoRA
 setup, the final save) cancels out. Every row has the same length, so tokens per step are the
 same for both trainers: batch x row length (image tokens included). Runs alternate between the
-trainers and each measurement keeps the fastest of `--repeats`, since this is a shared machine.
+trainers and each measurement is the median of `--repeats` (3), with the load average noted
+(bench/timing.py): a figure is recorded only from a quiet run.
 
 Peak memory is `mx.get_peak_memory()` over the long run, reset after the model is loaded: it
 includes the weights, which both trainers hold alike; the training overhead above the weights is
@@ -38,6 +39,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import mlx.core as mx  # noqa: E402
 import mlx.optimizers as optim  # noqa: E402
+from timing import median, result, run_main, sample  # noqa: E402
 
 from qponder_mlx.images import PixelPolicy, load_image  # noqa: E402
 from qponder_mlx.model import load_model  # noqa: E402
@@ -136,15 +138,16 @@ def measure(name: str, model_dir: Path, work: Path, a: argparse.Namespace, spec:
                     secs, peak, base = run_ours(model_dir, data, iters, a.batch_size, side, out)
                 else:
                     secs, peak, base = run_theirs(model_dir, rows, iters, a.batch_size, out)
-                rec = best.setdefault(f"{who}-{iters}", {"secs": secs, "peak": peak,
+                rec = best.setdefault(f"{who}-{iters}", {"secs": [], "peak": peak,
                                                          "base": base})
-                rec["secs"] = min(rec["secs"], secs)
+                rec["secs"].append(secs)
                 rec["peak"] = max(rec["peak"], peak)
+                sample()
                 print(f"  {name} {who:6s} {iters:3d} steps: {secs:7.2f} s, "
                       f"peak {peak / 1e6:8.1f} MB (weights {base / 1e6:.1f} MB)", flush=True)
     out = {"tokens_per_step": tokens_per_step}
     for who in ("ours", "theirs"):
-        dt = best[f"{who}-{long}"]["secs"] - best[f"{who}-{short}"]["secs"]
+        dt = median(best[f"{who}-{long}"]["secs"]) - median(best[f"{who}-{short}"]["secs"])
         rec = best[f"{who}-{long}"]
         out[who] = {"tokens_per_s": tokens_per_step * (long - short) / max(dt, 1e-9),
                     "peak": rec["peak"], "overhead": rec["peak"] - rec["base"]}
@@ -158,9 +161,9 @@ def measure(name: str, model_dir: Path, work: Path, a: argparse.Namespace, spec:
 # (~1 GFLOP/s here, ~17x below numpy), so the larger model gets small images and short runs.
 MODELS = {
     "tiny": {"shape": {"hidden_size": 64, "num_layers": 2}, "side": 224, "short": 4,
-             "long": 14, "repeats": 2},
+             "long": 14, "repeats": 3},
     "large": {"shape": {"hidden_size": 1024, "num_layers": 4}, "side": 112, "short": 1,
-              "long": 3, "repeats": 1},
+              "long": 3, "repeats": 3},
 }
 
 
@@ -195,9 +198,9 @@ def main() -> None:
               f"{r['ours']['peak'] / 1e6:.1f} | {r['theirs']['peak'] / 1e6:.1f} | "
               f"{r['memory_ratio']:.2f} | {r['overhead_ratio']:.2f} |")
     final = results.get("large") or next(iter(results.values()))
-    print(f"RESULT sft_tokens_per_s_ratio {final['speed_ratio']:.3f} goal 1.0")
-    print(f"RESULT sft_peak_memory_ratio {final['memory_ratio']:.3f} goal 1.0")
+    result("sft_tokens_per_s_ratio", final["speed_ratio"], 1.0, ".3f")
+    result("sft_peak_memory_ratio", final["memory_ratio"], 1.0, ".3f")
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

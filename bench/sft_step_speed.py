@@ -36,6 +36,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import mlx.core as mx  # noqa: E402
 import mlx.nn as nn  # noqa: E402
 import mlx.optimizers as optim  # noqa: E402
+from timing import result, run_main  # noqa: E402
 
 from qponder_mlx.images import PixelPolicy  # noqa: E402
 from qponder_mlx.model import load_model  # noqa: E402
@@ -122,11 +123,10 @@ def main() -> None:
         for k, v in med.items():
             print(f"{k:14s} {v * 1000:7.1f} ms / step (median of {len(times[k])})")
         rel = max(abs(v - losses["plain rows"]) for v in losses.values()) / losses["plain rows"]
-        print(f"RESULT sft_step_loss_rel_diff {rel:.1e} goal 1e-5")
-        print(f"RESULT sft_shared_prefix_speedup {med['plain rows'] / med['shared prefix']:.2f} "
-              f"goal 1.5")
-        print(f"RESULT sft_step_speedup {med['plain rows'] / med['+ tower cache']:.2f} goal 2.0")
+        result("sft_step_loss_rel_diff", rel, "1e-5", ".1e")
+        result("sft_shared_prefix_speedup", med["plain rows"] / med["shared prefix"], 1.5)
+        result("sft_step_speedup", med["plain rows"] / med["+ tower cache"], 2.0)
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)
