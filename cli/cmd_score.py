@@ -206,8 +206,8 @@ def score_cmd(
 
 @dataclass
 class _Before:
-    results: int  # this scorer's results in the store before the run
-    others: list[dict]  # the other scorers' (ResultStore.identities)
+    results: int  # this scorer's results for these files before the run
+    others: list[dict]  # other scorers with results for these files (ResultStore.identities)
     path_errors: Counter  # reason -> error rows stored for discovery's unreadable entries
 
 
@@ -217,15 +217,18 @@ def _before_run(store, scorer, found, rescore: bool) -> _Before:
     from qponder_mlx.library.path_errors import record_path_errors
 
     identity = scorer.identity
-    if rescore:
-        old = store.rows(identity, map(str, found.files))
+    # Other settings that scored these very files (the few most recent): a run under new
+    # settings then says why everything is scored again.
+    names = [*map(str, found.files), *dict(found.errors)]
+    others = [{**i, "results": n} for i in store.identities()[:5] if i["identity"] != identity
+              and (n := len(store.rows(i["identity"], names)))]
+    mine = store.rows(identity, map(str, found.files))
+    before = _Before(len(mine), others, Counter())
+    if rescore and mine:
         with store.transaction():
-            store.drop_identity_results(identity, {r["sha256"] for r in old})
-        if old:
-            typer.echo(f"--rescore: {len(old)} stored results of these files are scored again",
-                       err=True)
-    before = _Before(store.result_count(identity),
-                     [i for i in store.identities() if i["identity"] != identity], Counter())
+            store.drop_identity_results(identity, {r["sha256"] for r in mine})
+        typer.echo(f"--rescore: {len(mine)} stored results of these files are scored again",
+                   err=True)
     before.path_errors = record_path_errors(scorer, found.errors, store)
     return before
 

@@ -160,7 +160,8 @@ def test_score_summary_stats_new_settings_and_rescore(tiny_model_dir, tmp_path):
     assert "7 files: 0 scored, 7 cached" in log and "new scorer" not in log
     first = {r["path"]: r["scored_at"] for r in read_jsonl(out)}
     code, log = run_cli(*base, *SMALL, "--rescore")
-    assert "7 files: 7 scored, 0 cached" in log, log
+    assert "7 files: 7 scored, 0 cached" in log and "new scorer" not in log, log
+    assert "--rescore: 7 stored results of these files are scored again" in log
     again = {r["path"]: r["scored_at"] for r in read_jsonl(out)}
     assert all(again[p] > first[p] for p in first)
 
