@@ -217,12 +217,13 @@ def _before_run(store, scorer, found, rescore: bool) -> _Before:
     from qponder_mlx.library.path_errors import record_path_errors
 
     identity = scorer.identity
-    # Other settings that scored these very files (the few most recent): a run under new
-    # settings then says why everything is scored again.
-    names = [*map(str, found.files), *dict(found.errors)]
-    others = [{**i, "results": n} for i in store.identities()[:5] if i["identity"] != identity
-              and (n := len(store.rows(i["identity"], names)))]
-    mine = store.rows(identity, map(str, found.files))
+    files = [str(f) for f in found.files]
+    mine = store.rows(identity, files)
+    # None of these files under these settings: other settings (the few most recent) that did
+    # score them let the summary say why everything is scored again.
+    others = [] if mine else [{**i, "results": n} for i in store.identities()[:5]
+                              if i["identity"] != identity
+                              and (n := len(store.rows(i["identity"], files)))]
     before = _Before(len(mine), others, Counter())
     if rescore and mine:
         with store.transaction():
