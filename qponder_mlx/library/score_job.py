@@ -9,9 +9,10 @@ The job in four steps:
    an error row at once;
 3. plan batches of images that the pixel policy resizes to the same size (read from the file
    header), so each batch runs as one model call with no padding;
-4. score batch by batch; each file is read once more and its result is stored under the hash of
-   the very bytes decoded (a file rewritten after step 1 is stored as its new content, a file
-   removed meanwhile becomes a retried read error, never the old content's result); each
+4. score batch by batch (reading, hashing and decoding run in threads up to two batches ahead
+   of the model; `read_ahead`); each file is read once more and its result is stored under the
+   hash of the very bytes decoded (a file rewritten after step 1 is stored as its new content,
+   a file removed meanwhile becomes a retried read error, never the old content's result); each
    batch's rows are one transaction, so a crash or Ctrl-C loses at most the batch in flight,
    and a rerun picks up exactly where the last commit left off.
 """
@@ -47,8 +48,11 @@ HASH_COMMIT_EVERY = 256
 
 # Step 4's reading, hashing and decoding run in threads ahead of the model: Pillow's decoders and
 # resamplers and hashlib release the GIL, so threads overlap each other and the model (MLX
-# releases it while it evaluates), and images reach the model without being pickled. Processes
-# measured no faster for JPEG decode+resize on 2 cores (bench/library_speed.py prints both).
+# releases it while it evaluates), images reach the model without being pickled, and a failure
+# stays an exception of this process. bench/library_speed.py times 2 threads against 2 processes
+# over a folder of 12-MP JPEGs; on a shared 2-core box at load 9 (no idle core) they gave 5.8
+# and 7.0 photos/s, serial 6.3: a quiet rerun is pending, and processes are the switch to make
+# if it shows them clearly ahead.
 DECODE_WORKERS = min(4, os.cpu_count() or 1)
 # Batches read ahead of the one the model runs: memory holds at most (this + 1) batches of
 # model-sized images plus one full-size decode per worker, however large the library.
