@@ -3,13 +3,15 @@
 On a terminal the bar shows count, rate, ETA and the job's own fields. When stdout is not a
 terminal (nohup, CI, `qponder train ... > log`) a bar would print nothing until the end, so the
 job prints one plain line on stdout instead — `sft 40/200 (20%) 1.9 step/s ETA 1m24s
-loss=0.8123` — at the first item, then at least every `every` items or 30 seconds, and at the
-end. Messages (`say`) are never re-wrapped to the terminal's width.
+loss=0.8123` — at the first item, then at least every `every` items or 30 seconds (a heartbeat
+thread repeats the last line, marked `(working)`, while one item takes longer), and at the end.
+Messages (`say`) are never re-wrapped to the terminal's width.
 """
 
 from __future__ import annotations
 
 import sys
+import threading
 import time
 from contextlib import contextmanager
 
@@ -47,7 +49,10 @@ def _duration(seconds: float) -> str:
 
 
 class PlainProgress:
-    """The plain-line form of the bar: `advance(n, **fields)` prints when one is due."""
+    """The plain-line form of the bar: `advance(n, **fields)` prints when one is due, and
+    `heartbeat()` (a background thread calls it) prints the last status again, marked
+    `(working)`, when an item takes longer than `every_s` — a long step or batch still shows
+    the job is alive."""
 
     def __init__(self, total: int | None, description: str, unit: str, every: int,
                  every_s: float = PLAIN_EVERY_S, out=None, completed: int = 0):
@@ -56,6 +61,8 @@ class PlainProgress:
         self.out = out or sys.stdout
         self.done = self.start_done = self.last_done = completed
         self.printed = False
+        self.fields: dict = {}
+        self.lock = threading.Lock()
         self.t0 = self.last_t = time.monotonic()
 
     def line(self, fields: dict) -> str:
@@ -76,14 +83,23 @@ class PlainProgress:
         return " ".join(parts)
 
     def advance(self, n: int = 1, **fields) -> None:
-        self.done += n
-        now = time.monotonic()
-        due = (not self.printed or self.done - self.last_done >= self.every
-               or now - self.last_t >= self.every_s
-               or (self.total is not None and self.done >= self.total))
-        if due:
-            print(self.line(fields), file=self.out, flush=True)
-            self.last_done, self.last_t, self.printed = self.done, now, True
+        with self.lock:
+            self.done += n
+            self.fields = fields
+            now = time.monotonic()
+            due = (not self.printed or self.done - self.last_done >= self.every
+                   or now - self.last_t >= self.every_s
+                   or (self.total is not None and self.done >= self.total))
+            if due:
+                print(self.line(fields), file=self.out, flush=True)
+                self.last_done, self.last_t, self.printed = self.done, now, True
+
+    def heartbeat(self) -> None:
+        with self.lock:
+            now = time.monotonic()
+            if now - self.last_t >= self.every_s:
+                print(self.line(self.fields) + " (working)", file=self.out, flush=True)
+                self.last_t = now
 
 
 @contextmanager
@@ -101,7 +117,20 @@ def progress_bar(total: int | None, description: str, unit: str = "img", enabled
     if not (_is_terminal(sys.stdout) and (_is_terminal(sys.stderr) or console.is_terminal)):
         if every is None:
             every = 10 if unit == "step" else max(10, (total or 0) // 100)
-        yield PlainProgress(total, description, unit, every, completed=completed).advance
+        plain = PlainProgress(total, description, unit, every, completed=completed)
+        stop = threading.Event()
+
+        def beat() -> None:
+            while not stop.wait(plain.every_s / 3):
+                plain.heartbeat()
+
+        ticker = threading.Thread(target=beat, name="progress-heartbeat", daemon=True)
+        ticker.start()
+        try:
+            yield plain.advance
+        finally:
+            stop.set()
+            ticker.join()
         return
     cols = [TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
             TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), TextColumn("ETA"),

@@ -154,3 +154,22 @@ def test_plain_progress_prints_the_first_step_then_every_10_steps_or_30_s(monkey
     lines = out.getvalue().splitlines()
     assert [line.split()[1] for line in lines] == ["21/100", "31/100", "41/100", "45/100"]
     assert lines[1] == "sft 31/100 (31%) 2.00 step/s ETA 34s elapsed 6s loss=31"
+
+
+def test_plain_progress_heartbeat_repeats_the_status_during_a_long_item(monkeypatch):
+    import io
+
+    from qponder_mlx import progress as P
+
+    now = [0.0]
+    monkeypatch.setattr(P.time, "monotonic", lambda: now[0])
+    out = io.StringIO()
+    bar = P.PlainProgress(10, "grpo", "step", every=10, out=out)
+    bar.advance(1, reward="0.5")
+    now[0] += 20
+    bar.heartbeat()                      # 20 s into a step: nothing yet
+    now[0] += 15
+    bar.heartbeat()                      # 35 s: the job says it is alive
+    lines = out.getvalue().splitlines()
+    assert len(lines) == 2 and lines[1].startswith("grpo 1/10") and lines[1].endswith(
+        "reward=0.5 (working)")
