@@ -350,3 +350,29 @@ def test_real_widths_load_and_score_one_photo(tmp_path, flavour):
         mode="fast", pixels=PixelPolicy(56 * 56, 112 * 112)))
     (r,) = scorer.score([sorted(CC0_IMAGES.iterdir())[0]])
     assert r.error is None and 1.0 <= r.score <= 5.0
+
+
+@pytest.mark.slow
+def test_export_4bit_bundle_verify_stock_load_and_score(bf16_3b, tmp_path):
+    """An SFT adapter on the bf16 3B layout, fused and quantized by `qponder export --bits 4`:
+    `bundle verify` passes (golden vectors recomputed), stock mlx_vlm.load reads the bundle, and
+    `score --bundle` scores with it. Slow: golden vectors are 4-bit greedy decodes over the
+    151,936-row head (~2 min each for export and verify here)."""
+    from mlx_vlm import load
+
+    data = _mlx_vlm_rows(tmp_path / "rows.jsonl", 2)
+    _run("train", "--stage", "sft", "--model", bf16_3b, "--data", data, "--out",
+         tmp_path / "sft", "--iters", "1", "--batch-size", "1", "--lora-rank", "4",
+         "--no-progress", *SMALL)
+    bundle = tmp_path / "bundle"
+    _run("export", "--model", bf16_3b, "--adapter", tmp_path / "sft" / "adapters", "--out",
+         bundle, "--bits", "4", "--no-agreement", *SMALL, "--no-progress")
+    assert "OK:" in _run("bundle", "verify", bundle)
+    model, processor = load(str(bundle))
+    assert type(model.language_model.model.layers[0].self_attn.q_proj).__name__ == \
+        "QuantizedLinear" and len(processor.tokenizer) == 151_665
+    out = tmp_path / "s.jsonl"
+    _run("score", sorted(CC0_IMAGES.iterdir())[0], "--bundle", bundle, "--mode", "fast",
+         "--db", tmp_path / "s.sqlite", "--jsonl", out, "--no-progress")
+    (row,) = map(json.loads, out.read_text().splitlines())
+    assert not row["error"] and 1.0 <= row["score"] <= 5.0
