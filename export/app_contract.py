@@ -99,9 +99,10 @@ def preprocessing_section(policy: PixelPolicy, preprocessor: dict) -> dict:
                 "no resampling when (w, h) equals the image's size",
             ],
             "arithmetic": "IEEE double precision",
-            "filter": "Pillow Image.resize(BICUBIC): separable cubic convolution (Keys, a = "
-                      "-0.5), antialiased when shrinking, in fixed point with 8-bit rounding "
-                      "after each pass; `algorithm` states it exactly (qponder's reference port: "
+            "filter": "Pillow's BICUBIC, horizontal pass then vertical (qponder_mlx.images."
+                      "resize_bicubic): separable cubic convolution (Keys, a = -0.5), "
+                      "antialiased when shrinking, in fixed point with 8-bit rounding after each "
+                      "pass; `algorithm` states it exactly (reference port: "
                       "qponder_mlx/export/pillow_bicubic.py)",
             "algorithm": ALGORITHM,
             "filter_space": "on the 8-bit gamma-encoded (sRGB) values, not in linear light",

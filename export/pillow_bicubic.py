@@ -1,19 +1,16 @@
 """The resize qponder feeds its models, written out so an app can reproduce it bit for bit.
 
-qponder resizes with Pillow's `Image.resize(size, BICUBIC)` on 8-bit RGB (qponder_mlx/images.py);
-its models are trained and evaluated on exactly those pixels, and the fast score moves by up to
-0.17 when another resampler is used (docs/export.md, "Resize parity"). This module restates that
-algorithm (Pillow's libImaging/Resample.c, 8-bit path) in plain integer arithmetic, so that:
+qponder resizes with `qponder_mlx.images.resize_bicubic`: Pillow's bicubic on 8-bit RGB, the
+horizontal pass and then the vertical one (Pillow's own two-axis `resize` picks the order itself
+and 13.x filters some portrait photos vertically first). The fast score moves by up to 0.5 when
+another resampler is used (docs/export.md, "Resize parity"), so this module restates the
+algorithm (Pillow's libImaging/Resample.c, 8-bit path) in plain integer arithmetic:
 
-* an app can port these ~40 lines instead of calling CoreImage, and get the same bytes;
-* the tests prove the statement complete: per axis it equals Pillow on every value, and on the
-  shipped photos it equals the two-axis `Image.resize` qponder calls (test_export_resize.py);
-  each bundle's golden/golden.json carries the resized pixels' sha256 to check a port with.
-
-Pillow 13's two-axis resize runs the vertical pass first for some size pairs (seen on random
-noise when widening and shortening at once), which moves some values by a few levels; on the 36
-cc0_mini photos at the default and the 56-112 px pixel policies, also cropped to 224x150 and
-150x224, it gave the documented order's output on all 39 M values.
+* an app ports these ~40 lines instead of calling CoreImage, and gets the same bytes;
+* the tests prove the statement complete: it equals Pillow on every value of every pass and
+  `PixelPolicy.resize` on the shipped photos, portrait shrinks included
+  (tests/test_export_resize.py); each bundle's golden/golden.json carries the resized pixels'
+  sha256 to check a port with.
 
 Two passes, each on the previous pass's 8-bit output: horizontal (every row), then vertical.
 Per axis:
@@ -27,7 +24,7 @@ Per axis:
 4. fixed point: k_j = trunc(w_j * 2^22 + 0.5) for w_j >= 0, trunc(w_j * 2^22 - 0.5) otherwise;
 5. out = clamp((2^21 + sum_j k_j * in_j) >> 22, 0, 255) with an arithmetic shift, per channel.
 
-An axis whose size does not change is not filtered (Pillow skips the pass).
+An axis whose size does not change is not filtered.
 """
 
 from __future__ import annotations
@@ -60,12 +57,14 @@ def keys_cubic(x: np.ndarray, a: float = -0.5) -> np.ndarray:
 
 
 def axis_coefficients(in_size: int, out_size: int) -> tuple[np.ndarray, np.ndarray]:
-    """(lo per output pixel, fixed-point weights (out_size, in_size)): steps 1-4 above."""
+    """Steps 1-4 for one axis: (lo, k), lo[i] the first input index of output i and k[i, t]
+    the fixed-point weight of input lo[i] + t (zero past hi)."""
     scale = in_size / out_size
     fscale = max(scale, 1.0)
     support = SUPPORT * fscale
+    taps = int(np.ceil(support)) * 2 + 1  # Pillow's ksize: enough for every window
     lo = np.zeros(out_size, dtype=np.int64)
-    k = np.zeros((out_size, in_size), dtype=np.int64)
+    k = np.zeros((out_size, taps), dtype=np.int64)
     for i in range(out_size):
         center = (i + 0.5) * scale
         a = max(0, int(center - support + 0.5))
@@ -75,7 +74,7 @@ def axis_coefficients(in_size: int, out_size: int) -> tuple[np.ndarray, np.ndarr
         if total != 0.0:
             w = w / total
         q = w * (1 << PRECISION_BITS)
-        k[i, a:b] = np.where(w < 0, np.trunc(q - 0.5), np.trunc(q + 0.5)).astype(np.int64)
+        k[i, :b - a] = np.where(w < 0, np.trunc(q - 0.5), np.trunc(q + 0.5)).astype(np.int64)
         lo[i] = a
     return lo, k
 
@@ -84,13 +83,17 @@ def _pass(pixels: np.ndarray, out_size: int, axis: int) -> np.ndarray:
     in_size = pixels.shape[axis]
     if in_size == out_size:
         return pixels
-    _, k = axis_coefficients(in_size, out_size)
-    moved = np.moveaxis(pixels.astype(np.int64), axis, 0)  # (in, other, channels)
-    acc = np.tensordot(k, moved, axes=(1, 0)) + (1 << (PRECISION_BITS - 1))
+    lo, k = axis_coefficients(in_size, out_size)
+    src = np.moveaxis(pixels, axis, 0).astype(np.int64)  # (in, other, channels)
+    acc = np.full((out_size, *src.shape[1:]), 1 << (PRECISION_BITS - 1), dtype=np.int64)
+    for t in range(k.shape[1]):  # one gather per tap: taps past hi weigh 0
+        idx = np.minimum(lo + t, in_size - 1)
+        acc += k[:, t, None, None] * src[idx]
     out = np.clip(acc >> PRECISION_BITS, 0, 255).astype(np.uint8)
     return np.moveaxis(out, 0, axis)
 
 
 def resize(rgb: np.ndarray, width: int, height: int) -> np.ndarray:
-    """(H, W, 3) uint8 -> (height, width, 3) uint8, equal to Pillow's BICUBIC resize."""
+    """(H, W, 3) uint8 -> (height, width, 3) uint8: qponder's resize (Pillow's bicubic,
+    horizontal pass then vertical)."""
     return _pass(_pass(rgb, width, axis=1), height, axis=0)

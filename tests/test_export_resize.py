@@ -22,6 +22,10 @@ def test_each_pass_equals_pillow_on_random_sizes():
         # Pillow's two passes done one at a time: horizontal, then vertical.
         want = np.asarray(img.resize((out_w, h), BICUBIC).resize((out_w, out_h), BICUBIC))
         np.testing.assert_array_equal(pillow_bicubic.resize(rgb, out_w, out_h), want)
+    # a phone photo's shrink factor (3000 -> 84: 36-fold, 147 taps)
+    row = rng.integers(0, 256, (2, 3000, 3), dtype=np.uint8)
+    want = np.asarray(Image.fromarray(row).resize((84, 2), BICUBIC))
+    np.testing.assert_array_equal(pillow_bicubic.resize(row, 84, 2), want)
 
 
 @pytest.mark.parametrize("policy", [PixelPolicy(), PixelPolicy(min_pixels=56 * 56,
@@ -40,6 +44,7 @@ def test_fixed_point_weights_sum_to_one_and_antialias_when_shrinking():
     for n_in, n_out in ((224, 112), (224, 336), (97, 13)):
         lo, k = pillow_bicubic.axis_coefficients(n_in, n_out)
         assert np.all(np.abs(k.sum(axis=1) - (1 << 22)) <= k.shape[1])
+        assert np.all(lo >= 0) and np.all(lo <= n_in - 1)
         taps = (k != 0).sum(axis=1).max()
         # bicubic support 2 px at scale 1, widened by the shrink factor
         assert taps <= 2 * 2 * max(n_in / n_out, 1) + 2
@@ -79,3 +84,14 @@ def test_measure_leaves_out_an_image_that_does_not_load(tiny_loaded, cc0_labels,
                                 mos=[4.0, 3.0, 2.0])
     assert (rep["images"], rep["skipped"]) == (2, 1)
     assert rep["methods"]["pil_bicubic_gamma"]["srcc_vs_mos"] in (-1.0, 1.0)
+
+
+def test_the_port_equals_qponders_resize_on_portrait_shrinks_and_mixed_rounding():
+    # Sizes where Pillow 13's two-axis resize filters vertically first: a 1:2 portrait shrink,
+    # and one side rounded up while the other is rounded down (495 -> 504, 340 -> 336).
+    photo = load_image(ASSETS / GOLDEN_IMAGES[0])
+    for size in ((872, 1727), (495, 340)):
+        im = photo.resize(size, Image.Resampling.BILINEAR)
+        want = np.asarray(PixelPolicy().resize(im))
+        got = pillow_bicubic.resize(np.asarray(im), want.shape[1], want.shape[0])
+        np.testing.assert_array_equal(got, want)
