@@ -6,7 +6,7 @@ filters in linear light unless told otherwise. For a model that judges sharpness
 resampler is part of the input, so this measures it: every image is resized to the same
 smart_resize size four ways and scored in fast mode, and each way is compared with the reference.
 
-* `pil_bicubic_gamma` — the reference, what qponder does;
+* `pil_bicubic_gamma` — the reference, what qponder does (`images.resize_bicubic`);
 * `bicubic_linear_light` — the same Pillow bicubic on linear-light values (sRGB decoded with the
   IEC 61966-2-1 curve, filtered in float, encoded back and rounded), the CoreImage-like case;
 * `lanczos` — Pillow LANCZOS (a = 3) on the sRGB values, as mlx-swift-lm's reverted image path
@@ -23,7 +23,7 @@ import numpy as np
 from PIL import Image
 
 from qponder_mlx import metrics
-from qponder_mlx.images import ImageError, PixelPolicy, load_image
+from qponder_mlx.images import ImageError, PixelPolicy, load_image, resize_bicubic
 from qponder_mlx.model import LoadedModel
 from qponder_mlx.scoring import ScoreConfig, Scorer
 
@@ -53,7 +53,7 @@ def _pil(method: Image.Resampling) -> Callable[[Image.Image, tuple[int, int]], I
 
 
 METHODS: dict[str, Callable[[Image.Image, tuple[int, int]], Image.Image]] = {
-    REFERENCE: _pil(Image.Resampling.BICUBIC),
+    REFERENCE: lambda img, size: resize_bicubic(img.convert("RGB"), size),
     "bicubic_linear_light": resize_linear_light,
     "lanczos": _pil(Image.Resampling.LANCZOS),
     "bilinear": _pil(Image.Resampling.BILINEAR),
