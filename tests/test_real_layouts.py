@@ -216,14 +216,15 @@ def test_fast_scores_equal_the_expectation_from_stock_logits(loaded_3b):
 
     pixels = PixelPolicy(56 * 56, 112 * 112)
     scorer = Scorer(loaded_3b, ScoreConfig(mode="fast", pixels=pixels))
-    imgs = [Image.open(p).convert("RGB") for p in sorted(CC0_IMAGES.iterdir())[:3]]
-    imgs[1] = imgs[1].resize((180, 100))  # three aspect ratios in one call
-    imgs[2] = imgs[2].resize((90, 150))
+    # two aspect ratios in one call (each stock forward projects all ~100 positions onto the
+    # 151,936-row head: ~4 s of CPU apiece here)
+    imgs = [Image.open(p).convert("RGB") for p in sorted(CC0_IMAGES.iterdir())[:2]]
+    imgs[1] = imgs[1].resize((180, 100))
     ours = scorer.score(imgs)
     ref = [_stock_expected_score(loaded_3b.model, loaded_3b.processor, scorer.prompt,
                                  pixels.resize(im), scorer.digit_ids) for im in imgs]
     np.testing.assert_allclose([r.score for r in ours], ref, atol=1e-4)
-    assert len({round(s, 4) for s in ref}) == 3  # the photos matter, or this proves little
+    assert len({round(s, 4) for s in ref}) == 2  # the photos matter, or this proves little
 
 
 def test_reason_mode_equals_stock_generate_token_for_token(loaded_3b):
@@ -302,14 +303,14 @@ def _mlx_vlm_rows(path: Path, n: int) -> Path:
                                          "</answer>"}]} for i in range(n)])
 
 
-def test_sft_lora_bf16_qlora_4bit_grpo_and_eval(bf16_3b, q4_hub, tmp_path, cc0_labels):
-    """The training path a user takes on the real layouts: SFT LoRA on bf16, QLoRA on the 4-bit
-    base with mlx-vlm's rows, GRPO from that adapter, eval with it."""
+def test_qlora_4bit_grpo_and_eval(q4_hub, tmp_path, cc0_labels):
+    """The training path a user takes on the default model's layout: QLoRA SFT on the 4-bit
+    base with mlx-vlm's rows, GRPO from that adapter, eval with it. (LoRA on the bf16 base runs
+    in tests/test_memory_plan.py and the slow export test.)"""
     data = _mlx_vlm_rows(tmp_path / "rows.jsonl", 2)
-    common = ["--data", data, "--iters", "1", "--batch-size", "1", "--lora-rank", "4",
-              "--no-progress", *SMALL]
-    _run("train", "--stage", "sft", "--model", bf16_3b, "--out", tmp_path / "sft_bf16", *common)
-    _run("train", "--stage", "sft", "--model", q4_hub, "--out", tmp_path / "sft_q4", *common)
+    _run("train", "--stage", "sft", "--model", q4_hub, "--out", tmp_path / "sft_q4", "--data",
+         data, "--iters", "1", "--batch-size", "1", "--lora-rank", "4", "--no-progress",
+         *SMALL)
     adapter = tmp_path / "sft_q4" / "adapters"
     assert (adapter / "adapters.safetensors").exists()
     labels = tmp_path / "labels.jsonl"
