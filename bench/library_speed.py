@@ -86,7 +86,7 @@ def decode_bench(photos: list[Path], box: Box, repeats: int) -> None:
         "reduced decode + resize": lambda: load_for_model(first, "x.jpg", POLICY),
     }, repeats=max(repeats, 5), box=box)
     for k, v in times.items():
-        print(f"{k:28}{median(v):8.3f} s/photo")
+        print(f"{k:28}{median(v):8.3f} s/photo", flush=True)
     names = [str(p) for p in photos]
     decode = functools.partial(_decode_file, policy=POLICY)  # picklable for the processes
     with ThreadPoolExecutor(2) as threads, ProcessPoolExecutor(2) as procs:
@@ -98,14 +98,20 @@ def decode_bench(photos: list[Path], box: Box, repeats: int) -> None:
         }, repeats=repeats, box=box)
     for k, v in pools.items():
         print(f"{k:28}{len(names) / median(v):8.2f} photos/s (reduced decode, {len(names)} "
-              "photos)")
+              "photos)", flush=True)
 
 
-def build_models(tmp: Path) -> dict[str, Path]:
-    tiny = build_tiny_model(tmp / "tiny", seed=0)
-    bf16 = build_real_layout(tmp / "3b-bf16", "qwen2.5-vl-3b")
-    q4 = quantize_real_layout(bf16, tmp / "3b-4bit", layout="hub")
-    return {"tiny": tiny, "3b_layout_4bit": q4}
+def build_models(tmp: Path, wanted: list[str]) -> dict[str, Path]:
+    out = {}
+    if "tiny" in wanted:
+        out["tiny"] = build_tiny_model(tmp / "tiny", seed=0)
+    if "3b_layout_4bit" in wanted:
+        bf16 = build_real_layout(tmp / "3b-bf16", "qwen2.5-vl-3b")
+        out["3b_layout_4bit"] = quantize_real_layout(bf16, tmp / "3b-4bit", layout="hub")
+    unknown = set(wanted) - set(out)
+    if unknown:
+        raise SystemExit(f"--models: unknown {sorted(unknown)} — choose tiny, 3b_layout_4bit")
+    return out
 
 
 def bench_model(name: str, model_dir: Path, folder: Path, args, box: Box) -> tuple[float, float]:
@@ -153,7 +159,7 @@ def bench_model(name: str, model_dir: Path, folder: Path, args, box: Box) -> tup
           f"{score_job.DECODE_WORKERS} read threads, median of {args.repeats}")
     for k, v in ips.items():
         runs = " ".join(f"{t:.2f}" for t in times[k])
-        print(f"  {k:8}{v:8.2f} img/s   runs (s): {runs}")
+        print(f"  {k:8}{v:8.2f} img/s   runs (s): {runs}", flush=True)
     return ips["ours"] / ips["limit"], ips["ours"] / ips["today"]
 
 
@@ -164,6 +170,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--min-pixels", type=int, default=PixelPolicy().min_pixels)
     ap.add_argument("--max-pixels", type=int, default=PixelPolicy().max_pixels)
+    ap.add_argument("--models", default="tiny,3b_layout_4bit", help="a subset, comma-separated")
     ap.add_argument("--quick", action="store_true", help="8 photos, 1 repeat, tiny model only")
     args = ap.parse_args()
     global POLICY
@@ -175,9 +182,8 @@ def main() -> None:
         with Box() as box:
             photos = make_photos(tmp / "photos", args.images)
             decode_bench(photos, box, args.repeats)
-            models = build_models(tmp)
-            if args.quick:
-                models = {"tiny": models["tiny"]}
+            wanted = ["tiny"] if args.quick else args.models.split(",")
+            models = {k: v for k, v in build_models(tmp, wanted).items() if k in wanted}
             for name, model_dir in models.items():
                 eff, speed = bench_model(name, model_dir, tmp / "photos", args, box)
                 box.result(f"library_fast_efficiency_{name}", eff, 0.8)

@@ -53,7 +53,9 @@ HASH_COMMIT_EVERY = 256
 # over a folder of 12-MP JPEGs; on a shared 2-core box at load 9 (no idle core) they gave 5.8
 # and 7.0 photos/s, serial 6.3: a quiet rerun is pending, and processes are the switch to make
 # if it shows them clearly ahead.
-DECODE_WORKERS = min(4, os.cpu_count() or 1)
+# One core is left to the model (on a CPU backend its BLAS threads would otherwise compete
+# with the readers); a Mac's 8-12 cores get 4 readers.
+DECODE_WORKERS = max(1, min(4, (os.cpu_count() or 2) - 1))
 # Batches read ahead of the one the model runs: memory holds at most (this + 1) batches of
 # model-sized images plus one full-size decode per worker, however large the library.
 READ_AHEAD_BATCHES = 2
