@@ -40,51 +40,37 @@ def _endpoint(endpoint: str | None) -> str:
 
 
 def explain(e: BaseException, what: str, endpoint: str | None = None) -> DataError:
-    """The one-line message for an exception raised while fetching `what` (repo/file)."""
-    import httpx2
-    from huggingface_hub.errors import (
-        GatedRepoError,
-        HfHubHTTPError,
-        LocalEntryNotFoundError,
-        OfflineModeIsEnabled,
-        RemoteEntryNotFoundError,
-        RepositoryNotFoundError,
-        RevisionNotFoundError,
-    )
+    """The one-line message for an exception raised while fetching `what` (repo/file); the
+    cause comes from `hub_errors.classify`, the words and fixes are the data sets' own."""
+    from qponder_mlx.hub_errors import classify
 
     host = _endpoint(endpoint)
-    cause = e
-    while cause.__cause__ is not None and isinstance(cause, LocalEntryNotFoundError):
-        cause = cause.__cause__  # hf wraps the real reason (offline, no connection) in this
-    if is_disk_full(e):
+    f = classify(e)
+    if f.kind == "disk_full" or is_disk_full(e):
         return DataError(f"disk full while writing {what} — free space or pass --out on a "
                          f"bigger disk{_RESUME}")
-    if isinstance(cause, OfflineModeIsEnabled) or (
-            isinstance(e, LocalEntryNotFoundError) and _offline()):
+    if f.kind == "offline":
         return DataError(f"offline (HF_HUB_OFFLINE is set) and {what} is not in the Hugging "
                          "Face cache — unset HF_HUB_OFFLINE to download it")
-    if isinstance(e, GatedRepoError):
+    if f.kind == "gated":
         return DataError(f"{what}: the repository is gated — accept its terms at "
                          f"{host}/datasets/{what.split('/')[0]}/{what.split('/')[1]} and set "
                          "HF_TOKEN")
-    if isinstance(e, RepositoryNotFoundError):
+    if f.kind == "not_found":
         return DataError(f"not found on {host}: the repository of {what} (private, renamed, or "
                          "HF_ENDPOINT points at a mirror without it)")
-    if isinstance(e, RevisionNotFoundError | RemoteEntryNotFoundError):
+    if f.kind in ("revision", "entry"):
         return DataError(f"not found on {host}: {what} (the mirror may have renamed it; "
                          "`qponder data list` shows what we expect)")
-    if isinstance(e, HfHubHTTPError):
-        status = getattr(e.response, "status_code", "?")
-        hint = " — check HF_TOKEN" if status in (401, 403) else ""
-        return DataError(f"HTTP {status} from {host} for {what}{hint}")
-    if isinstance(cause, httpx2.ConnectError | httpx2.ConnectTimeout) or isinstance(
-            e, LocalEntryNotFoundError):
-        reason = " ".join(str(cause).split()) or type(cause).__name__
-        return DataError(f"cannot reach {host} ({reason[:120]}) — check the network, a proxy, "
+    if f.kind == "http":
+        hint = " — check HF_TOKEN" if f.status in (401, 403) else ""
+        return DataError(f"HTTP {f.status if f.status is not None else '?'} from {host} for "
+                         f"{what}{hint}")
+    if f.kind == "unreachable":
+        return DataError(f"cannot reach {host} ({f.detail[:120]}) — check the network, a proxy, "
                          "or HF_ENDPOINT")
-    if isinstance(cause, httpx2.TransportError):
-        reason = " ".join(str(cause).split()) or type(cause).__name__
-        return DataError(f"download of {what} interrupted ({reason[:120]}){_RESUME}")
+    if f.kind == "interrupted":
+        return DataError(f"download of {what} interrupted ({f.detail[:120]}){_RESUME}")
     return DataError(f"{what}: {type(e).__name__}: {' '.join(str(e).split())[:200]}")
 
 
