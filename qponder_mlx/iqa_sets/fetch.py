@@ -74,12 +74,6 @@ def explain(e: BaseException, what: str, endpoint: str | None = None) -> DataErr
     return DataError(f"{what}: {type(e).__name__}: {' '.join(str(e).split())[:200]}")
 
 
-def _offline() -> bool:
-    from huggingface_hub import constants
-
-    return constants.is_offline_mode()
-
-
 def fetch_small(repo: str, filename: str, *, endpoint: str | None = None,
                 cache_dir: Path | None = None) -> Path:
     """A label file through the HF cache: the Hub's current version when it answers, the cached
