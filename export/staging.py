@@ -9,6 +9,7 @@ mistaken for a bundle (no qponder.json until the very end) and can be deleted.
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 import tempfile
@@ -88,6 +89,14 @@ def staged_folder(out: str | Path, *, force: bool = False) -> Iterator[Path]:
         _fsync_tree(tmp)
         check_destination(out, force)  # something may have appeared while we worked
         _publish(tmp, out)
+    except RuntimeError as e:
+        # MLX's own file writer (mx.save_safetensors) fails with a RuntimeError and no errno;
+        # name it as the OSError it is, read while the disk is still as full as it was.
+        full = "Unable to write" in str(e) and shutil.disk_usage(tmp).free < 4 << 20
+        shutil.rmtree(tmp, ignore_errors=True)
+        if "Unable to write" in str(e):
+            raise OSError(errno.ENOSPC if full else errno.EIO, str(e)) from e
+        raise
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

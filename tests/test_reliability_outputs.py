@@ -443,3 +443,30 @@ def test_distill_onto_a_full_disk_fails_in_one_line(tiny_disk, tmp_path):
     (line,) = errors(out)
     assert f"--out {tiny_disk / 'd.jsonl'}: cannot write (disk full)" in line
     assert "rerun the same command to resume" in line
+
+
+def test_train_onto_a_full_disk_is_one_line_with_the_resume_command(tiny_disk, tmp_path,
+                                                                   tiny_model_dir):
+    from qponder_mlx.testing.sft_sets import cc0_sft_rows, write_jsonl
+
+    data = write_jsonl(tmp_path / "d.jsonl", cc0_sft_rows(2))
+    fill(tiny_disk)
+    out = tiny_disk / "run"
+    code, text = cli("train", "--model", tiny_model_dir, "--data", data, "--out", out,
+                     "--iters", "1", "--batch-size", "2", *SMALL, "--no-progress")
+    assert code == 2, text
+    (line,) = errors(text)
+    assert f"--out {out}: cannot write (disk full" in line and "Traceback" not in text
+    assert f"qponder train --stage sft --out {out} --resume" in line
+
+
+def test_export_onto_a_full_disk_is_one_line_and_leaves_nothing(tiny_disk, tmp_path,
+                                                                tiny_model_dir):
+    fill(tiny_disk)
+    out = tiny_disk / "bundle"
+    code, text = cli("export", "--model", tiny_model_dir, "--out", out, "--target", "python",
+                     "--no-agreement")
+    assert code == 2, text
+    (line,) = errors(text)
+    assert f"--out {out}: cannot write (disk full)" in line and "Traceback" not in text
+    assert not [p for p in tiny_disk.iterdir() if p.name != "ballast"]
