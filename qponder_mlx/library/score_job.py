@@ -49,13 +49,12 @@ HASH_COMMIT_EVERY = 256
 # Step 4's reading, hashing and decoding run in threads ahead of the model: Pillow's decoders and
 # resamplers and hashlib release the GIL, so threads overlap each other and the model (MLX
 # releases it while it evaluates), images reach the model without being pickled, and a failure
-# stays an exception of this process. bench/library_speed.py times 2 threads against 2 processes
-# over a folder of 12-MP JPEGs; on a shared 2-core box at load 9 (no idle core) they gave 5.8
-# and 7.0 photos/s, serial 6.3: a quiet rerun is pending, and processes are the switch to make
-# if it shows them clearly ahead.
-# One core is left to the model (on a CPU backend its BLAS threads would otherwise compete
-# with the readers); a Mac's 8-12 cores get 4 readers.
-DECODE_WORKERS = max(1, min(4, (os.cpu_count() or 2) - 1))
+# stays an exception of this process. Measured on 2 idle cores (bench/library_speed.py), 12-MP
+# JPEGs reduced-decoded for a 112 px policy: 2 threads 178 photos/s, 2 processes 170, serial 92;
+# the whole job on the tiny model with 1, 2, 3 readers: 70, 94, 103 photos/s (reading and hashing
+# wait on the disk too, so one reader more than cores still pays); at the default policy, where
+# the model sets the pace, 2.9 photos/s with any of them.
+DECODE_WORKERS = min(4, (os.cpu_count() or 1) + 1)
 # Batches read ahead of the one the model runs: memory holds at most (this + 1) batches of
 # model-sized images plus one full-size decode per worker, however large the library.
 READ_AHEAD_BATCHES = 2
