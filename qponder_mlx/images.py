@@ -119,8 +119,8 @@ def load_for_model(data: bytes, name: str | os.PathLike, policy: PixelPolicy, *,
 # full decode + resize, in grey levels: 4032x3024 at the default policy (-> 728x532, 1/2 scale)
 # 0.40, against 1.43 with a draft merely >= the target; 2016x1344 at 56-112 px (1/8 scale)
 # 0.29, against 1.05 at a margin of 2; 6000x4000 at the default policy 0.26. The decode+resize
-# of the 12-MP photo takes ~0.09 s against ~0.3 s in full (tests/test_decode.py checks the
-# <= 1 level bound; bench/library_speed.py times it).
+# of a 12-MP photo takes 0.05 s against 0.15 s in full on an idle core (tests/test_decode.py
+# checks the <= 1 level bound; bench/library_speed.py times it).
 DRAFT_MARGIN = 2.5
 
 
@@ -130,7 +130,7 @@ def _draft(im: Image.Image, policy: PixelPolicy, path: str | os.PathLike) -> Non
     HEIC is decoded in full: libheif has no reduced decode, and pillow-heif's `draft` picks an
     embedded thumbnail, an image encoded on its own; one 1000 px thumbnail of a 1344x1008 HEIC
     (q90, made by pillow-heif) gave the model's input 2.18 grey levels away from the full decode,
-    over the 1-level bound. Phones embed thumbnails of ~320 px, below 2.5x any useful target.
+    over the 1-level bound.
     """
     if im.format not in ("JPEG", "MPO"):
         return

@@ -50,7 +50,8 @@ HASH_COMMIT_EVERY = 256
 # resamplers and hashlib release the GIL, so threads overlap each other and the model (MLX
 # releases it while it evaluates), images reach the model without being pickled, and a failure
 # stays an exception of this process. Measured on 2 idle cores (bench/library_speed.py), 12-MP
-# JPEGs reduced-decoded for a 112 px policy: 2 threads 178 photos/s, 2 processes 170, serial 92;
+# JPEGs reduced-decoded for a 112 px policy: 2 threads 177-178 photos/s, 2 processes 170-177,
+# serial 92 (two runs);
 # the whole job on the tiny model with 1, 2, 3 readers: 70, 94, 103 photos/s (reading and hashing
 # wait on the disk too, so one reader more than cores still pays); at the default policy, where
 # the model sets the pace, 2.9 photos/s with any of them.
