@@ -81,8 +81,8 @@ def preprocessing_section(policy: PixelPolicy, preprocessor: dict) -> dict:
             "other_modes": "palette, grey, CMYK: Pillow convert('RGB'); 16-bit grey: value / "
                            "257 rounded; animated: the first frame",
             "full_decode": "every pixel decoded (qponder_mlx.images.load_image, as eval and the "
-                           "golden vectors do); qponder score's library job decodes large JPEG/"
-                           "HEIC files reduced first (load_for_model)",
+                           "golden vectors do); qponder score's library job decodes large JPEGs "
+                           "reduced first (load_for_model, >= 2.5x the model's size)",
         },
         "resize": {
             "target": f"smart_resize(height, width, factor={f}, min_pixels={policy.min_pixels}, "
