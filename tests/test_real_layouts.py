@@ -25,7 +25,6 @@ from qponder_mlx.testing.real_layouts import (
     REAL_CONFIGS,
     build_real_layout,
     layout_config,
-    shared_layout,
 )
 from qponder_mlx.testing.sft_sets import CC0_IMAGES, write_jsonl
 
@@ -41,27 +40,6 @@ REPO_FILES = {"chat_template.json", "config.json", "generation_config.json", "me
 @pytest.fixture(scope="module")
 def root(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("real_layouts")
-
-
-@pytest.fixture(scope="module")
-def shared(tmp_path_factory) -> Path:
-    """Built once per session (tests/test_memory_plan.py uses the same folders)."""
-    return tmp_path_factory.getbasetemp() / "real_layouts_shared"
-
-
-@pytest.fixture(scope="module")
-def bf16_3b(shared) -> Path:
-    return shared_layout(shared)
-
-
-@pytest.fixture(scope="module")
-def q4_hub(shared) -> Path:
-    return shared_layout(shared, quantized="hub")
-
-
-@pytest.fixture(scope="module")
-def q4_convert(shared) -> Path:
-    return shared_layout(shared, quantized="convert")
 
 
 @pytest.fixture(scope="module")

@@ -457,20 +457,3 @@ def quantize_real_layout(src: str | Path, out_dir: str | Path, *, layout: str = 
         json.dumps(preprocessor_config(flavour, mlx_community=True), indent=2))
     shutil.rmtree(target)
     return out
-
-
-def shared_layout(base: str | Path, flavour: str = "qwen2.5-vl-3b", *,
-                  quantized: str | None = None) -> Path:
-    """`build_real_layout` (or its `quantize_real_layout` copy, `quantized` = "hub" or
-    "convert") under `base`, built once: test files of one session share the folders through
-    the session's base temp dir. A finished build leaves `<name>.complete` beside it."""
-    base = Path(base)
-    name = flavour if quantized is None else f"{flavour}-4bit-{quantized}"
-    out, done = base / name, base / f"{name}.complete"
-    if not done.exists():
-        if quantized is None:
-            build_real_layout(out, flavour)
-        else:
-            quantize_real_layout(shared_layout(base, flavour), out, layout=quantized)
-        done.write_text("")
-    return out
