@@ -19,6 +19,7 @@ from typing import Any
 from qponder_mlx.generate import SamplingConfig
 from qponder_mlx.images import PixelPolicy
 from qponder_mlx.io import atomic_write_bytes
+from qponder_mlx.io import file_sha256 as sha256_file
 from qponder_mlx.prompts import (
     FAST_ANSWER_PREFIX,
     PARSE_RULE,
@@ -34,15 +35,6 @@ FORMAT = "qponder-bundle"
 FORMAT_VERSION = 1
 MANIFEST = "qponder.json"
 MANIFEST_SHA = "qponder.json.sha256"
-CHUNK = 8 << 20
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(CHUNK):
-            h.update(block)
-    return h.hexdigest()
 
 
 def bundle_files(folder: Path) -> list[str]:

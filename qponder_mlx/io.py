@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
 import os
 import stat
@@ -134,3 +135,13 @@ def truncate_torn_tail(path: str | Path) -> bool:
             return False
         f.truncate(data.rfind(b"\n") + 1)
         return True
+
+
+def file_sha256(path: str | os.PathLike, bufsize: int = 1 << 20) -> str:
+    """sha256 of a regular file's bytes, read in chunks; a FIFO or device raises OSError
+    instead of hanging."""
+    h = hashlib.sha256()
+    with open_regular(path) as f:
+        while chunk := f.read(bufsize):
+            h.update(chunk)
+    return h.hexdigest()

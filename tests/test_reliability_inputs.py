@@ -56,9 +56,8 @@ def refuse_unreadable(monkeypatch):
 
     if is_root():
         monkeypatch.setattr(builtins, "open", guarded)
-        # The store hashes and the scorer reads through open_regular (os.open, not open).
+        # Hashing and the scorer's reads go through io.open_regular (os.open, not open).
         from qponder_mlx import io as io_mod
-        from qponder_mlx.library import store as store_mod
 
         real_regular = io_mod.open_regular
 
@@ -68,7 +67,6 @@ def refuse_unreadable(monkeypatch):
             return real_regular(file)
 
         monkeypatch.setattr(io_mod, "open_regular", guarded_regular)
-        monkeypatch.setattr(store_mod, "open_regular", guarded_regular)
 
 
 def one_line_errors(output: str) -> list[str]:

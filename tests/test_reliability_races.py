@@ -17,8 +17,9 @@ from qponder_mlx.cli.main import app
 from typer.testing import CliRunner
 
 from qponder_mlx import labels as labels_mod
+from qponder_mlx.io import file_sha256
 from qponder_mlx.library import ResultStore, discover, score_job, score_library
-from qponder_mlx.library.store import UNREADABLE_PREFIX, file_sha256
+from qponder_mlx.library.store import UNREADABLE_PREFIX
 from qponder_mlx.safe_paths import redact_url, shown
 from qponder_mlx.scoring import ScoreConfig, Scorer
 

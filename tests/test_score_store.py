@@ -15,7 +15,6 @@ from PIL import Image
 
 from qponder_mlx import io as io_mod
 from qponder_mlx.library import ResultStore, StopFlag, StoreError, score_library, write_csv
-from qponder_mlx.library import store as store_mod
 from qponder_mlx.library.score_job import error_reason, model_size, plan_batches
 from qponder_mlx.library.tables import write_jsonl
 from qponder_mlx.prompts import PROMPT_VERSION
@@ -169,7 +168,7 @@ def test_rerun_reads_no_unchanged_file(fast, store, tmp_path, monkeypatch):
     def no_hashing(path, *a, **k):
         raise AssertionError(f"re-hashed {path}")
 
-    monkeypatch.setattr(store_mod, "file_sha256", no_hashing)
+    monkeypatch.setattr(io_mod, "file_sha256", no_hashing)
     monkeypatch.setattr("qponder_mlx.library.score_job.file_sha256", no_hashing)
     assert run(fast, files, store).cached == 3
 
@@ -285,7 +284,6 @@ def refuse_reading(monkeypatch, name):
 
     # Every read of a file's bytes (hashing, then the read-once decode) goes through it.
     monkeypatch.setattr(io_mod, "open_regular", fake_open)
-    monkeypatch.setattr(store_mod, "open_regular", fake_open)
 
 
 def test_bad_files_become_error_rows_and_odd_valid_files_score(fast, store, tmp_path,

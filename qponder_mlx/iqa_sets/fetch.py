@@ -14,17 +14,16 @@ pyiqa or `hf download`) is used as is.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import re
 import shutil
 from collections.abc import Callable
 from pathlib import Path
 
+from qponder_mlx.io import file_sha256
 from qponder_mlx.iqa_sets.catalog import human_bytes
 from qponder_mlx.iqa_sets.extract import is_disk_full
 
-CHUNK = 1 << 20
 _RESUME = " — rerun the same command to resume"
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
@@ -201,20 +200,12 @@ def download_archive(repo: str, filename: str, dest: Path, *, endpoint: str | No
         raise DataError(f"download of {what} interrupted: {human_bytes(size)} of "
                         f"{human_bytes(total)} in {part} — rerun the same command to resume")
     etag = (meta.etag or "").strip('"').lower()
-    if _SHA256.match(etag) and sha256_of(part) != etag:
+    if _SHA256.match(etag) and file_sha256(part) != etag:
         part.unlink()
         raise DataError(f"{what}: checksum mismatch (sha256 is not the Hub's {etag[:12]}…) — "
                         "the partial file was deleted; rerun to download again")
     os.replace(part, dest)
     return dest
-
-
-def sha256_of(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(CHUNK):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _free(path: Path) -> int:

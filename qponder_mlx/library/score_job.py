@@ -36,8 +36,8 @@ from typing import TYPE_CHECKING
 from PIL import Image
 
 from qponder_mlx.images import ImageError, PixelPolicy, ensure_heif_support, load_for_model
-from qponder_mlx.io import read_regular
-from qponder_mlx.library.store import UNREADABLE_PREFIX, FileState, ResultStore, file_sha256
+from qponder_mlx.io import file_sha256, read_regular
+from qponder_mlx.library.store import UNREADABLE_PREFIX, FileState, ResultStore
 from qponder_mlx.progress import progress_bar
 
 if TYPE_CHECKING:

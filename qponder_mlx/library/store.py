@@ -17,7 +17,6 @@ has an error row; it is retried on every run.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import sqlite3
 import time
@@ -26,7 +25,6 @@ from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 
-from qponder_mlx.io import open_regular
 from qponder_mlx.safe_paths import shown
 
 SCHEMA_VERSION = "1"
@@ -135,15 +133,6 @@ class FileState:
     sha256: str
     size: int
     mtime_ns: int
-
-
-def file_sha256(path: str | os.PathLike, bufsize: int = 1 << 20) -> str:
-    """sha256 of a regular file's bytes; a FIFO or device raises OSError instead of hanging."""
-    h = hashlib.sha256()
-    with open_regular(path) as f:
-        while chunk := f.read(bufsize):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 class ResultStore:
