@@ -17,6 +17,7 @@ import subprocess
 import threading
 import time
 import uuid
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -307,35 +308,34 @@ def test_score_on_a_locked_store_ends_in_one_line(tmp_path, tiny_model_dir, monk
 # 8. disk full: one line, what failed, that nothing was lost, how to resume
 
 
-@pytest.fixture
-def tiny_disk(tmp_path):
-    """A 256 KiB tmpfs (unmounted afterwards), or a skip saying why not."""
-    mnt = tmp_path / f"tiny-{uuid.uuid4().hex[:6]}"
+@contextmanager
+def tmpfs(parent: Path, options: str, why_skip: str = ""):
+    """A tmpfs mounted with `options` (unmounted afterwards), or a skip saying why not."""
+    mnt = parent / f"tmpfs-{uuid.uuid4().hex[:6]}"
     mnt.mkdir()
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mnt)],
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(mnt)],
                        capture_output=True, text=True)
     if r.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here ({r.stderr.strip() or r.returncode}); "
-                    "test_a_failed_export_write_is_one_line covers the message")
+        pytest.skip(f"cannot mount a tmpfs here ({r.stderr.strip() or r.returncode}){why_skip}")
     try:
         yield mnt
     finally:
         subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+@pytest.fixture
+def tiny_disk(tmp_path):
+    """A 256 KiB tmpfs."""
+    with tmpfs(tmp_path, "size=256k",
+               "; test_a_failed_export_write_is_one_line covers the message") as mnt:
+        yield mnt
 
 
 @pytest.fixture
 def ro_disk(tmp_path):
-    """A read-only tmpfs (root ignores chmod, not a read-only mount), or a skip saying why."""
-    mnt = tmp_path / f"ro-{uuid.uuid4().hex[:6]}"
-    mnt.mkdir()
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=64k", "tmpfs", str(mnt)],
-                       capture_output=True, text=True)
-    if r.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here ({r.stderr.strip() or r.returncode})")
-    try:
+    """A read-only tmpfs (root ignores chmod, not a read-only mount)."""
+    with tmpfs(tmp_path, "ro,size=64k") as mnt:
         yield mnt
-    finally:
-        subprocess.run(["umount", "-l", str(mnt)], check=False)
 
 
 def test_a_read_only_output_folder_is_one_line(ro_disk, tmp_path, tiny_model_dir):
