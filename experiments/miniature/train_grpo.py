@@ -85,7 +85,7 @@ def fold_average(run_dir: Path, every: int, iters: int) -> WeightAverage:
     """The running mean of the snapshots at steps every, 2·every, ... <= iters, folded in step
     order (the same arithmetic as averaging during the run)."""
     average = WeightAverage(every)
-    for step in range(every, iters + 1, every):
+    for step in filter(average.due, range(1, iters + 1)):
         path = snapshot_path(run_dir, step)
         if not path.exists():
             raise ConfigError(f"{path}: missing snapshot of an averaged step — rerun the stage "
@@ -120,8 +120,10 @@ def train(cfg: MiniatureGRPOConfig, *, resume: bool = False, reward_fn=None,
         return blind_scores_vlm(loaded.model, loaded.processor.tokenizer, reasonings,
                                 decimals=cfg.judge_decimals)
 
+    schedule = WeightAverage(cfg.average_every)
+
     def on_step(step: int, info: dict) -> None:
-        if cfg.average_every and step % cfg.average_every == 0:
+        if schedule.due(step):
             path = snapshot_path(run_dir, step)
             path.parent.mkdir(parents=True, exist_ok=True)
             mx.save_safetensors(str(path), adapter_weights(loaded.model))
