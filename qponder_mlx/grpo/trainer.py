@@ -196,8 +196,7 @@ def run_grpo(cfg: GRPOConfig, *, resume: bool = False, loaded: LoadedModel | Non
                             "mem": f"{peak_memory_gb():.2f}GB"})
 
     def save(n: int) -> None:
-        run.save(n, model, adapter_cfg, optimizer,
-                 {"data": order.state(), "bad_steps": run.state.get("bad_steps", 0)})
+        run.save(n, model, adapter_cfg, optimizer, order)
 
     mx.reset_peak_memory()
     bad = train_loop(run, LoopSettings(cfg.iters, cfg.steps_per_report, cfg.steps_per_save,

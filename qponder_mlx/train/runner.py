@@ -166,8 +166,11 @@ class Run:
             append_jsonl(self.problems_path, row)
 
     def save(self, step: int, model: nn.Module, adapter_cfg: dict, optimizer,
-             state: dict) -> None:
+             order: DataOrder) -> None:
+        """Checkpoint `step` (with the data order and the run's bad-step count) and refresh
+        adapters/."""
         if self.is_main:
+            state = {"data": order.state(), "bad_steps": self.state.get("bad_steps", 0)}
             ckpt_mod.save_run(self.dir, step, model, adapter_cfg, optimizer, state,
                               config_dict(self.cfg), self.cfg.keep_checkpoints, ADAPTERS_DIR)
 

@@ -324,15 +324,13 @@ def run_sft(cfg: SFTConfig, *, resume: bool = False, loaded: LoadedModel | None 
                 for k, v in last_val.items()))
 
     def save(n: int) -> None:
-        run.save(n, model, adapter_cfg, optimizer,
-                 {"data": order.state(), "bad_steps": run.state.get("bad_steps", 0)})
+        run.save(n, model, adapter_cfg, optimizer, order)
 
     model.train()
     mx.reset_peak_memory()
     bad = train_loop(run, LoopSettings(cfg.iters, cfg.steps_per_report, cfg.steps_per_save,
                                        cfg.max_bad_steps, cfg.progress),
                      step, save, report=report, after_step=validate_at, on_step=on_step)
-    run.curves()
     run.finish({"skipped_steps": bad, "train_rows": len(rows),
                 "skipped_rows": len(problems) + len(order.bad), "last_val": last_val})
     return run.dir
