@@ -37,3 +37,21 @@ def test_the_share_is_seeded_by_id_not_by_order():
     assert 0.22 < len(picked) / len(ids) < 0.28
     assert picked == [i for i in reversed(ids) if chosen(i, 0.25, seed=3)][::-1]
     assert picked != [i for i in ids if chosen(i, 0.25, seed=4)]
+
+
+def test_fast_copies_match_fast_mode_with_the_real_qwen2_tokenizer(bf16_3b, tmp_path):
+    """The same property with Qwen's own vocabulary, where BPE merges differ from the tiny
+    model's (the real-layout 3B fixture's tokenizer and chat template)."""
+    from transformers import AutoTokenizer
+
+    from qponder_mlx.prompts import chat_messages
+
+    tok = AutoTokenizer.from_pretrained(str(bf16_3b))
+    data = write_jsonl(tmp_path / "d.jsonl", cc0_sft_rows(6))
+    rows, _ = read_sft_rows(data, tok, SMALL, 4096)
+    fast = with_fast_answers(rows, tok, 1.0, seed=0)[len(rows):]
+    assert len(fast) == len(rows)
+    prompt = tok.apply_chat_template(chat_messages(), tokenize=False, add_generation_prompt=True)
+    sent = tok.encode(prompt + FAST_ANSWER_PREFIX, add_special_tokens=False)
+    for f in fast:
+        assert (tok.encode(f.prompt, add_special_tokens=False) + f.answer_ids)[:len(sent)] == sent
