@@ -93,6 +93,12 @@ def digits_value(lead: np.ndarray, decimals: Sequence[np.ndarray] = ()) -> np.nd
     return np.clip(value, 1.0, 5.0)
 
 
+def digit_probs(logits: mx.array, ids: Sequence[int]) -> np.ndarray:
+    """Softmax restricted to the digit tokens `ids`: (B, V) logits -> (B, len(ids)) float64."""
+    return np.array(mx.softmax(logits[:, mx.array(ids)].astype(mx.float32), axis=-1),
+                    dtype=np.float64)
+
+
 def expected_score(logits: mx.array, digit_ids: Sequence[int]) -> mx.array:
     """E[d] under the softmax restricted to the digit tokens: (B, V) -> (B,)."""
     p = mx.softmax(logits[:, mx.array(digit_ids)].astype(mx.float32), axis=-1)

@@ -22,6 +22,8 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import mlx.core as mx
+import numpy as np
 from PIL import Image
 
 from qponder_mlx import generate as gen
@@ -36,6 +38,7 @@ from qponder_mlx.prompts import (
     parse_response,
 )
 from qponder_mlx.readout import (
+    digit_probs,
     expected_answer,
     expected_score,
     score_token_ids,
@@ -43,6 +46,19 @@ from qponder_mlx.readout import (
 )
 
 MODES = ("reason", "fast")
+
+
+def fast_digits(model, inputs: gen.Inputs, prefix: gen.PrefixCache | None,
+                digit_ids: Sequence[int], dot_id: int) -> tuple[np.ndarray, np.ndarray]:
+    """Fast mode's two reads for a batch after the answer prefix: the probabilities of the
+    leading digits 1–5 (B, 5), then — with the most likely leading digit and the dot appended,
+    two decode steps on the prefill's cache — those of the first decimal 0–9 (B, 10).
+    `digit_ids` are the tokens of 0–9. The GRPO judge reads a reasoning's implied score the same
+    way (`grpo/judge.py`)."""
+    pre = gen.prefill(model, inputs, prefix)
+    lead = digit_probs(pre.logits, digit_ids[1:6])
+    tail = mx.array([[digit_ids[int(d) + 1], dot_id] for d in lead.argmax(-1)])
+    return lead, digit_probs(gen.extend_logits(model, pre, tail), digit_ids)
 READOUTS = ("text", "expected")
 
 

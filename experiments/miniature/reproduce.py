@@ -412,8 +412,9 @@ def write_figures(out: Path, figures: Path) -> list[Path]:
 
 
 def run_pipeline(cfg: ReproConfig, pipeline_dir: Path, out: Path, *, in_process: bool = False,
-                 figures: Path | None = None, echo=print) -> dict:
-    """Run (or resume) every stage; returns the results dict (also OUT/results.json)."""
+                 figures: Path | None = None, echo=print, sft_only: bool = False) -> dict:
+    """Run (or resume) every stage; returns the results dict (also OUT/results.json).
+    `sft_only`: stop after SFT and its held-out evals (OUT/sft_results.json)."""
     out.mkdir(parents=True, exist_ok=True)
     run = Runner(out, in_process=in_process, echo=echo)
     timings_path = out / "timings.json"
@@ -507,10 +508,11 @@ def run_pipeline(cfg: ReproConfig, pipeline_dir: Path, out: Path, *, in_process:
                                                             cfg.student.seed))
             run.record(f"# GRPO null: {grpo_data} = train.jsonl with its MOS permuted "
                        f"(seed {cfg.student.seed})")
-    stage("grpo", out / "grpo" / "miniature.json",
-          lambda: train("grpo", ["--data", str(grpo_data),
-                                 "--adapter", str(out / "sft" / "adapters")], grpo_cfg,
-                        cfg.grpo_set))
+    if not sft_only:
+        stage("grpo", out / "grpo" / "miniature.json",
+              lambda: train("grpo", ["--data", str(grpo_data),
+                                     "--adapter", str(out / "sft" / "adapters")], grpo_cfg,
+                            cfg.grpo_set))
     # Held-out photos (the measure: their centre views, and with test_crops also every view of
     # them, a larger sample of the same photos), plus the photos the students trained on (reason
     # mode; their centre views, like the held-out set, not the random crops): the gap between
@@ -540,6 +542,8 @@ def run_pipeline(cfg: ReproConfig, pipeline_dir: Path, out: Path, *, in_process:
         evals[f"{LAST_STEP}, reason"] = ("grpo_last", "reason", "test")
         if cfg.data.test_crops:
             evals[f"{LAST_STEP}, reason{ALL_VIEWS}"] = ("grpo_last", "reason", "held_out_views")
+    if sft_only:
+        evals = {k: v for k, v in evals.items() if v[0] == "sft" and v[2] != "train_photos"}
     photos_of = {"test": "held-out", "held_out_views": "held-out, all views",
                  "train_photos": "seen"}
 
@@ -580,6 +584,12 @@ def run_pipeline(cfg: ReproConfig, pipeline_dir: Path, out: Path, *, in_process:
                 # many ties, which cost rank order even when every answer is close
                 "mae": round(metrics.mae(*zip(*answered)), 4) if answered else None,
                 "distinct_answers": len({p for p, _ in answered})}
+    if sft_only:
+        results = {"rows": rows, "timings_s": timings, "config": asdict(cfg)}
+        atomic_write_json(out / "sft_results.json", results)
+        for name, r in rows.items():
+            echo(f"{name}: SRCC {pooled(rows, name)} MAE {r['mae']}")
+        return results
     t0 = time.perf_counter()
     for split, suffix in (("test", ""), ("held_out_views", ALL_VIEWS)):
         images = labels.get(split, [])
@@ -673,6 +683,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--in-process", action="store_true",
                     help="run the qponder commands in this process (smoke tests)")
     ap.add_argument("--fresh", action="store_true", help="delete OUT first")
+    ap.add_argument("--sft-only", action="store_true",
+                    help="stop after SFT and its held-out evals (OUT/sft_results.json)")
     ap.add_argument("--seed", type=int, default=None,
                     help="training seed: the student's random weights, the LoRA init, the data "
                          "order and GRPO's sampling (the images and the teacher's answers stay "
@@ -693,10 +705,14 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     try:
         results = run_pipeline(cfg, args.config.resolve().parent, args.out,
-                               in_process=args.in_process, figures=args.figures)
+                               in_process=args.in_process, figures=args.figures,
+                               sft_only=args.sft_only)
     except (StageError, ConfigError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    if args.sft_only:
+        print(f"wall time of this invocation: {(time.perf_counter() - t0) / 60:.1f} min")
+        return 0
     print(f"wall time of this invocation: {(time.perf_counter() - t0) / 60:.1f} min "
           f"(all stages, resumes included: {results['total_s'] / 60:.1f} min)")
     for line in result_lines(results):

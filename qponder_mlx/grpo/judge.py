@@ -23,7 +23,13 @@ from mlx_vlm.models.cache import ConcatenateKVCache
 from qponder_mlx.generate import lm_head, repeated_cache
 from qponder_mlx.grpo.rollout import text_positions
 from qponder_mlx.prompts import ANSWER_OPEN, THINK_CLOSE, THINK_OPEN
-from qponder_mlx.readout import digits_value, expected_score, score_token_ids, single_token_ids
+from qponder_mlx.readout import (
+    digit_probs,
+    digits_value,
+    expected_score,
+    score_token_ids,
+    single_token_ids,
+)
 
 JUDGE_VERSION = "judge-v2"  # v2: reads the first decimal too
 JUDGE_PROMPT = (
@@ -87,10 +93,6 @@ def _continue(lm, cache, ends: mx.array, tokens: mx.array) -> mx.array:
     return lm_head(lm, h[:, -1, :])
 
 
-def _digit_probs(logits: mx.array, ids: Sequence[int]) -> np.ndarray:
-    return np.array(mx.softmax(logits[:, mx.array(ids)].astype(mx.float32), axis=-1))
-
-
 def blind_scores_vlm(model, tokenizer, reasonings: Sequence[str | None],
                      max_tokens: int = 1024, share_prefix: bool = True,
                      decimals: bool = True) -> np.ndarray:
@@ -112,12 +114,12 @@ def blind_scores_vlm(model, tokenizer, reasonings: Sequence[str | None],
     rows = [tokenizer.encode(t, add_special_tokens=False)[-max_tokens:] for t in texts]
     lm, pad = model.language_model, tokenizer.pad_token_id or 0
     logits, cache, ends = _judge_pass(lm, rows, pad, share_prefix)
-    lead = _digit_probs(logits, score_token_ids(tokenizer))
+    lead = digit_probs(logits, score_token_ids(tokenizer))
     tail = []
     if decimals:
         *digit_ids, dot = single_token_ids(tokenizer, "0123456789.", "the judge's decimals")
         tokens = mx.array([[digit_ids[int(d) + 1], dot] for d in lead.argmax(-1)])
-        tail = [_digit_probs(_continue(lm, cache, ends, tokens), digit_ids)]
+        tail = [digit_probs(_continue(lm, cache, ends, tokens), digit_ids)]
     out[keep] = digits_value(lead, tail)
     return out
 

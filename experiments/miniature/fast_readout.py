@@ -1,0 +1,87 @@
+"""Fast mode's two read-outs side by side on one student (History CG in LOG.md).
+
+Fast mode asks for the answer right after `<think></think><answer>` and reads the digit
+probabilities there. Read at the leading digit only, E[d] floors every score the model means as
+d.x (an intended 3.7 reads ~3.0); reading the first decimal too — the most likely leading digit
+and the dot appended, then E[decimal]/10 added, as the GRPO judge reads a reasoning's implied
+score — keeps the distances. One prefill gives both (the product's `scoring.fast_digits`), so the
+two reads are compared on the same forward pass.
+
+    python experiments/miniature/fast_readout.py RUN [RUN ...]
+
+RUN is a `reproduce.py` output folder (its student_base, sft/adapters and data). Writes
+RUN/eval/fast_readout.json and prints SRCC and MAE of both reads next to reason mode's (from the
+run's own eval reports) on the held-out centre views and all held-out views.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from qponder_mlx import generate as gen
+from qponder_mlx import metrics
+from qponder_mlx.images import PixelPolicy, load_image
+from qponder_mlx.io import atomic_write_json, read_jsonl
+from qponder_mlx.model import load_model
+from qponder_mlx.readout import digits_value, single_token_ids
+from qponder_mlx.scoring import ScoreConfig, Scorer, fast_digits
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from reproduce import eval_scores  # noqa: E402
+
+SPLITS = {"test": "centre views", "held_out_views": "all views"}
+
+
+def fast_reads(run: Path, split: str, size: int, batch: int = 16) -> dict[str, list[float]]:
+    loaded = load_model(str(run / "student_base"), str(run / "sft" / "adapters"))
+    px = PixelPolicy(min_pixels=size * size, max_pixels=size * size)
+    scorer = Scorer(loaded, ScoreConfig(mode="fast", pixels=px))
+    *digits, dot = single_token_ids(loaded.tokenizer, "0123456789.", "the decimal read")
+    rows = list(read_jsonl(run / "data" / f"{split}.jsonl"))
+    lead_only, with_decimal = [], []
+    for s in range(0, len(rows), batch):
+        imgs = [px.resize(load_image(run / "data" / r["image"]).convert("RGB"))
+                for r in rows[s:s + batch]]
+        inputs = gen.encode(loaded.processor, [scorer.prompt] * len(imgs), imgs)
+        lead, dec = fast_digits(loaded.model, inputs, scorer.prefix, digits, dot)
+        lead_only += digits_value(lead).tolist()
+        with_decimal += digits_value(lead, [dec]).tolist()
+    return {"mos": [float(r["mos"]) for r in rows], "lead": lead_only, "decimal": with_decimal}
+
+
+def reason_scores(run: Path, split: str) -> tuple[list[float], list[float]]:
+    """MOS and the written score of reason mode's eval report (the rows it answered)."""
+    name = "sft_reason.json" if split == "test" else f"sft_reason_{split}.json"
+    report = json.loads((run / "eval" / name).read_text())
+    rows = list(read_jsonl(run / "data" / f"{split}.jsonl"))
+    pred = eval_scores(report, [r["id"] for r in rows], "text")
+    pairs = [(float(r["mos"]), p) for r, p in zip(rows, pred) if p is not None]
+    return [m for m, _ in pairs], [p for _, p in pairs]
+
+
+def summary(mos: list[float], pred: list[float]) -> dict[str, float]:
+    return {"srcc": round(metrics.srcc(pred, mos), 4), "mae": round(metrics.mae(pred, mos), 4),
+            "n": len(pred)}
+
+
+def main(argv: list[str]) -> int:
+    for run in map(Path, argv):
+        size = json.loads((run / "sft_results.json").read_text())["config"]["data"]["size"]
+        out = {}
+        for split, label in SPLITS.items():
+            reads = fast_reads(run, split, size)
+            out[split] = {"reason": summary(*reason_scores(run, split)),
+                          "fast_lead": summary(reads["mos"], reads["lead"]),
+                          "fast_decimal": summary(reads["mos"], reads["decimal"])}
+            r = out[split]
+            print(f"{run} {label}: reason {r['reason']} | fast lead {r['fast_lead']} | "
+                  f"fast decimal {r['fast_decimal']} | MAE ratio "
+                  f"{r['fast_decimal']['mae'] / r['reason']['mae']:.2f}", flush=True)
+        atomic_write_json(run / "eval" / "fast_readout.json", out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
