@@ -38,7 +38,7 @@ def score_cmd(
     csv: Path | None = typer.Option(None, help="Export this run's rows as CSV."),
     jsonl: Path | None = typer.Option(None, help="Export this run's rows as JSONL."),
     report: Path | None = typer.Option(None, help="Write the HTML gallery report."),
-    mode: str = typer.Option("reason", help="reason (full reasoning) or fast (one forward pass)."),
+    mode: str = typer.Option("reason", help="reason (full reasoning) or fast (no reasoning text)."),
     readout: str = typer.Option(
         "text", help="reason mode: text (the number written) or expected (its expected value "
                      "under the model's digit probabilities: fewer tied scores)."),

@@ -81,7 +81,7 @@ def eval_cmd(
     images_root: Path | None = typer.Option(None, help="Folder the label paths are relative to."),
     format: str = typer.Option("auto", help="Label format (auto, koniq, kadid, livec, ...)."),
     mos_range: str | None = typer.Option(None, help="Native MOS range LO,HI (overrides)."),
-    mode: str = typer.Option("reason", help="reason (full answer) or fast (one forward pass)."),
+    mode: str = typer.Option("reason", help="reason (full answer) or fast (no reasoning text)."),
     readout: str = typer.Option(
         "text", help="reason mode: text (the number written) or expected (its expected value "
                      "under the model's digit probabilities; the report also has the written)."),

@@ -2,12 +2,14 @@
 
 Both models score the same images with the same prompt and pixel policy:
 
-* `fast` mode (one forward pass, score = E[digit] after `<think></think><answer>`) on every
-  image: SRCC between the two models' scores, mean and max |Δscore|, and each model's SRCC
-  against the set's MOS. Fast scores are continuous, so they show a quantization drift that
-  greedy text would hide until it flips a token.
+* `fast` mode (no reasoning: the answer's expected value read after `<think></think><answer>`,
+  scoring.py) on every image: SRCC between the two models' scores, mean and max |Δscore|, and
+  each model's SRCC and MAE against the set's MOS. Fast scores are continuous, so they show a
+  quantization drift that greedy text would hide until it flips a token.
 * `reason` mode (greedy, `reason_max_tokens`) on the first `reason_images` images: each model's
   format rate under the one parse rule, and how often the two texts are identical.
+* `fast_vs_reason`: on those images, how the bundle's fast scores follow its own reasoned
+  scores (SRCC, mean |Δ|) — what an app gives up by scoring without reasoning.
 """
 
 from __future__ import annotations
@@ -94,6 +96,10 @@ def _srcc(a: list[float], b: list[float]) -> float | None:
         return None
 
 
+def _mae(a, b) -> float | None:
+    return _r(metrics.mae(a, b)) if len(a) else None
+
+
 def _format_rate(results: list[ScoreResult]) -> float | None:
     answered = [r for r in results if r.error is None]
     return _r(sum(r.format_ok for r in answered) / len(answered)) if answered else None
@@ -109,6 +115,8 @@ def compare(ref: ModelRun, bundle: ModelRun, calib: Calibration, cfg: ExportConf
     delta = np.abs(np.subtract(rs, bs)) if pairs else np.zeros(0)
     answered = [(a, b) for a, b in zip(ref.reason, bundle.reason)
                 if a.error is None and b.error is None]
+    both = [(f.score, r.score) for f, r in zip(bundle.fast, bundle.reason)
+            if f.score is not None and r.score is not None]
     return {
         "calibration": {"file": calib.file.name, "sha256": calib.sha256,
                         "images": len(calib.images), "rows_skipped": calib.rows_skipped},
@@ -119,6 +127,7 @@ def compare(ref: ModelRun, bundle: ModelRun, calib: Calibration, cfg: ExportConf
             "mean_abs_delta": _r(delta.mean()) if pairs else None,
             "max_abs_delta": _r(delta.max()) if pairs else None,
             "srcc_vs_mos": {"reference": _srcc(rs, mos), "bundle": _srcc(bs, mos)},
+            "mae_vs_mos": {"reference": _mae(rs, mos), "bundle": _mae(bs, mos)},
             "errors": {"reference": sum(r.error is not None for r in ref.fast),
                        "bundle": sum(r.error is not None for r in bundle.fast)},
         },
@@ -129,5 +138,12 @@ def compare(ref: ModelRun, bundle: ModelRun, calib: Calibration, cfg: ExportConf
                             "bundle": _format_rate(bundle.reason)},
             "same_text_rate": _r(sum(a.text == b.text for a, b in answered) / len(answered))
             if answered else None,
+        },
+        "fast_vs_reason": {
+            "n": len(both),
+            "about": "the bundle's fast scores against its own reasoned scores (answers that "
+                     "parsed) on the reason images",
+            "srcc": _srcc(*zip(*both)) if both else None,
+            "mean_abs_delta": _mae(*zip(*both)) if both else None,
         },
     }

@@ -384,6 +384,11 @@ def summary_lines(manifest: dict) -> list[str]:
             f"{f['mean_abs_delta']}, max {f['max_abs_delta']}; format rate "
             f"{r['format_rate']['bundle']} (reference {r['format_rate']['reference']}) on "
             f"{r['n']} reasoning answers, identical text {r['same_text_rate']}")
+        fr = a.get("fast_vs_reason")  # bundles made before it was measured lack it
+        if fr:
+            lines.append(f"fast mode   SRCC vs MOS {f['srcc_vs_mos']['bundle']}, MAE "
+                         f"{f.get('mae_vs_mos', {}).get('bundle')}; vs its own reasoned scores "
+                         f"SRCC {fr['srcc']}, mean |Δ| {fr['mean_abs_delta']} ({fr['n']} photos)")
     else:
         lines.append("agreement   not measured (--no-agreement)")
     return lines

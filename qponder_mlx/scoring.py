@@ -1,9 +1,12 @@
-"""Score images: `reason` (generate the full <think>…<answer> reply) or `fast` (one forward pass).
+"""Score images: `reason` (generate the full <think>…<answer> reply) or `fast` (no reasoning).
 
-`fast` writes the answer prefix `<think></think><answer>` for the model and reads the next-token
-probabilities of the digits 1–5: score = Σ p(d)·d / Σ p(d) — the Q-Align / DeQA-Score idea applied
-to our answer format. It skips reasoning, so it costs one prefill instead of hundreds of decode
-steps.
+`fast` writes the answer prefix `<think></think><answer>` for the model and reads the answer from
+its digit probabilities, as the model would write it: the leading digit's distribution over 1–5,
+then — the most likely leading digit and the dot appended, two decode steps on the prefill's
+cache — the first decimal's over 0–9; score = Σ p(d)·d + E[decimal]/10 (`readout.digits_value`,
+the Q-Align / DeQA-Score expectation applied to our `X.XX` answers). The leading digit alone
+would floor every score: an answer the model means as 3.7 reads ~3.0. It costs one prefill and
+two decode steps instead of hundreds.
 
 `reason` mode reads the score one of two ways (`readout`): `text`, the number the model wrote (the
 paper's read-out), or `expected`, the expected value of that number under the model's own digit
@@ -39,9 +42,8 @@ from qponder_mlx.prompts import (
 )
 from qponder_mlx.readout import (
     digit_probs,
+    digits_value,
     expected_answer,
-    expected_score,
-    score_token_ids,
     single_token_ids,
 )
 
@@ -93,7 +95,7 @@ class ScoreConfig:
             raise ValueError(f"readout must be one of {READOUTS}, got {self.readout!r}")
         if self.mode == "fast" and self.readout != "text":
             raise ValueError("readout 'expected' is for reason mode; fast mode already reads the "
-                             "expected leading digit — drop the readout or use mode 'reason'")
+                             "expected answer — drop the readout or use mode 'reason'")
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
 
@@ -110,10 +112,9 @@ class Scorer:
             tokenize=False, add_generation_prompt=True)
         if self.config.mode == "fast":
             self.prompt += FAST_ANSWER_PREFIX
-            self.digit_ids = score_token_ids(tok)
-        if self.config.readout == "expected":
+        if self.config.mode == "fast" or self.config.readout == "expected":
             *self.watch_ids, self.dot_id = single_token_ids(tok, "0123456789.",
-                                                           "the expected read-out")
+                                                           f"{self.config.mode} mode's read-out")
         # The prompt text before the image runs through the model once, not once per photo.
         self.prefix = gen.PrefixCache(loaded.model.config.image_token_id)
 
@@ -132,6 +133,8 @@ class Scorer:
         c = self.config
         px = f"px{c.pixels.min_pixels}-{c.pixels.max_pixels}"
         parts = [self.loaded.identity, c.mode, c.prompt_version, px]
+        if c.mode == "fast":  # scores stored before fast mode read the first decimal differ
+            parts.append("decimal")
         if c.mode == "reason":
             parts.append(f"t{c.sampling.max_tokens}@{c.sampling.temperature:g}")
         if c.readout != "text":  # text read-outs keep the identities stored before this option
@@ -188,8 +191,8 @@ class Scorer:
         m, proc = self.loaded.model, self.loaded.processor
         if self.config.mode == "fast":
             inputs = gen.encode(proc, [self.prompt] * len(images), images)
-            logits = gen.prefill_logits(m, inputs, self.prefix)
-            scores = expected_score(logits, self.digit_ids).tolist()
+            lead, decimal = fast_digits(m, inputs, self.prefix, self.watch_ids, self.dot_id)
+            scores = digits_value(lead, [decimal]).tolist()
             return [ScoreResult(key="", score=round(s, 4), format_ok=True) for s in scores]
         expected = self.config.readout == "expected"
         comps = gen.generate_rows(m, proc, [self.prompt] * len(images), images,

