@@ -39,11 +39,6 @@ REPO_FILES = {"chat_template.json", "config.json", "generation_config.json", "me
 
 
 @pytest.fixture(scope="module")
-def root(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("real_layouts")
-
-
-@pytest.fixture(scope="module")
 def loaded_3b(bf16_3b):
     from qponder_mlx.model import load_model
 
@@ -104,13 +99,15 @@ def test_tokenizer_is_qwens_real_one(bf16_3b):
 
 
 @pytest.mark.parametrize("flavour", FLAVOURS)
-def test_folder_is_laid_out_like_the_repo(root, bf16_3b, flavour):
+def test_folder_is_laid_out_like_the_repo(request, flavour):
     """Real field set and values (only depth and widths cut), the repo's files, transformers
     tensor names in bf16, and stock mlx_vlm.load takes it as it would the download. (Each
     flavour scores a photo at its real widths in the slow test below.)"""
     from mlx_vlm import load
 
-    d = bf16_3b if flavour == "qwen2.5-vl-3b" else build_real_layout(root / flavour, flavour)
+    # the session's fixtures: the folders every other real-layout test uses
+    d = request.getfixturevalue({"qwen2.5-vl-3b": "bf16_3b", "qwen2.5-vl-7b": "bf16_7b",
+                                 "qwen2-vl-2b": "bf16_2b"}[flavour])
     assert {p.name for p in d.iterdir()} == REPO_FILES
     cfg, real = json.loads((d / "config.json").read_text()), REAL_CONFIGS[flavour]
     assert cfg.keys() == real.keys() and cfg["vision_config"].keys() == \
