@@ -8,6 +8,7 @@ score — keeps the distances. One prefill gives both (the product's `scoring.fa
 two reads are compared on the same forward pass.
 
     python experiments/miniature/fast_readout.py RUN [RUN ...]
+    python experiments/miniature/fast_readout.py --mean RUN [RUN ...]   # the mean over runs
 
 RUN is a `reproduce.py` output folder (its student_base, sft/adapters and data). Writes
 RUN/eval/fast_readout.json and prints SRCC and MAE of both reads next to reason mode's (from the
@@ -61,12 +62,30 @@ def reason_scores(run: Path, split: str) -> tuple[list[float], list[float]]:
     return [m for m, _ in pairs], [p for _, p in pairs]
 
 
-def summary(mos: list[float], pred: list[float]) -> dict[str, float]:
+def summary(mos: list[float], pred: list[float]) -> dict[str, float | None]:
+    """SRCC and MAE (None when under two answers: a toy student that never closes its answer)."""
+    if len(pred) < 2:
+        return {"srcc": None, "mae": None, "n": len(pred)}
     return {"srcc": round(metrics.srcc(pred, mos), 4), "mae": round(metrics.mae(pred, mos), 4),
             "n": len(pred)}
 
 
+def mean_table(runs: list[Path]) -> None:
+    """The mean over runs of each read's SRCC and MAE, and fast MAE / reason MAE."""
+    reports = [json.loads((r / "eval" / "fast_readout.json").read_text()) for r in runs]
+    for split, label in SPLITS.items():
+        def mean(read, key, split=split):
+            return sum(rep[split][read][key] for rep in reports) / len(reports)
+        cells = "; ".join(f"{read} SRCC {mean(read, 'srcc'):.4f} MAE {mean(read, 'mae'):.4f}"
+                          for read in ("reason", "fast_lead", "fast_decimal"))
+        print(f"mean of {len(runs)} runs, {label}: {cells}; fast decimal MAE / reason MAE "
+              f"{mean('fast_decimal', 'mae') / mean('reason', 'mae'):.2f}")
+
+
 def main(argv: list[str]) -> int:
+    if argv and argv[0] == "--mean":
+        mean_table([Path(a) for a in argv[1:]])
+        return 0
     for run in map(Path, argv):
         size = json.loads((run / "sft_results.json").read_text())["config"]["data"]["size"]
         out = {}
@@ -76,9 +95,9 @@ def main(argv: list[str]) -> int:
                           "fast_lead": summary(reads["mos"], reads["lead"]),
                           "fast_decimal": summary(reads["mos"], reads["decimal"])}
             r = out[split]
+            ratio = (r["fast_decimal"]["mae"] / r["reason"]["mae"]) if r["reason"]["mae"] else None
             print(f"{run} {label}: reason {r['reason']} | fast lead {r['fast_lead']} | "
-                  f"fast decimal {r['fast_decimal']} | MAE ratio "
-                  f"{r['fast_decimal']['mae'] / r['reason']['mae']:.2f}", flush=True)
+                  f"fast decimal {r['fast_decimal']} | MAE ratio {ratio}", flush=True)
         atomic_write_json(run / "eval" / "fast_readout.json", out)
     return 0
 

@@ -311,3 +311,35 @@ def test_cold_start_rows_picks_views_and_photos_and_names_a_bad_photo(reproduce)
     with pytest.raises(reproduce.ConfigError, match=r"\[distill\] photos: coffee is no train photo"
                        r" of data/train.jsonl"):
         pick(rows, photos="camera,coffee", where="data/train.jsonl")
+
+
+def test_sft_only_stops_after_sft_and_fast_readout_reads_both_ways(reproduce, tmp_path, capsys):
+    """`--sft-only` trains and scores the SFT student only; fast_readout.py's decimal read is
+    the product's fast mode (the eval report's scores), its leading-digit read lower."""
+    conf = tmp_path / "conf"
+    conf.mkdir()
+    (conf / "pipeline.toml").write_text(PIPELINE)
+    (conf / "sft.toml").write_text(SFT)
+    (conf / "grpo.toml").write_text(GRPO)
+    out = tmp_path / "repro"
+    argv = ["--out", str(out), "--config", str(conf / "pipeline.toml"), "--in-process",
+            "--sft-only"]
+    assert reproduce.main(argv) == 0
+    assert not (out / "grpo").exists() and not (out / "results.json").exists()
+    rows = json.loads((out / "sft_results.json").read_text())["rows"]
+    assert set(rows) == {"Q-Ponder-CI (SFT), reason", "Q-Ponder-CI (SFT), fast",
+                         "Q-Ponder-CI (SFT), reason, expected read-out",
+                         *(f"{n}{reproduce.ALL_VIEWS}" for n in (
+                             "Q-Ponder-CI (SFT), reason", "Q-Ponder-CI (SFT), fast",
+                             "Q-Ponder-CI (SFT), reason, expected read-out"))}
+
+    fast_readout = importlib.import_module("fast_readout")
+    reads = fast_readout.fast_reads(out, "test", 56)
+    report = json.loads((out / "eval" / "sft_fast.json").read_text())
+    ids = [r["id"] for r in read_jsonl(out / "data" / "test.jsonl")]
+    assert reproduce.eval_scores(report, ids) == pytest.approx(reads["decimal"], abs=1e-3)
+    assert all(d > lead for d, lead in zip(reads["decimal"], reads["lead"]))
+    assert fast_readout.main([str(out)]) == 0
+    assert "fast decimal" in capsys.readouterr().out
+    assert set(json.loads((out / "eval" / "fast_readout.json").read_text())) == {
+        "test", "held_out_views"}
