@@ -1,9 +1,14 @@
 """GRPO step time and peak memory: ours vs mlx-vlm 0.7.10's GRPO `Trainer`, side by side.
 
-Both sides run the same optimizer steps on the same random Qwen2.5-VL (a tiny one, hidden 64 /
-2 layers, and a larger one, hidden 1024 / 4 layers): B=2 CC0 photos per step (224x224, resized
-by one PixelPolicy so both see identical pixels and prompt tokens), G=8 samples per photo, up to
-64 new tokens at temperature 1, beta=0.04, the same LoRA (rank, alpha, targets, seeded A
+Both sides run the same optimizer steps on the same model: by default the float32 random
+Qwen2.5-VL (a tiny one, hidden 64 / 2 layers, and a larger one, hidden 1024 / 4 layers, whose
+figures are `grpo_step_speedup` / `grpo_peak_memory_ratio`), then what users run, the
+Qwen2.5-VL-3B layout in bf16 and in mlx-community's 4-bit layout (`qponder_mlx/testing/
+real_layouts.py`: real config, tokenizer and vocabulary, depth and widths cut for CI;
+`grpo_step_speedup_3b_bf16`, `grpo_step_speedup_3b_4bit` and their memory ratios, same goals).
+float32: B=2 CC0 photos per step (224x224, resized by one PixelPolicy so both see identical
+pixels and prompt tokens), G=8 samples per photo, up to 64 new tokens at temperature 1,
+beta=0.04, the same LoRA (rank, alpha, targets, seeded A
 matrices), AdamW lr 1e-5, bnpo/dapo token-mean loss, clip epsilon 0.2, and the same reward:
 one Python function (format + Laplace accuracy, no judge) wrapped in each trainer's interface.
 
@@ -20,7 +25,19 @@ CPU time over the same steps, steadier on a shared machine). Peak memory =
 `mx.get_peak_memory()` over those K steps after `mx.reset_peak_memory()`, with only that side's
 models resident (weights + activations). The goal: >= 3x faster and <= 0.7x peak memory.
 
-    .venv/bin/python bench/grpo_speed.py [--steps 2] [--models tiny,large] [--reference-blas]
+MLX's Linux CPU backend runs bf16 and 4-bit matmuls in its own kernels: measured here, a
+120 x 256 x 151,936 matmul (the 3B fixture's head) takes ~20x (bf16) and ~200x (4-bit) the time
+of float32 through OpenBLAS, so the 3B runs take fewer photos, samples, tokens and steps
+(`SETUPS`; each run prints its settings). All these are Linux-CPU figures: on Apple silicon the
+GPU runs bf16 and 4-bit at full speed.
+
+    .venv/bin/python bench/grpo_speed.py     # float32, then 3B bf16 (~3 min), 4-bit (~8 min)
+    .venv/bin/python bench/grpo_speed.py --flavour qwen2.5-vl-3b --dtype 4bit   # one model
+    .venv/bin/python bench/grpo_speed.py --flavour random [--models tiny,large] [--steps 2]
+    .venv/bin/python bench/grpo_speed.py --reference-blas    # keep MLX's own BLAS (slow)
+
+`--steps`, `--batch`, `--group-size` and `--max-new` given on the command line apply to every
+model; left out, each model gets its own (`SETUPS`). `--cache-dir` keeps the built 3B fixtures.
 
 On Linux the script re-runs itself with a system OpenBLAS preloaded (see OPENBLAS below).
 """
@@ -36,7 +53,7 @@ import statistics
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # local folders only, never the hub
@@ -73,8 +90,9 @@ if __name__ == "__main__":
 import mlx.core as mx  # noqa: E402
 import mlx.optimizers as optim  # noqa: E402
 import numpy as np  # noqa: E402
+from flavours import FLOAT32, ModelRun, add_model_args, fixture_root, model_runs  # noqa: E402
 from PIL import Image, ImageOps  # noqa: E402
-from timing import result, run_main  # noqa: E402
+from timing import note_repeats, result, run_main  # noqa: E402
 
 from qponder_mlx import generate as gen  # noqa: E402
 from qponder_mlx.grpo.config import GRPOConfig  # noqa: E402
@@ -108,6 +126,19 @@ class Setup:
     seed: int = 0
     lora: LoraConfig = field(default_factory=LoraConfig)  # rank 16, alpha 32, 7 LM linears
     rewards: RewardConfig = field(default_factory=lambda: RewardConfig(consistency_weight=0.0))
+    steps: int = 3  # timed steps per side (after 1 warm-up); the median counts
+
+
+# Per dtype. The float32 setup is the recorded figures' (docs/benchmarks.md). At CI widths the
+# 3B fixture's cost is its 151,936-row head (hidden 256), and mlx-vlm's loss takes those logits
+# at every position of prompt and completion, for the policy and for the reference, one
+# completion at a time: measured on this box's 2 cores (busy), one mlx-vlm step took ~35 s of
+# CPU in bf16 at B=1 x G=4 and ~210 s in 4-bit at B=1 x G=2 (ours: ~3 s and ~11 s). So 4-bit
+# runs the smallest group and one timed step after the warm-up (fewer than timing.MIN_REPEATS:
+# the run says so), and still takes ~8 min on 2 cores.
+SETUPS = {FLOAT32: Setup(),
+          "bf16": Setup(batch=1, group_size=4, max_new=8),
+          "4bit": Setup(batch=1, group_size=2, max_new=4, steps=1)}
 
 
 @dataclass
@@ -314,10 +345,10 @@ def fmt_split(split: dict[str, float]) -> str:
     return ", ".join(f"{k} {v:.2f}" for k, v in split.items())
 
 
-def bench_model(name: str, tmp: Path, setup: Setup, steps: int, verbose: bool):
-    hidden, layers = MODELS[name]
-    model_dir = build_tiny_model(tmp / name, hidden_size=hidden, num_layers=layers)
+def bench_model(name: str, model_dir: Path, tmp: Path, setup: Setup, verbose: bool):
     imgs, mos = photos(setup)
+    steps = setup.steps
+    note_repeats(steps, "timed steps")
 
     free_all()
     before = mx.get_active_memory() / GB
@@ -330,8 +361,8 @@ def bench_model(name: str, tmp: Path, setup: Setup, steps: int, verbose: bool):
     speedup = base.median_s / ours.median_s
     cpu_speedup = base.median_cpu_s / ours.median_cpu_s
     ratio = ours.peak_gb / base.peak_gb
-    print(f"== {name}: hidden {hidden}, {layers} layers, B={setup.batch} x G={setup.group_size},"
-          f" {setup.max_new} new tokens, beta={setup.beta}, {steps} timed steps")
+    print(f"== {name}: B={setup.batch} x G={setup.group_size}, {setup.max_new} new tokens, "
+          f"beta={setup.beta}, {steps} timed steps")
     print(f"  active memory before ours {before:.3f} GB, loaded {ours.loaded_gb:.3f} GB; "
           f"before mlx-vlm {between:.3f} GB, loaded (policy + reference) "
           f"{base.loaded_gb:.3f} GB")
@@ -345,33 +376,66 @@ def bench_model(name: str, tmp: Path, setup: Setup, steps: int, verbose: bool):
     return speedup, ratio
 
 
+def setup_for(run: ModelRun, args) -> Setup:
+    """The dtype's own setup, with what the command line set on top."""
+    given = {k: v for k, v in (("steps", args.steps), ("batch", args.batch),
+                               ("group_size", args.group_size), ("max_new", args.max_new))
+             if v is not None}
+    return replace(SETUPS[run.dtype], **given)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--steps", type=int, default=3,
-                    help="timed steps per side (after 1 warm-up); the median counts")
-    ap.add_argument("--models", default="tiny,large", help=f"subset of {','.join(MODELS)}")
+    ap.add_argument("--steps", type=int, default=None,
+                    help="timed steps per side (after 1 warm-up); the median counts "
+                         "(default: per model, SETUPS)")
+    ap.add_argument("--batch", type=int, default=None, help="photos per step (default: SETUPS)")
+    ap.add_argument("--group-size", type=int, default=None,
+                    help="samples per photo (default: SETUPS)")
+    ap.add_argument("--max-new", type=int, default=None,
+                    help="new tokens per sample at most (default: SETUPS)")
+    ap.add_argument("--models", default="tiny,large",
+                    help=f"float32 random models: a subset of {','.join(MODELS)}")
     ap.add_argument("--verbose", action="store_true", help="show mlx-vlm's own progress output")
     ap.add_argument("--reference-blas", action="store_true",
                     help="do not preload a system OpenBLAS on Linux (very slow for 'large')")
+    add_model_args(ap)
     args = ap.parse_args()
+    runs = model_runs(ap, args)
     names = [n.strip() for n in args.models.split(",") if n.strip()]
     unknown = sorted(set(names) - set(MODELS))
     if unknown or not names:
         sys.exit(f"--models: unknown {unknown} — choose from {', '.join(MODELS)}")
-    if args.steps < 1:
-        sys.exit(f"--steps must be >= 1, got {args.steps}")
+    setups = {run: setup_for(run, args) for run in runs}
+    for n in ("steps", "batch", "group_size", "max_new"):
+        if any(getattr(s, n) < 1 for s in setups.values()):
+            sys.exit(f"--{n.replace('_', '-')} must be >= 1")
 
-    setup = Setup()
     print(f"mlx {mx.__version__}, mlx-vlm {mlx_vlm_version()}, BLAS {blas_in_use()}")
-    results = {}
+    for run, s in setups.items():
+        print(f"settings {run.label}: B={s.batch} photos x G={s.group_size} samples, "
+              f"{s.max_new} new tokens, {s.steps} timed steps", flush=True)
     t0 = time.perf_counter()
-    with tempfile.TemporaryDirectory() as tmp:
-        for name in names:
-            results[name] = bench_model(name, Path(tmp), setup, args.steps, args.verbose)
+    with tempfile.TemporaryDirectory() as tmp, fixture_root(args) as root:
+        for run, setup in setups.items():
+            if run.real:
+                speedup, ratio = bench_model(run.label, run.model_dir(root), Path(tmp), setup,
+                                             args.verbose)
+                result(f"grpo_step_speedup{run.suffix}", speedup, GOAL_SPEEDUP)
+                result(f"grpo_peak_memory_ratio{run.suffix}", ratio, GOAL_MEMORY, ".3f")
+                continue
+            results = {}
+            for name in names:
+                hidden, layers = MODELS[name]
+                model_dir = build_tiny_model(Path(tmp) / name, hidden_size=hidden,
+                                             num_layers=layers)
+                results[name] = bench_model(f"{name} (float32, hidden {hidden}, {layers} "
+                                            "layers)", model_dir, Path(tmp), setup,
+                                            args.verbose)
+            final = results.get("large") or results[names[-1]]
+            result("grpo_step_speedup", final[0], GOAL_SPEEDUP)
+            result("grpo_peak_memory_ratio", final[1], GOAL_MEMORY, ".3f")
     print(f"total {time.perf_counter() - t0:.0f} s")
-    final = results.get("large") or results[names[-1]]
-    result("grpo_step_speedup", final[0], GOAL_SPEEDUP)
-    result("grpo_peak_memory_ratio", final[1], GOAL_MEMORY, ".3f")
 
 
 if __name__ == "__main__":

@@ -2,18 +2,34 @@
 
 Same process, same images, same prompt, same pixel policy (the baseline gets the images already
 resized by it, so both see identical inputs), same token budget, greedy decoding in both. Timed
-work includes loading each image from disk. Run on the tiny random model (hidden 64, 2 layers) and
-a larger random one (hidden 1024, 4 layers); the RESULT lines are the larger model's. On Linux
-preload OpenBLAS first (`. scripts/blas_env.sh`): with MLX's reference BLAS the larger model
-takes ~12 s of prefill per image and the run goes past 30 minutes.
+work includes loading each image from disk. Three models by default:
+
+* float32: the tiny random model (hidden 64, 2 layers) and a larger random one (hidden 1024,
+  4 layers); `score_reason_speedup` / `score_fast_speedup` are the larger model's;
+* the Qwen2.5-VL-3B layout in bf16 and in mlx-community's 4-bit layout
+  (`qponder_mlx/testing/real_layouts.py`: real config, tokenizer and vocabulary, depth and
+  widths cut for CI), what users run: `score_reason_speedup_3b_bf16`, `..._3b_4bit`,
+  `score_fast_speedup_3b_bf16`, `..._3b_4bit`, with the float32 rows' goals.
+
+MLX's Linux CPU backend runs bf16 and 4-bit matmuls in its own kernels: measured here, a
+120 x 256 x 151,936 matmul (the 3B fixture's head) takes ~20x (bf16) and ~200x (4-bit) the time
+of float32 through OpenBLAS, so the 3B rows use fewer images and tokens (`SIZES`; every run
+prints its settings). All these are Linux-CPU figures: on Apple silicon the GPU runs bf16 and
+4-bit at full speed. On Linux preload OpenBLAS first (`. scripts/blas_env.sh`): with MLX's
+reference BLAS the larger model takes ~12 s of prefill per image and the run goes past 30
+minutes.
 
     . scripts/blas_env.sh; .venv/bin/python bench/score_speed.py   # ~10 min on 2 CPU cores
-    .venv/bin/python bench/score_speed.py --quick    # 16 images, 16 tokens: smoke test
+    .venv/bin/python bench/score_speed.py --flavour qwen2.5-vl-3b --dtype 4bit  # one model
+    .venv/bin/python bench/score_speed.py --flavour random    # the float32 models only
+    .venv/bin/python bench/score_speed.py --quick    # fewer images and tokens: smoke test
+
+`--images` / `--max-tokens` / `--batch-size` given on the command line apply to every model;
+left out, each model gets its own (`SIZES`).
 
 Each path's row also shows its tokens and FLOPs per image and the speedup that FLOPs alone
 would allow (`flops_per_image`), so a measured ratio can be read against the compute-bound one.
 """
-
 from __future__ import annotations
 
 import argparse
@@ -22,6 +38,7 @@ import shutil
 import statistics
 import tempfile
 import time
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -29,9 +46,10 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import mlx.core as mx  # noqa: E402
+from flavours import FLOAT32, add_model_args, fixture_root, model_runs  # noqa: E402
 from mlx.utils import tree_flatten  # noqa: E402
 from PIL import Image, ImageOps  # noqa: E402
-from timing import result, run_main, sample  # noqa: E402
+from timing import interleaved, result, run_main  # noqa: E402
 
 from qponder_mlx import generate as gen  # noqa: E402
 from qponder_mlx.generate import SamplingConfig  # noqa: E402
@@ -44,6 +62,26 @@ from qponder_mlx.testing import build_tiny_model  # noqa: E402
 ASSETS = Path(__file__).resolve().parents[1] / "qponder_mlx" / "assets" / "cc0_mini" / "images"
 MODELS = {"tiny": {"hidden_size": 64, "num_layers": 2},
           "larger": {"hidden_size": 1024, "num_layers": 4}}
+GOAL_REASON, GOAL_FAST = 4.0, 20.0
+
+
+@dataclass(frozen=True)
+class Sizes:
+    images: int
+    max_tokens: int
+    batch_size: int = 16
+
+
+# Per dtype, so that each model's part takes ~2-5 min on 2 cores and the whole run ~10 min.
+# Measured on this box (2 cores, OpenBLAS preloaded, 16 image tokens per image): float32
+# 1024x4 ~1.3 s per image in the baseline at 64 tokens; the 3B fixture in bf16 ~0.07 s of
+# prefill + ~0.06 s per decoded token, in 4-bit ~0.9 s + ~0.28 s per token, where batching the
+# decode rows buys nothing (MLX's CPU quantized matmul costs the same per row at any batch).
+# The float32 sizes are the recorded figures' (docs/benchmarks.md).
+SIZES = {FLOAT32: Sizes(images=64, max_tokens=64), "bf16": Sizes(images=12, max_tokens=32),
+         "4bit": Sizes(images=4, max_tokens=12)}
+QUICK = {FLOAT32: Sizes(images=16, max_tokens=16), "bf16": Sizes(images=4, max_tokens=8),
+         "4bit": Sizes(images=2, max_tokens=4)}
 
 
 def make_images(folder: Path, n: int) -> list[Path]:
@@ -122,7 +160,7 @@ def ours(loaded, paths, mode, policy, max_tokens, batch_size):
     return dt, sum(r.tokens for r in results)
 
 
-def bench_model(name, model_dir, paths, args, policy):
+def bench_model(name, model_dir, paths, sizes: Sizes, repeats: int, policy):
     loaded = load_model(str(model_dir))
     prompt = loaded.tokenizer.apply_chat_template(chat_messages(), tokenize=False,
                                                   add_generation_prompt=True)
@@ -132,26 +170,30 @@ def bench_model(name, model_dir, paths, args, policy):
     ours(loaded, paths[:2], "fast", policy, 4, 2)
 
     n = len(paths)
-    rows = {}
-    # Interleave repeats so a noisy neighbour on the machine hits every measure alike.
-    for _ in range(args.repeats):
-        for key, fn in (
-            ("baseline", lambda: baseline(loaded, paths, prompt, policy, args.max_tokens)),
-            ("reason", lambda: ours(loaded, paths, "reason", policy, args.max_tokens,
-                                    args.batch_size)),
-            ("fast", lambda: ours(loaded, paths, "fast", policy, args.max_tokens,
-                                  args.batch_size)),
-        ):
+    tokens = {}  # generated tokens of each path's run (greedy: the same every repeat)
+
+    def timed(key, fn):
+        def run() -> float:
             mx.clear_cache()
-            dt, tok = fn()
-            rows.setdefault(key, []).append((dt, tok))
-        sample()
+            dt, tokens[key] = fn()
+            return dt  # the path's own seconds
+        return run
+
+    # Interleaved repeats, so a noisy neighbour on the machine hits every measure alike.
+    times = interleaved({
+        "baseline": timed("baseline", lambda: baseline(loaded, paths, prompt, policy,
+                                                       sizes.max_tokens)),
+        "reason": timed("reason", lambda: ours(loaded, paths, "reason", policy,
+                                               sizes.max_tokens, sizes.batch_size)),
+        "fast": timed("fast", lambda: ours(loaded, paths, "fast", policy, sizes.max_tokens,
+                                           sizes.batch_size)),
+    }, repeats=repeats)
     out = {}
-    for key, runs in rows.items():
-        dt = statistics.median(r[0] for r in runs)
-        out[key] = (n / dt, dt, runs[0][1])
+    for key, runs in times.items():
+        dt = statistics.median(runs)
+        out[key] = (n / dt, dt, tokens[key])
     base = out["baseline"][0]
-    per = {key: runs[0][1] / n for key, runs in rows.items()}  # generated tokens per image
+    per = {key: tok / n for key, tok in tokens.items()}  # generated tokens per image
     flops = {
         "baseline": flops_per_image(loaded, prompt, policy, paths[0], per["baseline"],
                                     shared_prefix=False),
@@ -162,8 +204,8 @@ def bench_model(name, model_dir, paths, args, policy):
     }
     print(f"\n[{name}] {n} images, {policy.token_count((224, 224))} image tokens each, "
           f"prompt {len(loaded.tokenizer.encode(prompt))} tokens, "
-          f"max_tokens {args.max_tokens}, batch {args.batch_size}, "
-          f"median of {args.repeats}")
+          f"max_tokens {sizes.max_tokens}, batch {sizes.batch_size}, "
+          f"median of {repeats}")
     print(f"{'':10}{'img/s':>9}{'seconds':>9}{'gen tokens':>12}{'speedup':>9}"
           f"{'prefill tok':>13}{'decode tok':>12}{'GFLOP/img':>11}{'FLOP limit':>12}")
     for key, (ips, dt, tok) in out.items():
@@ -171,37 +213,64 @@ def bench_model(name, model_dir, paths, args, policy):
         print(f"{key:10}{ips:9.2f}{dt:9.2f}{tok:12d}{ips / base:9.2f}x{pre:13d}{dec:12d}"
               f"{f / 1e9:11.3f}{flops['baseline'][2] / f:11.2f}x")
     print("(FLOP limit: the speedup if every path ran at the same FLOP/s; GFLOP/img counts "
-          "prefill after any shared prefix and the measured decode tokens)")
+          "prefill after any shared prefix and the measured decode tokens)", flush=True)
     return out["reason"][0] / base, out["fast"][0] / base
+
+
+def sizes_for(dtype: str, args) -> Sizes:
+    """The dtype's own sizes (QUICK with --quick), with what the command line set on top."""
+    sizes = (QUICK if args.quick else SIZES)[dtype]
+    sizes = replace(sizes, **{k: v for k, v in (("images", args.images),
+                                                ("max_tokens", args.max_tokens),
+                                                ("batch_size", args.batch_size))
+                              if v is not None})
+    return replace(sizes, batch_size=min(sizes.batch_size, sizes.images))
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--images", type=int, default=64)
-    ap.add_argument("--max-tokens", type=int, default=64)
-    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--images", type=int, default=None, help="default: per model, SIZES")
+    ap.add_argument("--max-tokens", type=int, default=None, help="default: per model, SIZES")
+    ap.add_argument("--batch-size", type=int, default=None, help="default: 16")
     ap.add_argument("--repeats", type=int, default=3, help="median of this many")
     ap.add_argument("--min-pixels", type=int, default=56 * 56)
     ap.add_argument("--max-pixels", type=int, default=112 * 112)
-    ap.add_argument("--quick", action="store_true", help="16 images, 16 tokens")
+    ap.add_argument("--quick", action="store_true", help="fewer images and tokens (QUICK)")
+    add_model_args(ap)
     args = ap.parse_args()
-    if args.quick:
-        args.images, args.max_tokens = 16, 16
+    runs = model_runs(ap, args)
     policy = PixelPolicy(min_pixels=args.min_pixels, max_pixels=args.max_pixels)
+    sizes = {run: sizes_for(run.dtype, args) for run in runs}
+    for run in runs:
+        s = sizes[run]
+        print(f"settings {run.label}: {s.images} images, max_tokens {s.max_tokens}, "
+              f"batch {s.batch_size}, {args.repeats} repeats, pixels {args.min_pixels}-"
+              f"{args.max_pixels}", flush=True)
 
     tmp = Path(tempfile.mkdtemp(prefix="qponder-bench-"))
     try:
         (tmp / "images").mkdir()
-        paths = make_images(tmp / "images", args.images)
-        ratios = {}
-        for name, shape in MODELS.items():
-            model_dir = build_tiny_model(tmp / name, seed=0, **shape)
-            ratios[name] = bench_model(name, model_dir, paths, args, policy)
+        paths = make_images(tmp / "images", max(s.images for s in sizes.values()))
+        with fixture_root(args) as root:
+            for run in runs:
+                s = sizes[run]
+                if run.real:
+                    reason, fast = bench_model(run.label, run.model_dir(root),
+                                               paths[:s.images], s, args.repeats, policy)
+                    result(f"score_reason_speedup{run.suffix}", reason, GOAL_REASON)
+                    result(f"score_fast_speedup{run.suffix}", fast, GOAL_FAST)
+                    continue
+                ratios = {}
+                for name, shape in MODELS.items():
+                    model_dir = build_tiny_model(tmp / name, seed=0, **shape)
+                    ratios[name] = bench_model(name, model_dir, paths[:s.images], s,
+                                               args.repeats, policy)
+                print(f"\ntiny model: reason {ratios['tiny'][0]:.2f}x, "
+                      f"fast {ratios['tiny'][1]:.2f}x")
+                result("score_reason_speedup", ratios["larger"][0], GOAL_REASON)
+                result("score_fast_speedup", ratios["larger"][1], GOAL_FAST)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    print(f"\ntiny model: reason {ratios['tiny'][0]:.2f}x, fast {ratios['tiny'][1]:.2f}x")
-    result("score_reason_speedup", ratios["larger"][0], 4.0)
-    result("score_fast_speedup", ratios["larger"][1], 20.0)
 
 
 if __name__ == "__main__":

@@ -106,12 +106,18 @@ def sample() -> None:
         _box.sample()
 
 
+def note_repeats(repeats: int, what: str = "repeats") -> None:
+    """Say so when a measure has fewer than MIN_REPEATS repeats: its median is no figure to
+    record."""
+    if repeats < MIN_REPEATS:
+        print(f"note: {repeats} {what} (< {MIN_REPEATS}): a smoke run, not a figure to record")
+
+
 def interleaved(fns: dict[str, Callable[[], object]], repeats: int = MIN_REPEATS,
                 box: Box | None = None) -> dict[str, list[float]]:
     """Seconds of each fn, `repeats` rounds of all of them in turn, so that a neighbour's burst
     hits every measure alike. A fn may return its own seconds (float) to leave set-up out."""
-    if repeats < MIN_REPEATS:
-        print(f"note: {repeats} repeats (< {MIN_REPEATS}): a smoke run, not a figure to record")
+    note_repeats(repeats)
     times: dict[str, list[float]] = {k: [] for k in fns}
     for _ in range(repeats):
         for name, fn in fns.items():
