@@ -199,8 +199,7 @@ def bench_model(name, model_dir, paths, sizes: Sizes, repeats: int, policy):
                                     shared_prefix=False),
         "reason": flops_per_image(loaded, prompt, policy, paths[0], per["reason"],
                                   shared_prefix=True),
-        # fast mode's decimal read: the leading digit and the dot fed back, two decode steps
-        "fast": flops_per_image(loaded, prompt, policy, paths[0], 2, shared_prefix=True,
+        "fast": flops_per_image(loaded, prompt, policy, paths[0], 0, shared_prefix=True,
                                 answer_prefix=FAST_ANSWER_PREFIX),
     }
     print(f"\n[{name}] {n} images, {policy.token_count((224, 224))} image tokens each, "

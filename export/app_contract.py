@@ -13,7 +13,7 @@ from importlib import metadata
 from qponder_mlx import generate as gen
 from qponder_mlx.images import PixelPolicy
 from qponder_mlx.prompts import FAST_ANSWER_PREFIX
-from qponder_mlx.readout import single_token_ids
+from qponder_mlx.readout import score_token_ids
 
 from .golden import rendered_prompt
 from .pillow_bicubic import ALGORITHM
@@ -41,7 +41,7 @@ def tokens_section(loaded) -> dict:
                             "the bundle's chat template is not Qwen2.5-VL's")
     i, j = ids.index(pad), fast.index(pad)
     stops = gen.stop_tokens(loaded.model, tok)
-    *digits, dot = single_token_ids(tok, "0123456789.", "fast mode's read-out")
+    digits = score_token_ids(tok)
     return {
         "tokenizer": "the bundle's tokenizer.json; ids below are what it gives for the strings "
                      "in `prompt` and `generation` (no BOS is added)",
@@ -54,10 +54,7 @@ def tokens_section(loaded) -> dict:
                                "grid_t * grid_h * grid_w / merge_size^2 = (height / 28) * "
                                "(width / 28) for one resized image (grid_t = 1, grid_h = "
                                "height / 14, grid_w = width / 14)"},
-        "digits": [{"id": d, "text": str(v), "value": v}
-                   for v, d in enumerate(digits[1:6], start=1)],
-        "decimal_digits": [{"id": d, "text": str(v), "value": v} for v, d in enumerate(digits)],
-        "dot_id": dot,
+        "digits": [{"id": d, "text": str(v), "value": v} for v, d in enumerate(digits, start=1)],
         "stop_ids": sorted(stops.stop),
         "banned_ids": [int(b) for b in stops.banned],
     }

@@ -3,9 +3,8 @@
 At export, with the bundle's own weights and pixel policy, for each of three CC0 images from
 `qponder_mlx/assets/cc0_mini` (copied into the bundle's `golden/` folder): the resized pixels
 (size, sha256 of the 8-bit RGB bytes, a few values), the processor's grid (t, h, w) and a few
-normalised patch values, the full input ids of the reasoning and the fast prompt, fast mode's
-digit probabilities (leading digit 1–5, then the first decimal 0–9 after the most likely leading
-digit and the dot) and score, and the first `REASON_TOKENS` greedy tokens (ids and text).
+normalised patch values, the full input ids of the reasoning and the fast prompt, the fast-mode
+digit probabilities and score, and the first `REASON_TOKENS` greedy tokens (ids and text).
 
 An app that reproduces these step by step (pixels -> ids -> probabilities -> tokens) runs the
 model as qponder does; `qponder bundle verify` recomputes them in its own process and fails on a
@@ -28,8 +27,7 @@ import qponder_mlx
 from qponder_mlx import generate as gen
 from qponder_mlx.images import PixelPolicy, load_image
 from qponder_mlx.prompts import FAST_ANSWER_PREFIX, chat_messages
-from qponder_mlx.readout import digits_value, single_token_ids
-from qponder_mlx.scoring import fast_digits
+from qponder_mlx.readout import score_token_ids
 
 GOLDEN_DIR = "golden"
 GOLDEN_FILE = f"{GOLDEN_DIR}/golden.json"
@@ -67,8 +65,10 @@ def compute_one(loaded, image: Path, pixels: PixelPolicy, n_tokens: int = REASON
     rgb = np.asarray(img.convert("RGB"), dtype=np.uint8)
     inputs = gen.encode(proc, [prompt], [img])
     fast_inputs = gen.encode(proc, [prompt + FAST_ANSWER_PREFIX], [img])
-    *digit_ids, dot = single_token_ids(tok, "0123456789.", "fast mode's read-out")
-    lead, decimal = fast_digits(model, fast_inputs, None, digit_ids, dot)
+    digit_ids = score_token_ids(tok)
+    logits = gen.prefill_logits(model, fast_inputs)
+    probs = mx.softmax(logits[0, mx.array(digit_ids)].astype(mx.float32), axis=-1)
+    probs = [float(p) for p in np.array(probs)]
     (comp,), = gen.generate_rows(model, proc, [prompt], [img],
                                  gen.SamplingConfig(max_tokens=n_tokens, temperature=0.0))
     pv = np.array(inputs["pixel_values"], dtype=np.float32).reshape(-1)
@@ -86,10 +86,8 @@ def compute_one(loaded, image: Path, pixels: PixelPolicy, n_tokens: int = REASON
         "grid_thw": [int(v) for v in np.array(inputs["image_grid_thw"]).reshape(-1)],
         "input_ids": [int(v) for v in np.array(inputs["input_ids"]).reshape(-1)],
         "fast_input_ids": [int(v) for v in np.array(fast_inputs["input_ids"]).reshape(-1)],
-        "fast": {"digit_probs": [round(float(p), 6) for p in lead[0]],
-                 "lead_digit": int(lead[0].argmax()) + 1,
-                 "decimal_probs": [round(float(p), 6) for p in decimal[0]],
-                 "score": round(float(digits_value(lead, [decimal])[0]), 6)},
+        "fast": {"digit_probs": [round(p, 6) for p in probs],
+                 "score": round(float(np.dot(probs, np.arange(1, 6))), 6)},
         "reason": {"max_tokens": n_tokens, "token_ids": [int(t) for t in comp.token_ids],
                    "text": tok.decode(comp.token_ids)},
     }
@@ -103,10 +101,10 @@ def compute(loaded, pixels: PixelPolicy, images: list[Path] | None = None,
         "about": "qponder golden vectors: recompute them in the app and compare (docs/export.md,"
                  " 'Self-test an app')",
         "pixels": {"min_pixels": pixels.min_pixels, "max_pixels": pixels.max_pixels},
-        "tolerance": {"score": SCORE_TOL, "digit_probs": SCORE_TOL, "decimal_probs": SCORE_TOL,
+        "tolerance": {"score": SCORE_TOL, "digit_probs": SCORE_TOL,
                       "pixel_values": PIXEL_VALUE_TOL,
                       "exact": ["resized", "grid_thw", "input_ids", "fast_input_ids",
-                                "fast.lead_digit", "reason.token_ids"]},
+                                "reason.token_ids"]},
         "computed_with": {"mlx": _version("mlx"), "mlx-vlm": _version("mlx-vlm"),
                           "pillow": _version("pillow"), "device": str(mx.default_device()),
                           "machine": platform.machine()},
@@ -140,13 +138,8 @@ def compare(want: dict, got: dict) -> list[str]:
         if not _close([wf.get("score")], [gf["score"]], SCORE_TOL):
             out.append(f"{GOLDEN_FILE}: {name} fast score {wf.get('score')} recomputed as "
                        f"{gf['score']} (tolerance {SCORE_TOL})")
-        else:
-            for key in ("digit_probs", "decimal_probs"):
-                if not _close(wf.get(key), gf[key], SCORE_TOL):
-                    out.append(f"{GOLDEN_FILE}: {name} fast {key} differ from the recomputation")
-            if wf.get("lead_digit") != gf["lead_digit"]:
-                out.append(f"{GOLDEN_FILE}: {name} fast lead_digit {wf.get('lead_digit')} "
-                           f"recomputed as {gf['lead_digit']}")
+        elif not _close(wf.get("digit_probs"), gf["digit_probs"], SCORE_TOL):
+            out.append(f"{GOLDEN_FILE}: {name} fast digit_probs differ from the recomputation")
         wt, gt = w.get("reason", {}).get("token_ids"), g["reason"]["token_ids"]
         if wt != gt:
             at = next((i for i, (a, b) in enumerate(zip(wt or [], gt)) if a != b),

@@ -86,14 +86,9 @@ def generation_section() -> dict:
                    "stop_tokens": ["<|im_end|>", "<|endoftext|>"],
                    "banned_tokens": ["<|image_pad|>", "<|video_pad|>", "<|vision_pad|>"]},
         "fast": {"answer_prefix": FAST_ANSWER_PREFIX, "digit_tokens": ["1", "2", "3", "4", "5"],
-                 "decimal_tokens": [str(d) for d in range(10)],
                  "score": "append answer_prefix to the rendered prompt, run one forward pass, "
-                          "softmax the next-token logits over the five digit tokens only (p_d); "
-                          "feed the most likely digit's token, then the '.' token, through the "
-                          "model on the same KV cache (two decode steps, positions following "
-                          "the prompt's), softmax the next-token logits over the ten digit "
-                          "tokens 0..9 (q_k); score = sum(p_d * d) + sum(q_k * k) / 10, "
-                          "clipped to [1, 5]"},
+                          "softmax the next-token logits over the five digit tokens only; "
+                          "score = sum(p_d * d) for d = 1..5"},
     }
 
 

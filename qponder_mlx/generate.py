@@ -233,18 +233,6 @@ def _step(lm, tokens: mx.array, cache: list[KVCache], rope_deltas: mx.array) -> 
     return lm(tokens[:, None], cache=cache, position_ids=pos).logits[:, -1, :]
 
 
-def extend_logits(model, pre: Prefill, tokens: mx.array) -> mx.array:
-    """Next-token logits after appending `tokens` (B, T) to every prefilled row, one step each
-    as `decode` feeds its tokens (the same positions and cache), on a copy of the cache, so
-    `pre` stays as it was. Fast mode's decimal read appends the leading digit and the dot."""
-    lm = model.language_model
-    cache = _select_rows(pre.cache, None, tokens.shape[1])
-    logits = pre.logits
-    for t in range(tokens.shape[1]):
-        logits = _step(lm, tokens[:, t], cache, pre.rope_deltas)
-    return logits
-
-
 def decode(model, pre: Prefill, cfg: SamplingConfig, stops: StopTokens,
            sampler: Callable[[mx.array], mx.array] | None = None,
            watch_ids: Sequence[int] | None = None) -> list[Completion]:

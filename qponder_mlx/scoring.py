@@ -1,12 +1,9 @@
-"""Score images: `reason` (generate the full <think>…<answer> reply) or `fast` (no reasoning).
+"""Score images: `reason` (generate the full <think>…<answer> reply) or `fast` (one forward pass).
 
-`fast` writes the answer prefix `<think></think><answer>` for the model and reads the answer from
-its digit probabilities, as the model would write it: the leading digit's distribution over 1–5,
-then — the most likely leading digit and the dot appended, two decode steps on the prefill's
-cache — the first decimal's over 0–9; score = Σ p(d)·d + E[decimal]/10 (`readout.digits_value`,
-the Q-Align / DeQA-Score expectation applied to our `X.XX` answers). The leading digit alone
-would floor every score: an answer the model means as 3.7 reads ~3.0. It costs one prefill and
-two decode steps instead of hundreds.
+`fast` writes the answer prefix `<think></think><answer>` for the model and reads the next-token
+probabilities of the digits 1–5: score = Σ p(d)·d / Σ p(d) — the Q-Align / DeQA-Score idea applied
+to our answer format. It skips reasoning, so it costs one prefill instead of hundreds of decode
+steps.
 
 `reason` mode reads the score one of two ways (`readout`): `text`, the number the model wrote (the
 paper's read-out), or `expected`, the expected value of that number under the model's own digit
@@ -25,8 +22,6 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import mlx.core as mx
-import numpy as np
 from PIL import Image
 
 from qponder_mlx import generate as gen
@@ -41,26 +36,13 @@ from qponder_mlx.prompts import (
     parse_response,
 )
 from qponder_mlx.readout import (
-    digit_probs,
-    digits_value,
     expected_answer,
+    expected_score,
+    score_token_ids,
     single_token_ids,
 )
 
 MODES = ("reason", "fast")
-
-
-def fast_digits(model, inputs: gen.Inputs, prefix: gen.PrefixCache | None,
-                digit_ids: Sequence[int], dot_id: int) -> tuple[np.ndarray, np.ndarray]:
-    """Fast mode's two reads for a batch after the answer prefix: the probabilities of the
-    leading digits 1–5 (B, 5), then — with the most likely leading digit and the dot appended,
-    two decode steps on the prefill's cache — those of the first decimal 0–9 (B, 10).
-    `digit_ids` are the tokens of 0–9. The GRPO judge reads a reasoning's implied score the same
-    way (`grpo/judge.py`)."""
-    pre = gen.prefill(model, inputs, prefix)
-    lead = digit_probs(pre.logits, digit_ids[1:6])
-    tail = mx.array([[digit_ids[int(d) + 1], dot_id] for d in lead.argmax(-1)])
-    return lead, digit_probs(gen.extend_logits(model, pre, tail), digit_ids)
 READOUTS = ("text", "expected")
 
 
@@ -95,7 +77,7 @@ class ScoreConfig:
             raise ValueError(f"readout must be one of {READOUTS}, got {self.readout!r}")
         if self.mode == "fast" and self.readout != "text":
             raise ValueError("readout 'expected' is for reason mode; fast mode already reads the "
-                             "expected answer — drop the readout or use mode 'reason'")
+                             "expected leading digit — drop the readout or use mode 'reason'")
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
 
@@ -112,9 +94,10 @@ class Scorer:
             tokenize=False, add_generation_prompt=True)
         if self.config.mode == "fast":
             self.prompt += FAST_ANSWER_PREFIX
-        if self.config.mode == "fast" or self.config.readout == "expected":
+            self.digit_ids = score_token_ids(tok)
+        if self.config.readout == "expected":
             *self.watch_ids, self.dot_id = single_token_ids(tok, "0123456789.",
-                                                           f"{self.config.mode} mode's read-out")
+                                                           "the expected read-out")
         # The prompt text before the image runs through the model once, not once per photo.
         self.prefix = gen.PrefixCache(loaded.model.config.image_token_id)
 
@@ -133,8 +116,6 @@ class Scorer:
         c = self.config
         px = f"px{c.pixels.min_pixels}-{c.pixels.max_pixels}"
         parts = [self.loaded.identity, c.mode, c.prompt_version, px]
-        if c.mode == "fast":  # scores stored before fast mode read the first decimal differ
-            parts.append("decimal")
         if c.mode == "reason":
             parts.append(f"t{c.sampling.max_tokens}@{c.sampling.temperature:g}")
         if c.readout != "text":  # text read-outs keep the identities stored before this option
@@ -191,8 +172,8 @@ class Scorer:
         m, proc = self.loaded.model, self.loaded.processor
         if self.config.mode == "fast":
             inputs = gen.encode(proc, [self.prompt] * len(images), images)
-            lead, decimal = fast_digits(m, inputs, self.prefix, self.watch_ids, self.dot_id)
-            scores = digits_value(lead, [decimal]).tolist()
+            logits = gen.prefill_logits(m, inputs, self.prefix)
+            scores = expected_score(logits, self.digit_ids).tolist()
             return [ScoreResult(key="", score=round(s, 4), format_ok=True) for s in scores]
         expected = self.config.readout == "expected"
         comps = gen.generate_rows(m, proc, [self.prompt] * len(images), images,

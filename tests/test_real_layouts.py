@@ -173,7 +173,7 @@ def test_4bit_copies_in_both_layouts(bf16_3b, q4_hub, q4_convert):
 # ---------------------------------------------------------------- scoring parity
 
 
-def test_fast_scores_equal_the_read_from_stock_logits(loaded_3b):
+def test_fast_scores_equal_the_expectation_from_stock_logits(loaded_3b):
     from qponder_mlx.images import PixelPolicy
     from qponder_mlx.scoring import ScoreConfig, Scorer
 
@@ -185,7 +185,7 @@ def test_fast_scores_equal_the_read_from_stock_logits(loaded_3b):
     imgs[1] = imgs[1].resize((180, 100))
     ours = scorer.score(imgs)
     ref = [stock_fast_score(loaded_3b.model, loaded_3b.processor, scorer.prompt,
-                            pixels.resize(im), scorer.watch_ids, scorer.dot_id)[0] for im in imgs]
+                            pixels.resize(im), scorer.digit_ids) for im in imgs]
     np.testing.assert_allclose([r.score for r in ours], ref, atol=1e-4)
     assert len({round(s, 4) for s in ref}) == 2  # the photos matter, or this proves little
 

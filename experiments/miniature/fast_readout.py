@@ -4,8 +4,10 @@ Fast mode asks for the answer right after `<think></think><answer>` and reads th
 probabilities there. Read at the leading digit only, E[d] floors every score the model means as
 d.x (an intended 3.7 reads ~3.0); reading the first decimal too — the most likely leading digit
 and the dot appended, then E[decimal]/10 added, as the GRPO judge reads a reasoning's implied
-score — keeps the distances. One prefill gives both (the product's `scoring.fast_digits`), so the
-two reads are compared on the same forward pass.
+score — keeps the distances. Both reads come from the same forward passes: the product's prefill
+(the leading digit, what `qponder score --mode fast` reads), then the prompt with "d." appended
+run again for the decimal (`fast_digits`; the run at History CG read it with two decode steps on
+the prefill's cache, the same numbers up to float rounding).
 
     python experiments/miniature/fast_readout.py RUN [RUN ...]
     python experiments/miniature/fast_readout.py --mean RUN [RUN ...]   # the mean over runs
@@ -21,18 +23,32 @@ import json
 import sys
 from pathlib import Path
 
+import mlx.core as mx
+import numpy as np
+
 from qponder_mlx import generate as gen
 from qponder_mlx import metrics
 from qponder_mlx.images import PixelPolicy, load_image
 from qponder_mlx.io import atomic_write_json, read_jsonl
 from qponder_mlx.model import load_model
-from qponder_mlx.readout import digits_value, single_token_ids
-from qponder_mlx.scoring import ScoreConfig, Scorer, fast_digits
+from qponder_mlx.readout import digit_probs, digits_value, single_token_ids
+from qponder_mlx.scoring import ScoreConfig, Scorer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from reproduce import eval_scores  # noqa: E402
 
 SPLITS = {"test": "centre views", "held_out_views": "all views"}
+
+
+def fast_digits(model, inputs: gen.Inputs, prefix: gen.PrefixCache, digit_ids: list[int],
+                dot_id: int) -> tuple[np.ndarray, np.ndarray]:
+    """The leading digit's probabilities (B, 5) after the answer prefix, then the first
+    decimal's (B, 10) with the most likely leading digit and the dot appended to each row."""
+    lead = digit_probs(gen.prefill_logits(model, inputs, prefix), digit_ids[1:6])
+    tail = mx.array([[digit_ids[int(d) + 1], dot_id] for d in lead.argmax(-1)])
+    longer = {**inputs, "input_ids": mx.concatenate(
+        [inputs["input_ids"], tail.astype(inputs["input_ids"].dtype)], axis=1)}
+    return lead, digit_probs(gen.prefill_logits(model, longer, prefix), digit_ids)
 
 
 def fast_reads(run: Path, split: str, size: int, batch: int = 16) -> dict[str, list[float]]:

@@ -1,12 +1,11 @@
 """Fast first, reasons where they matter: `qponder score --mode fast --explain worst:50,best:20`.
 
-Fast mode scores a whole library at one prefill and two decode steps a photo; reasoning costs
-hundreds of decode steps a photo, so a 20,000-photo library in reason mode takes hours while a
-photographer mostly wants the reasons for the worst and the best shots. This module picks those
-photos from the fast scores in the store and scores them again in reason mode with the same
-loaded model. Both results stay in the store (one row per content and scorer identity), so a
-rerun skips both passes' done work and the report shows the fast score and, for the picked
-photos, the reasoning.
+Fast mode scores a whole library at one forward pass a photo; reasoning costs hundreds of decode
+steps a photo, so a 20,000-photo library in reason mode takes hours while a photographer mostly
+wants the reasons for the worst and the best shots. This module picks those photos from the fast
+scores in the store and scores them again in reason mode with the same loaded model. Both results
+stay in the store (one row per content and scorer identity), so a rerun skips both passes' done
+work and the report shows the fast score and, for the picked photos, the reasoning.
 """
 
 from __future__ import annotations

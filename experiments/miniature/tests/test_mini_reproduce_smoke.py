@@ -314,8 +314,8 @@ def test_cold_start_rows_picks_views_and_photos_and_names_a_bad_photo(reproduce)
 
 
 def test_sft_only_stops_after_sft_and_fast_readout_reads_both_ways(reproduce, tmp_path, capsys):
-    """`--sft-only` trains and scores the SFT student only; fast_readout.py's decimal read is
-    the product's fast mode (the eval report's scores), its leading-digit read lower."""
+    """`--sft-only` trains and scores the SFT student only; fast_readout.py's leading-digit read
+    is the product's fast mode (the eval report's scores), its decimal read higher."""
     conf = tmp_path / "conf"
     conf.mkdir()
     (conf / "pipeline.toml").write_text(PIPELINE)
@@ -337,7 +337,7 @@ def test_sft_only_stops_after_sft_and_fast_readout_reads_both_ways(reproduce, tm
     reads = fast_readout.fast_reads(out, "test", 56)
     report = json.loads((out / "eval" / "sft_fast.json").read_text())
     ids = [r["id"] for r in read_jsonl(out / "data" / "test.jsonl")]
-    assert reproduce.eval_scores(report, ids) == pytest.approx(reads["decimal"], abs=1e-3)
+    assert reproduce.eval_scores(report, ids) == pytest.approx(reads["lead"], abs=1e-3)
     assert all(d > lead for d, lead in zip(reads["decimal"], reads["lead"]))
     assert fast_readout.main([str(out)]) == 0
     assert "fast decimal" in capsys.readouterr().out
