@@ -68,17 +68,22 @@ consistency_weight = 0.5
 """
 
 
+def _toy_conf(tmp_path: Path) -> Path:
+    """The toy pipeline's three TOMLs in tmp_path/conf."""
+    conf = tmp_path / "conf"
+    conf.mkdir()
+    for name, text in (("pipeline.toml", PIPELINE), ("sft.toml", SFT), ("grpo.toml", GRPO)):
+        (conf / name).write_text(text)
+    return conf
+
+
 @pytest.fixture(scope="module")
 def reproduce():
     return importlib.import_module("reproduce")
 
 
 def test_toy_pipeline_writes_every_artefact_and_resumes(reproduce, tmp_path, capsys):
-    conf = tmp_path / "conf"
-    conf.mkdir()
-    (conf / "pipeline.toml").write_text(PIPELINE)
-    (conf / "sft.toml").write_text(SFT)
-    (conf / "grpo.toml").write_text(GRPO)
+    conf = _toy_conf(tmp_path)
     out = tmp_path / "repro"
     argv = ["--out", str(out), "--config", str(conf / "pipeline.toml"), "--in-process"]
     assert reproduce.main(argv) == 0
@@ -316,11 +321,7 @@ def test_cold_start_rows_picks_views_and_photos_and_names_a_bad_photo(reproduce)
 def test_sft_only_stops_after_sft_and_fast_readout_reads_both_ways(reproduce, tmp_path, capsys):
     """`--sft-only` trains and scores the SFT student only; fast_readout.py's leading-digit read
     is the product's fast mode (the eval report's scores), its decimal read higher."""
-    conf = tmp_path / "conf"
-    conf.mkdir()
-    (conf / "pipeline.toml").write_text(PIPELINE)
-    (conf / "sft.toml").write_text(SFT)
-    (conf / "grpo.toml").write_text(GRPO)
+    conf = _toy_conf(tmp_path)
     out = tmp_path / "repro"
     argv = ["--out", str(out), "--config", str(conf / "pipeline.toml"), "--in-process",
             "--sft-only"]
