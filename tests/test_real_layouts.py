@@ -45,32 +45,6 @@ def loaded_3b(bf16_3b):
     return load_model(str(bf16_3b))
 
 
-@pytest.fixture(scope="module")
-def photos(tmp_path_factory) -> dict[str, Path]:
-    """12-MP JPEGs as phones write them: landscape, portrait, and landscape pixels with EXIF
-    Orientation 6 (shown as portrait)."""
-    d = tmp_path_factory.mktemp("photos")
-    w, h = 4032, 3024
-    # red left, blue right, with sensor-like noise: turning it moves the colours to other
-    # image tokens, which a random model notices (it barely tells noise photos apart)
-    noise = Image.effect_noise((w, h), 20).convert("L")
-    left = Image.new("L", (w, h), 0)
-    left.paste(255, (0, 0, w // 2, h))
-    black = Image.new("L", (w, h), 0)
-    rgb = Image.merge("RGB", (Image.composite(noise, black, left),
-                              Image.new("L", (w, h), 40),
-                              Image.composite(black, noise, left)))
-    out = {"landscape": d / "landscape.jpg", "portrait": d / "portrait.jpg",
-           "exif_rotated": d / "exif_rotated.jpg"}
-    rgb.save(out["landscape"], quality=85)
-    # the landscape turned clockwise: what the EXIF photo below displays as
-    rgb.transpose(Image.Transpose.ROTATE_270).save(out["portrait"], quality=85)
-    exif = Image.Exif()
-    exif[0x0112] = 6  # Orientation: rotate 90° clockwise to display
-    rgb.save(out["exif_rotated"], quality=85, exif=exif.tobytes())
-    return out
-
-
 # ---------------------------------------------------------------- the files
 
 

@@ -68,18 +68,20 @@ def tour(request, tmp_path_factory):
     return flavour, base, quantized, d / "sft" / "adapters"
 
 
-def test_score_fast_and_reason(tour, tmp_path):
-    """`qponder score` in both modes: fast mode's expected digit lies in [1, 5]; reason mode
-    either parses a score in [1, 5] or reports the format failure (a random model's usual)."""
+def test_score_fast_and_reason(tour, photos, tmp_path):
+    """`qponder score` in both modes on 12-MP JPEGs (landscape, portrait, EXIF-rotated): fast
+    mode's expected digit lies in [1, 5] for each; reason mode either parses a score in [1, 5]
+    or reports the format failure (a random model's usual)."""
     _, base, _, _ = tour
     out = tmp_path / "fast.jsonl"
-    _run("score", PHOTO, "--model", base, "--mode", "fast", "--db", tmp_path / "f.sqlite",
-         "--jsonl", out, "--no-progress", *SMALL)
-    (row,) = _rows(out)
-    assert not row["error"] and 1.0 <= row["score"] <= 5.0
+    _run("score", *photos.values(), "--model", base, "--mode", "fast", "--db",
+         tmp_path / "f.sqlite", "--jsonl", out, "--no-progress", *SMALL)
+    rows = {Path(r["path"]).stem: r for r in _rows(out)}
+    assert set(rows) == set(photos)
+    assert all(not r["error"] and 1.0 <= r["score"] <= 5.0 for r in rows.values())
     out = tmp_path / "reason.jsonl"
-    _run("score", PHOTO, "--model", base, "--mode", "reason", "--max-tokens", "3", "--db",
-         tmp_path / "r.sqlite", "--jsonl", out, "--no-progress", *SMALL)
+    _run("score", photos["exif_rotated"], "--model", base, "--mode", "reason", "--max-tokens",
+         "3", "--db", tmp_path / "r.sqlite", "--jsonl", out, "--no-progress", *SMALL)
     (row,) = _rows(out)
     assert not row["error"] and row["text"] and 1 <= row["tokens"] <= 3
     assert (row["format_ok"] and 1.0 <= row["score"] <= 5.0) or \
