@@ -40,6 +40,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
 import os
 import platform
 import shlex
@@ -136,6 +137,11 @@ class DistillSettings:
     # A coarse teacher (`distill_synthetic.py --coarse`): 3 severities per distortion, the
     # finer order left to GRPO's reward (History AZ).
     coarse: bool = False
+    # Fast answers as levels (History CH): this share of the kept rows also goes to SFT answered
+    # `<think></think><answer>N</answer>`, N the teacher's score rounded to a whole level (Q-Align's
+    # training targets, read back by fast mode's E[leading digit]); written to
+    # distill/train_fast_levels.jsonl, which SFT then reads. 0 = off.
+    fast_level_share: float = 0.0
 
 
 @dataclass
@@ -186,6 +192,21 @@ def shuffled_mos_rows(rows: list[dict], seed: int) -> list[dict]:
     the labels' distribution is kept, their link to the images is gone."""
     perm = np.random.default_rng(seed).permutation(len(rows))
     return [{**r, "mos": rows[int(j)]["mos"]} for r, j in zip(rows, perm)]
+
+
+def fast_level_rows(rows: Iterable[dict], share: float, seed: int) -> list[dict]:
+    """`rows` plus, for the share the product's `fast_answers.chosen` picks, a copy answered
+    with an empty reasoning and the teacher's score rounded to a whole level."""
+    from qponder_mlx.train.fast_answers import FAST_SUFFIX, chosen
+
+    rows, extra = list(rows), []
+    for r in rows:
+        if chosen(r["id"], share, seed):
+            level = min(5, max(1, math.floor(float(r["teacher_score"]) + 0.5)))
+            answer = f"<think></think><answer>{level}</answer>"
+            messages = [*r["messages"][:-1], {"role": "assistant", "content": answer}]
+            extra.append({**r, "id": r["id"] + FAST_SUFFIX, "messages": messages})
+    return rows + extra
 
 
 def cold_start_rows(rows: Iterable[dict], *, views: int = 0, photos: str = "",
@@ -497,9 +518,17 @@ def run_pipeline(cfg: ReproConfig, pipeline_dir: Path, out: Path, *, in_process:
     stage("synth", data / "train.jsonl", synth)
     stage("student", base / (RECORD if cfg.student.whiten else "generation_config.json"), student)
     stage("distill", out / "distill" / "train.summary.json", distill)
+    sft_data = out / "distill" / "train.jsonl"
+    if cfg.distill.fast_level_share:
+        sft_data = out / "distill" / "train_fast_levels.jsonl"
+        if not sft_data.exists():
+            atomic_write_jsonl(sft_data, fast_level_rows(
+                read_jsonl(out / "distill" / "train.jsonl"), cfg.distill.fast_level_share,
+                cfg.student.seed))
+            run.record(f"# fast answers as levels: {sft_data} = distill/train.jsonl plus a "
+                       f"{cfg.distill.fast_level_share} share answered with the whole level")
     stage("sft", out / "sft" / "summary.json",
-          lambda: train("sft", ["--data", str(out / "distill" / "train.jsonl")], sft_cfg,
-                        cfg.sft_set))
+          lambda: train("sft", ["--data", str(sft_data)], sft_cfg, cfg.sft_set))
     grpo_data = data / "train.jsonl"
     if cfg.grpo_shuffled_mos:
         grpo_data = data / "train_shuffled_mos.jsonl"
