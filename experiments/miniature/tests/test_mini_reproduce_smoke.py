@@ -344,3 +344,24 @@ def test_sft_only_stops_after_sft_and_fast_readout_reads_both_ways(reproduce, tm
     assert "fast decimal" in capsys.readouterr().out
     assert set(json.loads((out / "eval" / "fast_readout.json").read_text())) == {
         "test", "held_out_views"}
+
+
+def test_fast_level_rows_copy_a_share_as_whole_levels(reproduce):
+    """The chosen rows come back once more, answered with the rounded teacher score and no
+    reasoning; 2.5 rounds up, the level stays in 1..5; the others are untouched."""
+    from qponder_mlx.train.fast_answers import chosen
+
+    def row(i, score):
+        return {"id": f"r{i}", "teacher_score": score, "messages": [
+            {"role": "user", "content": "rate"},
+            {"role": "assistant", "content": f"<think>x</think><answer>{score}</answer>"}]}
+
+    rows = [row(i, s) for i, s in enumerate([2.5, 3.49, 4.96, 1.02] * 25)]
+    out = reproduce.fast_level_rows(rows, 0.3, seed=1)
+    assert out[:100] == rows
+    picked = [r for r in rows if chosen(r["id"], 0.3, 1)]
+    assert len(out) - 100 == len(picked) and 10 < len(picked) < 50
+    for r, copy in zip(picked, out[100:]):
+        level = {2.5: 3, 3.49: 3, 4.96: 5, 1.02: 1}[r["teacher_score"]]
+        assert copy["id"] == r["id"] + "#fast" and copy["messages"][0] == r["messages"][0]
+        assert copy["messages"][-1]["content"] == f"<think></think><answer>{level}</answer>"
