@@ -1,11 +1,12 @@
 """Fast-mode cold-start rows: the copy's prompt + answer tokens start with exactly the tokens the
-scorer sends in fast mode, end with the row's own number, and the share chosen is seeded."""
+scorer sends in fast mode, end with the row's own number rounded to a whole level, and the share
+chosen is seeded."""
 
 from qponder_mlx.images import PixelPolicy
 from qponder_mlx.prompts import FAST_ANSWER_PREFIX, parse_response
 from qponder_mlx.scoring import ScoreConfig, Scorer
 from qponder_mlx.testing.sft_sets import cc0_sft_rows, write_jsonl
-from qponder_mlx.train.fast_answers import chosen, with_fast_answers
+from qponder_mlx.train.fast_answers import chosen, whole_level, with_fast_answers
 from qponder_mlx.train.sft_rows import read_sft_rows
 
 SMALL = PixelPolicy(56 * 56, 112 * 112)
@@ -25,10 +26,14 @@ def test_fast_copies_match_what_fast_mode_sends(tiny_loaded, tmp_path):
         assert ids[:len(sent)] == sent            # the scorer's exact prefix, token for token
         text = tok.decode(f.answer_ids)
         assert text.startswith(FAST_ANSWER_PREFIX) and text.endswith("</answer><|im_end|>")
-        assert parse_response(text.removesuffix("<|im_end|>")).score == \
-            parse_response(tok.decode(row.answer_ids).removesuffix("<|im_end|>")).score
+        own = parse_response(tok.decode(row.answer_ids).removesuffix("<|im_end|>")).score
+        assert parse_response(text.removesuffix("<|im_end|>")).score == int(own + 0.5)
         assert f.length - len(f.answer_ids) == row.length - len(row.answer_ids)
     assert with_fast_answers(rows, tok, 0.0, seed=0) == rows
+
+
+def test_whole_levels_round_half_up_within_1_to_5():
+    assert [whole_level(x) for x in (1.0, 1.49, 2.5, 3.72, 4.5, 4.99, 5.0)] == [1, 1, 3, 4, 5, 5, 5]
 
 
 def test_the_share_is_seeded_by_id_not_by_order():
