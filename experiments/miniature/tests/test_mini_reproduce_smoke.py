@@ -275,9 +275,13 @@ def test_pipeline_base_fills_what_the_variant_leaves_out(reproduce, tmp_path):
     fast = reproduce.load_pipeline(conf / "fast_answers.toml")
     assert fast.sft_set == ["iters=1500", "fast_share=0.25"]
     assert dataclasses.replace(fast, base="", sft_set=main.sft_set) == main
+    # CH: whole-level fast rows written on the distill side, nothing else changed
+    levels = reproduce.load_pipeline(conf / "fast_levels.toml")
+    assert levels.distill.fast_level_share == 0.10
+    assert dataclasses.replace(levels, base="", distill=main.distill) == main
     assert sorted(p.name for p in conf.glob("*.toml")) == [
         "biased_teacher.toml", "biased_teacher_b128.toml", "biased_teacher_b128_30steps.toml",
-        "fast_answers.toml", "grpo.toml", "pipeline.toml", "sft.toml"]
+        "fast_answers.toml", "fast_levels.toml", "grpo.toml", "pipeline.toml", "sft.toml"]
     # every recipe's --set flags are settings the trainers know, over the train TOMLs they name
     from train_grpo import MiniatureGRPOConfig
 
