@@ -485,12 +485,10 @@ def test_kept_rows_load_in_mlx_vlm_sft_dataset(tmp_path, tiny_loaded):
 @pytest.fixture(scope="module")
 def mlx_vlm_server(tiny_model_dir, tmp_path_factory):
     """The real `mlx_vlm.server` serving the tiny model, with an API key (from its env)."""
-    from reliability.procs import mlx_vlm_server as serve
+    from reliability.procs import served
 
-    key = f"sk-server-{random.getrandbits(64):016x}"
-    log_path = tmp_path_factory.mktemp("server") / "server.log"
-    with serve(tiny_model_dir, log_path, key) as url:
-        yield {"url": url, "model": str(tiny_model_dir), "key": key}
+    with served(tiny_model_dir, tmp_path_factory.mktemp("server")) as srv:
+        yield srv
 
 
 def test_real_mlx_vlm_server_end_to_end(mlx_vlm_server, cc0_labels, tmp_path):

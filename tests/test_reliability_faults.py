@@ -13,7 +13,7 @@ import time
 import pytest
 from distill_server import write_index_image
 from qponder_mlx.cli.main import app
-from reliability.procs import mlx_vlm_server
+from reliability.procs import served
 from reliability.proxy import FAULTS, TRANSIENT, Entry, FaultProxy
 from typer.testing import CliRunner
 
@@ -52,10 +52,8 @@ def expected(entries: list[Entry], max_retries: int) -> tuple[str, str]:
 
 @pytest.fixture(scope="module")
 def real_server(tiny_model_dir, tmp_path_factory):
-    key = f"sk-reliab-{random.getrandbits(64):016x}"
-    log = tmp_path_factory.mktemp("mlx_server") / "server.log"
-    with mlx_vlm_server(tiny_model_dir, log, key) as url:
-        yield {"url": url, "model": str(tiny_model_dir), "key": key, "log": log}
+    with served(tiny_model_dir, tmp_path_factory.mktemp("mlx_server")) as srv:
+        yield srv
 
 
 def test_distill_survives_30_percent_mixed_faults(real_server, tmp_path):

@@ -63,6 +63,16 @@ def mlx_vlm_server(model_dir: Path, log_path: Path, api_key: str,
         log.close()
 
 
+@contextmanager
+def served(model_dir: Path, tmp_dir: Path) -> Iterator[dict]:
+    """`mlx_vlm_server` for a module's tests: a fresh random API key, the log in `tmp_dir`;
+    yields {"url", "model", "key", "log"} (requests name `model`)."""
+    key = f"sk-test-{random.getrandbits(64):016x}"
+    log = tmp_dir / "server.log"
+    with mlx_vlm_server(model_dir, log, key) as url:
+        yield {"url": url, "model": str(model_dir), "key": key, "log": log}
+
+
 def qponder_cmd(*args) -> list[str]:
     """The real console entry point, as `qponder ARGS` runs it."""
     return [sys.executable, "-c", "from qponder_mlx.cli.main import main; main()",
