@@ -40,7 +40,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import math
 import os
 import platform
 import shlex
@@ -197,12 +196,12 @@ def shuffled_mos_rows(rows: list[dict], seed: int) -> list[dict]:
 def fast_level_rows(rows: Iterable[dict], share: float, seed: int) -> list[dict]:
     """`rows` plus, for the share the product's `fast_answers.chosen` picks, a copy answered
     with an empty reasoning and the teacher's score rounded to a whole level."""
-    from qponder_mlx.train.fast_answers import FAST_SUFFIX, chosen
+    from qponder_mlx.train.fast_answers import FAST_SUFFIX, chosen, whole_level
 
     rows, extra = list(rows), []
     for r in rows:
         if chosen(r["id"], share, seed):
-            level = min(5, max(1, math.floor(float(r["teacher_score"]) + 0.5)))
+            level = whole_level(float(r["teacher_score"]))
             answer = f"<think></think><answer>{level}</answer>"
             messages = [*r["messages"][:-1], {"role": "assistant", "content": answer}]
             extra.append({**r, "id": r["id"] + FAST_SUFFIX, "messages": messages})
