@@ -39,6 +39,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import mlx.core as mx  # noqa: E402
+from flavours import DEFAULT_FLAVOUR, ModelRun  # noqa: E402
 from PIL import Image, ImageOps  # noqa: E402
 from timing import Box, interleaved, median  # noqa: E402
 
@@ -47,7 +48,6 @@ from qponder_mlx.library import ResultStore, discover, score_job, score_library 
 from qponder_mlx.model import load_model  # noqa: E402
 from qponder_mlx.scoring import ScoreConfig, Scorer  # noqa: E402
 from qponder_mlx.testing import build_tiny_model  # noqa: E402
-from qponder_mlx.testing.real_layouts import build_real_layout, quantize_real_layout  # noqa: E402
 
 ASSETS = Path(__file__).resolve().parents[1] / "qponder_mlx" / "assets" / "cc0_mini" / "images"
 SIZE = (4032, 3024)  # 12.2 MP, a phone's 4:3 photo
@@ -106,8 +106,7 @@ def build_models(tmp: Path, wanted: list[str]) -> dict[str, Path]:
     if "tiny" in wanted:
         out["tiny"] = build_tiny_model(tmp / "tiny", seed=0)
     if "3b_layout_4bit" in wanted:
-        bf16 = build_real_layout(tmp / "3b-bf16", "qwen2.5-vl-3b")
-        out["3b_layout_4bit"] = quantize_real_layout(bf16, tmp / "3b-4bit", layout="hub")
+        out["3b_layout_4bit"] = ModelRun(DEFAULT_FLAVOUR, "4bit").model_dir(tmp)
     unknown = set(wanted) - set(out)
     if unknown:
         raise SystemExit(f"--models: unknown {sorted(unknown)} — choose tiny, 3b_layout_4bit")
