@@ -51,6 +51,18 @@ def _start_ranks(tmp_path, stage, cfg, env_extra=None):
     return procs
 
 
+def launch_two(*cmd, cwd: Path | None = None, timeout: int = 300) -> str:
+    """`mlx.launch --backend ring -n 2 -- CMD`; fails unless both ranks finished. mlx.launch
+    exits 0 even when a rank fails, only warning "Node with rank N exited with code C"
+    (mlx/_distributed_utils/launch.py), so the warning is checked too. Returns its output."""
+    dist = subprocess.run([str(MLX_LAUNCH), "--backend", "ring", "-n", "2", "--",
+                           *map(str, cmd)], cwd=cwd, capture_output=True, text=True,
+                          timeout=timeout)
+    said = dist.stdout + dist.stderr
+    assert dist.returncode == 0 and "exited with code" not in said, said[-3000:]
+    return said
+
+
 def _weights(path):
     return {k: np.array(v) for k, v in mx.load(str(path)).items()}
 
@@ -64,13 +76,7 @@ def test_sft_one_step_on_two_ranks_equals_one_process(tiny_model_dir, tmp_path):
     single = subprocess.run([sys.executable, "-m", "qponder_mlx.cli.main", *common, "--out",
                              str(tmp_path / "one")], capture_output=True, text=True, timeout=300)
     assert single.returncode == 0, single.stderr[-2000:]
-    dist = subprocess.run([str(MLX_LAUNCH), "--backend", "ring", "-n", "2", "--",
-                           sys.executable, "-m", "qponder_mlx.cli.main", *common, "--out",
-                           str(tmp_path / "two")], capture_output=True, text=True, timeout=300)
-    # mlx.launch exits 0 even when a rank fails; it only warns "Node with rank N exited with
-    # code C", so the warning is checked too.
-    said = dist.stdout + dist.stderr
-    assert dist.returncode == 0 and "exited with code" not in said, said[-3000:]
+    launch_two(sys.executable, "-m", "qponder_mlx.cli.main", *common, "--out", tmp_path / "two")
     a = _weights(tmp_path / "one" / "adapters" / "adapters.safetensors")
     b = _weights(tmp_path / "two" / "adapters" / "adapters.safetensors")
     assert a.keys() == b.keys()

